@@ -1,0 +1,8 @@
+import os
+
+# DeepSpeed must pick its CPU accelerator on machines without a GPU (dev boxes and CI).
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+pytest_plugins = ["tests.fixtures.servers"]
