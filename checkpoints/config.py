@@ -1,0 +1,57 @@
+"""The `checkpoint` section of the experiment config.
+
+Composed into the config tree by pretrain/train/config.py as `checkpoint: CheckpointConfig`.
+Field conventions (help/min/max metadata, `validate`) follow the project brief so the generic
+loader can check types and ranges.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pretrain.errors import UserError
+
+
+@dataclass
+class CheckpointConfig:
+    uri: str | None = field(default=None, metadata={
+        "help": "Where checkpoints live: a local folder or any fsspec URI (gs://bucket/run, "
+                "s3://..., file://...). None disables checkpointing."})
+    every_steps: int = field(default=1000, metadata={
+        "help": "Save a checkpoint every this many optimizer steps.", "min": 1})
+    keep_last: int = field(default=3, metadata={
+        "help": "Keep this many newest committed checkpoints (older ones are deleted once "
+                "superseded).", "min": 1})
+    keep_every: int = field(default=0, metadata={
+        "help": "Also keep every checkpoint whose step is a multiple of this (0: none).",
+        "min": 0})
+    max_uploads_in_flight: int = field(default=2, metadata={
+        "help": "Checkpoints being uploaded at once; a save waits when this many are still "
+                "uploading (back-pressure instead of filling the local disk).", "min": 1, "max": 16})
+    upload_retries: int = field(default=5, metadata={
+        "help": "Retries per file on transient storage errors (exponential back-off).",
+        "min": 0, "max": 20})
+    upload_threads: int = field(default=4, metadata={
+        "help": "Parallel file transfers per checkpoint, per rank.", "min": 1, "max": 64})
+    local_dir: str = field(default="/tmp/pretrain-checkpoints", metadata={
+        "help": "Node-local staging folder: ranks write here first, uploads read from here, "
+                "restores download here."})
+    commit_timeout_s: float = field(default=3600.0, metadata={
+        "help": "How long rank 0 waits for every rank's upload before giving up on a "
+                "checkpoint (it then stays uncommitted and is never loaded).", "min": 1.0})
+    preempt_grace_s: float = field(default=120.0, metadata={
+        "help": "On SIGTERM: time allowed to write a final checkpoint and finish uploads "
+                "before exiting.", "min": 0.0})
+    resume: bool = field(default=True, metadata={
+        "help": "Resume from the newest committed checkpoint under `uri` if there is one."})
+    verify_checksums: bool = field(default=True, metadata={
+        "help": "Check sha256 of every downloaded file against the manifest when restoring."})
+
+    def validate(self) -> None:
+        if self.keep_every and self.keep_every % self.every_steps:
+            raise UserError(
+                f"checkpoint.keep_every={self.keep_every} is not a multiple of "
+                f"checkpoint.every_steps={self.every_steps}, so no saved step would ever be kept "
+                f"by it; use a multiple of {self.every_steps} or 0 to turn it off.")
+        if self.uri is not None and not str(self.uri).strip():
+            raise UserError("checkpoint.uri is an empty string; give a folder or fsspec URI "
+                            "(e.g. gs://bucket/run) or null to disable checkpoints.")

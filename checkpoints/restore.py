@@ -1,0 +1,151 @@
+"""Bringing a committed checkpoint back: download, verify, reshard if needed, load.
+
+Same world size and ZeRO stage as saved -> DeepSpeed's native load. Anything else (2 ranks
+-> 1, stage 2 -> 3, ...) -> the checkpoint is converted to DeepSpeed's universal format
+(`deepspeed.checkpoint.ds_to_universal`) in the local staging folder and loaded with the
+engine's universal-checkpoint switch on; no manual step for the user.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from pretrain.errors import UserError
+
+from . import storage
+from .discovery import CheckpointInfo
+from .layout import MANIFEST, Manifest
+
+log = logging.getLogger("checkpoints")
+
+# Regularisation settings do not change the parameters: resuming with another value is fine.
+NON_STRUCTURAL_KEYS = ("drop_rate", "attn_drop_rate", "drop_path_rate")
+
+
+def check_compatible(saved: dict[str, Any], current: dict[str, Any], where: str,
+                     ignore: tuple[str, ...] = NON_STRUCTURAL_KEYS) -> None:
+    """UserError listing every differing model-config key (beyond `ignore`)."""
+    if not saved or not current:
+        return
+    keys = sorted((set(saved) | set(current)) - set(ignore))
+    diff = [k for k in keys if saved.get(k) != current.get(k)]
+    if diff:
+        shown = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {current.get(k)!r}" for k in diff)
+        raise UserError(f"checkpoint {where} was saved from a different model and cannot be loaded "
+                        f"into this one; differing model config keys: {shown}. Resume with the "
+                        "checkpoint's model settings, or point checkpoint.uri at a fresh folder "
+                        "to start a new run.")
+
+
+def download(info: CheckpointInfo, dest_root: str, verify_checksums: bool = True,
+             threads: int = 8, retries: int = 5) -> str:
+    """Copy the manifest's files of `info` to dest_root/<step folder>; returns that folder.
+
+    Files are fetched in parallel into a temporary folder that is renamed into place only
+    when every file has the recorded size (and sha256), so a reader never sees a partial
+    download.
+    """
+    manifest = info.manifest
+    assert manifest is not None, "download needs a committed checkpoint"
+    fs, src = storage.filesystem(info.uri)
+    name = src.rsplit("/", 1)[-1]
+    final = os.path.join(dest_root, name)
+    if os.path.isfile(os.path.join(final, MANIFEST)):
+        with open(os.path.join(final, MANIFEST), "rb") as f:
+            if Manifest.from_json(f.read()).attempt == manifest.attempt:
+                return final  # already here (another rank on this node fetched it)
+    tmp = f"{final}.partial-{uuid.uuid4().hex[:8]}"
+
+    def one(item):
+        rel, rec = item
+        dst = os.path.join(tmp, rel)
+        digest = storage.with_retries(f"downloading {rel}",
+                                      lambda: storage.get_file(fs, storage.join(src, rel), dst), retries)
+        size = os.path.getsize(dst)
+        if size != rec.size:
+            raise UserError(f"checkpoint {info.uri}: {rel} has {size} bytes, its manifest says "
+                            f"{rec.size}; the checkpoint is damaged")
+        if verify_checksums and digest != rec.sha256:
+            raise UserError(f"checkpoint {info.uri}: {rel} fails its sha256 checksum; the "
+                            "checkpoint is damaged (choose an older step, or set "
+                            "checkpoint.verify_checksums=false to skip the check)")
+
+    try:
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(one, manifest.files.items()))
+        with open(os.path.join(tmp, MANIFEST), "wb") as f:
+            f.write(manifest.to_json())
+        if os.path.isdir(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def needs_conversion(manifest: Manifest, world_size: int, zero_stage: int) -> bool:
+    if manifest.zero_stage != zero_stage:
+        return True
+    # Stage-0 fp32 state is replicated in mp_rank_00 and loads on any world size; anything
+    # partitioned (ZeRO, bf16 optimizer shards) is tied to the saved world size.
+    return manifest.world_size != world_size and any("optim_states" in n for n in manifest.files)
+
+
+def convert_to_universal(folder: str, dest_root: str, workers: int = 2) -> tuple[str, str]:
+    """DeepSpeed universal checkpoint of `folder`; returns (load_dir, tag) for load_checkpoint."""
+    tag = os.path.basename(folder.rstrip("/"))
+    if not any("optim_states" in f for f in os.listdir(folder)):
+        raise UserError(f"checkpoint {tag} holds no ZeRO optimizer shards (saved with ZeRO stage 0 "
+                        "in fp32), so it cannot be resharded to another ZeRO stage; resume with "
+                        "train.zero_stage=0")
+    final = os.path.join(dest_root, f"universal-{tag}")
+    if os.path.isdir(os.path.join(final, tag, "zero")):
+        return final, tag
+    tmp = os.path.join(dest_root, f"universal-{tag}.partial-{uuid.uuid4().hex[:8]}")
+    os.makedirs(tmp)
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", folder,
+           "--output_folder", os.path.join(tmp, tag), "--inject_missing_state",
+           "--num_extract_workers", str(workers), "--num_merge_workers", str(workers)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True,
+                              env=dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu")))
+        if proc.returncode != 0:
+            raise RuntimeError(f"converting {folder} to DeepSpeed's universal format failed "
+                               f"(exit {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+        out = os.path.join(tmp, tag)
+        # DeepSpeed looks for mp_rank_XX_model_states.pt (ZeRO 0-2) or
+        # zero_pp_rank_0_mp_rank_XX_model_states.pt (ZeRO-3) next to zero/; the universal
+        # load reads only step counters, scheduler and client state from it, which both
+        # layouts share, so provide both names.
+        z3 = os.path.join(out, "zero_pp_rank_0_mp_rank_00_model_states.pt")
+        z12 = os.path.join(out, "mp_rank_00_model_states.pt")
+        if os.path.isfile(z3) and not os.path.isfile(z12):
+            os.link(z3, z12)
+        elif os.path.isfile(z12) and not os.path.isfile(z3):
+            os.link(z12, z3)
+        if os.path.isdir(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final, tag
+
+
+def load_into_engine(engine, load_dir: str, tag: str, universal: bool) -> None:
+    """engine.load_checkpoint with DeepSpeed's universal switch set for this one load."""
+    config = engine._config
+    before = config.load_universal_checkpoint
+    config.load_universal_checkpoint = universal
+    try:
+        path, _ = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
+                                         load_lr_scheduler_states=True)
+    finally:
+        config.load_universal_checkpoint = before
+    if path is None:
+        raise RuntimeError(f"DeepSpeed found no checkpoint files in {os.path.join(load_dir, tag)}")

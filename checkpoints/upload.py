@@ -1,0 +1,196 @@
+"""Background upload of checkpoints and the commit that makes them visible.
+
+Each rank hands over a local folder (its files for one step) and goes back to training.
+A background thread per checkpoint hashes and uploads the files (a small thread pool per
+rank moves files in parallel, each with retries), then writes the rank's marker
+(markers/rank_R.json: its files, sizes, sha256). Rank 0's thread then waits until every
+rank's marker of the same attempt is present, checks the files' sizes in storage, and
+writes COMMIT.json last. No collective runs here, so training never waits on a slow rank's
+upload; at most `max_in_flight` checkpoints are in flight per rank (a further `submit`
+waits: back-pressure instead of an ever-growing local staging folder).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from . import storage
+from .layout import MANIFEST, FileRecord, Manifest, RankMarker, marker_name, step_dir
+
+log = logging.getLogger("checkpoints")
+
+
+@dataclass
+class UploadJob:
+    step: int
+    local_folder: str              # this rank's files for the step, relative paths kept
+    manifest_fields: dict[str, Any] = field(default_factory=dict)  # rank 0: world_size, ...
+
+
+@dataclass
+class UploadStats:
+    step: int
+    bytes: int = 0
+    upload_s: float = 0.0
+    commit_wait_s: float = 0.0
+    committed: bool = False
+    error: str | None = None
+
+
+class CommitTimeout(RuntimeError):
+    pass
+
+
+class AsyncUploader:
+    def __init__(self, uri: str, *, rank: int, world_size: int, attempt: str,
+                 max_in_flight: int = 2, retries: int = 5, threads: int = 4,
+                 commit_timeout_s: float = 3600.0, keep_local: bool = False,
+                 on_commit: Callable[[Manifest, str], None] | None = None):
+        self.fs, self.root = storage.filesystem(uri)
+        self.rank, self.world_size, self.attempt = rank, world_size, attempt
+        self.retries, self.commit_timeout_s = retries, commit_timeout_s
+        self.keep_local = keep_local
+        self.on_commit = on_commit
+        self._slots = threading.BoundedSemaphore(max_in_flight)
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ckpt-file")
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self._pending: set[int] = set()
+        self._closing = threading.Event()
+        self.stats: list[UploadStats] = []
+
+    # -- called from the training thread ------------------------------------------------
+
+    def submit(self, job: UploadJob) -> float:
+        """Start uploading job in the background; returns seconds spent waiting for a slot."""
+        t0 = time.perf_counter()
+        self._slots.acquire()
+        waited = time.perf_counter() - t0
+        stats = UploadStats(job.step)
+        with self._lock:
+            self._pending.add(job.step)
+            self.stats.append(stats)
+            self._threads = [t for t in self._threads if t.is_alive()]
+            thread = threading.Thread(target=self._run, args=(job, stats), daemon=True,
+                                      name=f"ckpt-upload-{job.step}")
+            self._threads.append(thread)
+        thread.start()
+        return waited
+
+    def pending_steps(self) -> set[int]:
+        with self._lock:
+            return set(self._pending)
+
+    def wait(self, timeout: float | None = None) -> list[UploadStats]:
+        """Block until every submitted checkpoint is uploaded (and, on rank 0, committed).
+
+        Returns the stats of checkpoints that failed (empty when all went through)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            threads = list(self._threads)
+        for t in threads:
+            t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        with self._lock:
+            return [s for s in self.stats if s.error]
+
+    def close(self) -> None:
+        self._closing.set()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # -- background ---------------------------------------------------------------------
+
+    def _run(self, job: UploadJob, stats: UploadStats) -> None:
+        folder = storage.join(self.root, step_dir(job.step))
+        try:
+            t0 = time.perf_counter()
+            records = self._upload_files(job.local_folder, folder)
+            marker = RankMarker(self.rank, job.step, self.attempt, records)
+            storage.with_retries(f"writing marker for step {job.step}",
+                                 lambda: storage.write_atomic(self.fs, storage.join(folder, marker_name(self.rank)),
+                                                              marker.to_json()), self.retries)
+            stats.bytes = sum(r.size for r in records.values())
+            stats.upload_s = time.perf_counter() - t0
+            if not self.keep_local:
+                shutil.rmtree(job.local_folder, ignore_errors=True)
+            if self.rank == 0:
+                t1 = time.perf_counter()
+                manifest = self._commit(job, folder)
+                stats.commit_wait_s = time.perf_counter() - t1
+                stats.committed = True
+                if self.on_commit is not None:
+                    self.on_commit(manifest, storage.unstrip(self.fs, folder))
+        except BaseException as exc:  # reported by wait(); the checkpoint stays uncommitted
+            stats.error = f"{type(exc).__name__}: {exc}"
+            log.error("checkpoint step %d (rank %d) was not saved: %s", job.step, self.rank,
+                      stats.error)
+        finally:
+            with self._lock:
+                self._pending.discard(job.step)
+            self._slots.release()
+
+    def _upload_files(self, local_folder: str, folder: str) -> dict[str, FileRecord]:
+        names = sorted(os.path.relpath(os.path.join(d, f), local_folder)
+                       for d, _, files in os.walk(local_folder) for f in files)
+
+        def one(name: str) -> tuple[str, FileRecord]:
+            src = os.path.join(local_folder, name)
+            digest = storage.sha256_file(src)
+            dst = storage.join(folder, name.replace(os.sep, "/"))
+            storage.with_retries(f"uploading {dst}", lambda: storage.put_file(self.fs, src, dst),
+                                 self.retries)
+            return name.replace(os.sep, "/"), FileRecord(os.path.getsize(src), digest, self.rank)
+
+        return dict(self._pool.map(one, names))
+
+    def _commit(self, job: UploadJob, folder: str) -> Manifest:
+        """Rank 0: wait for every rank's marker of this attempt, check sizes, write manifest."""
+        deadline = time.monotonic() + self.commit_timeout_s
+        markers: dict[int, RankMarker] = {}
+        delay = 0.05
+        while len(markers) < self.world_size:
+            self.fs.invalidate_cache(storage.join(folder, "markers"))
+            for r in range(self.world_size):
+                if r in markers:
+                    continue
+                try:
+                    m = RankMarker.from_json(self.fs.cat_file(storage.join(folder, marker_name(r))))
+                except FileNotFoundError:
+                    continue
+                except Exception as exc:  # a marker being replaced or a transient read error
+                    log.debug("marker %d of step %d unreadable yet: %s", r, job.step, exc)
+                    continue
+                if m.attempt == self.attempt and m.step == job.step:
+                    markers[r] = m
+            if len(markers) == self.world_size:
+                break
+            if self._closing.is_set() or time.monotonic() > deadline:
+                missing = sorted(set(range(self.world_size)) - set(markers))
+                raise CommitTimeout(f"ranks {missing} never finished uploading step {job.step}")
+            time.sleep(delay)
+            delay = min(1.0, delay * 1.5)
+
+        files: dict[str, FileRecord] = {}
+        for m in markers.values():
+            for name, rec in m.files.items():
+                if name in files:
+                    raise RuntimeError(f"ranks {files[name].rank} and {rec.rank} both wrote {name}")
+                files[name] = rec
+        self.fs.invalidate_cache(folder)
+        present = {p[len(folder) + 1:]: int(i.get("size") or 0)
+                   for p, i in self.fs.find(folder, detail=True).items()}
+        bad = [n for n, rec in files.items() if present.get(n) != rec.size]
+        if bad:
+            raise RuntimeError(f"files of step {job.step} missing or of the wrong size in storage: {bad[:5]}")
+        manifest = Manifest(step=job.step, files=files, attempt=self.attempt, **job.manifest_fields)
+        storage.with_retries(f"writing {MANIFEST} for step {job.step}",
+                             lambda: storage.write_atomic(self.fs, storage.join(folder, MANIFEST),
+                                                          manifest.to_json()), self.retries)
+        log.info("committed checkpoint step %d (%d files, %.1f MB)", job.step, len(files),
+                 manifest.total_bytes / 1e6)
+        return manifest

@@ -1,0 +1,285 @@
+"""Profiles + a job's shape -> KubeRay RayCluster / RayJob manifests or a Ray launcher config.
+
+The job's shape is what its Ray Train `ScalingConfig` asks for (workers, CPUs and GPUs per
+worker). `place` decides how many worker nodes of the profile hold that many workers and
+refuses shapes that cannot fit; every renderer sizes the cluster from that one placement, so
+the manifests and the ScalingConfig agree by construction (and the tests check it).
+
+The head never runs training: it gets `num-cpus: 0` (Ray Train's controller actor needs no
+CPU), all workers land on worker nodes. Storage credentials are references only: the pods'
+Kubernetes service account (GKE Workload Identity), secret names for env vars and files,
+KubeRay's `authOptions.secretName` for the Ray token; on GCP VMs, the VMs' service account
+and a Secret Manager secret name.
+"""
+from __future__ import annotations
+
+import math
+import re
+import shlex
+from dataclasses import dataclass
+
+import yaml
+
+from pretrain.errors import UserError
+
+SHM_VOLUME = "dshm"
+
+
+@dataclass(frozen=True)
+class JobShape:
+    """What a training job asks Ray for: its ScalingConfig, in plain numbers."""
+
+    workers: int
+    use_gpu: bool
+    cpus_per_worker: float
+    gpus_per_worker: float  # 0 when use_gpu is false
+
+    def resources_per_worker(self) -> dict[str, float]:
+        out = {"CPU": self.cpus_per_worker}
+        if self.use_gpu:
+            out["GPU"] = self.gpus_per_worker
+        return out
+
+
+@dataclass(frozen=True)
+class Placement:
+    nodes: int              # worker nodes (pods / VMs) the job needs
+    workers_per_node: int   # training workers that fit on one
+
+
+def place(profile: dict, shape: JobShape) -> Placement:
+    """Worker nodes of `profile` needed for `shape`; UserError if it cannot fit."""
+    w = profile["worker"]
+    where = f"cluster profile '{profile['name']}'"
+    fits = []
+    if shape.cpus_per_worker > 0:
+        fits.append(math.floor(w["cpus"] / shape.cpus_per_worker + 1e-9))
+    if shape.use_gpu:
+        if not w["gpus"]:
+            raise UserError(
+                f"the config asks for GPU workers (resources.use_gpu=true) but {where} has no "
+                "GPUs (worker.gpus is 0); pick a GPU profile (see `pretrain cluster list`) or set "
+                "resources.use_gpu=false.")
+        fits.append(math.floor(w["gpus"] / shape.gpus_per_worker + 1e-9))
+    per_node = min(fits) if fits else shape.workers
+    if per_node < 1:
+        raise UserError(
+            f"one worker needs {shape.cpus_per_worker:g} CPUs"
+            + (f" and {shape.gpus_per_worker:g} GPUs" if shape.use_gpu else "")
+            + f" but a worker node of {where} has {w['cpus']:g} CPUs and {w['gpus']} GPUs; lower "
+            "resources.cpus_per_worker or pick a profile with bigger nodes.")
+    per_node = min(per_node, shape.workers)
+    nodes = math.ceil(shape.workers / per_node)
+    if nodes > w["max_nodes"]:
+        raise UserError(
+            f"{shape.workers} workers need {nodes} worker nodes of {where} ({per_node} per node) "
+            f"but it allows at most worker.max_nodes={w['max_nodes']}; use fewer workers or "
+            f"raise the limit (--set worker.max_nodes={nodes}).")
+    return Placement(nodes=nodes, workers_per_node=per_node)
+
+
+def k8s_name(text: str, limit: int = 40) -> str:
+    """A DNS-1035 label from a job name (RayJob names get a suffix, hence the short limit)."""
+    name = re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")
+    if not name or not name[0].isalpha():
+        name = "job-" + name
+    return name[:limit].rstrip("-")
+
+
+# ---------------------------------------------------------------------------------------
+# KubeRay
+
+
+def raycluster_spec(profile: dict, placement: Placement, grace_s: int) -> dict:
+    """The `spec` of a RayCluster (also a RayJob's `rayClusterSpec`)."""
+    head, worker, kube = profile["head"], profile["worker"], profile["kubernetes"]
+    spec: dict = {
+        "rayVersion": profile["ray_version"],
+        "enableInTreeAutoscaling": False,  # sized for the job; no autoscaler to fight
+        "headGroupSpec": {
+            "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
+            "serviceType": "ClusterIP",
+            "template": {"spec": _pod_spec(
+                profile, "ray-head", head, gpus=0, grace_s=grace_s, shm=None,
+                ports=[("gcs-server", 6379), ("dashboard", 8265), ("client", 10001)])},
+        },
+        "workerGroupSpecs": [{
+            "groupName": worker["group"],
+            "replicas": placement.nodes,
+            "minReplicas": placement.nodes,
+            "maxReplicas": max(placement.nodes, worker["max_nodes"]),
+            "rayStartParams": {"num-cpus": _num(worker["cpus"]),
+                               "num-gpus": _num(worker["gpus"])},
+            "template": {"spec": _pod_spec(profile, "ray-worker", worker, gpus=worker["gpus"],
+                                           grace_s=grace_s, shm=worker.get("shm"))},
+        }],
+    }
+    if profile["auth"] == "token":
+        spec["authOptions"] = {"mode": "token", "secretName": kube["auth_secret"]}
+    return spec
+
+
+def _pod_spec(profile: dict, container: str, node: dict, *, gpus: int, grace_s: int,
+              shm, ports: list[tuple[str, int]] = ()) -> dict:
+    kube = profile["kubernetes"]
+    resources = {"cpu": _num(node["cpus"]), "memory": str(node["memory"])}
+    if gpus:
+        resources["nvidia.com/gpu"] = int(gpus)
+    env = [{"name": k, "value": str(v)} for k, v in sorted(profile["job"]["env"].items())]
+    env += [{"name": ref["env"], "valueFrom": {"secretKeyRef": {"name": ref["secret"],
+                                                               "key": ref["key"]}}}
+            for ref in kube["secret_env"]]
+    mounts, volumes = [], []
+    if shm and str(shm) != "0":
+        mounts.append({"name": SHM_VOLUME, "mountPath": "/dev/shm"})
+        volumes.append({"name": SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": str(shm)}})
+    for i, ref in enumerate(kube["secret_files"]):
+        vol = f"secret-{i}"
+        mounts.append({"name": vol, "mountPath": ref["path"], "readOnly": True})
+        volumes.append({"name": vol, "secret": {"secretName": ref["secret"]}})
+    c: dict = {
+        "name": container,
+        "image": profile["image"],
+        # requests == limits: Guaranteed QoS, so the kubelet never evicts a training pod first
+        "resources": {"requests": dict(resources), "limits": dict(resources)},
+    }
+    if env:
+        c["env"] = env
+    if ports:
+        c["ports"] = [{"name": n, "containerPort": p} for n, p in ports]
+    if mounts:
+        c["volumeMounts"] = mounts
+    pod: dict = {"containers": [c], "terminationGracePeriodSeconds": int(grace_s)}
+    if volumes:
+        pod["volumes"] = volumes
+    if kube["service_account"]:
+        pod["serviceAccountName"] = kube["service_account"]
+    selector = dict(node.get("node_selector") or {})
+    if gpus and node.get("accelerator"):
+        selector["cloud.google.com/gke-accelerator"] = node["accelerator"]
+    if selector:
+        pod["nodeSelector"] = {k: str(v) for k, v in selector.items()}
+    if node.get("tolerations"):
+        pod["tolerations"] = list(node["tolerations"])
+    return pod
+
+
+def _labels(profile: dict, name: str) -> dict:
+    return {"app.kubernetes.io/name": "tubevit-pretrain", "tubevit.io/job": name,
+            "tubevit.io/profile": k8s_name(profile["name"], 63)}
+
+
+def render_raycluster(profile: dict, placement: Placement, name: str, grace_s: int) -> dict:
+    """A RayCluster for `pretrain submit --address` (long-lived; several jobs in turn)."""
+    meta = {"name": k8s_name(name), "namespace": profile["kubernetes"]["namespace"],
+            "labels": _labels(profile, k8s_name(name))}
+    return {"apiVersion": "ray.io/v1", "kind": "RayCluster", "metadata": meta,
+            "spec": raycluster_spec(profile, placement, grace_s)}
+
+
+def render_rayjob(profile: dict, placement: Placement, name: str, grace_s: int, *,
+                  entrypoint: str, runtime_env: dict, metadata: dict[str, str]) -> dict:
+    """A self-contained RayJob: its own cluster, the job, the cluster gone when it ends."""
+    meta = {"name": k8s_name(name), "namespace": profile["kubernetes"]["namespace"],
+            "labels": _labels(profile, k8s_name(name))}
+    return {"apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": meta, "spec": {
+        "entrypoint": entrypoint,
+        "runtimeEnvYAML": yaml.safe_dump(runtime_env, sort_keys=True),
+        "metadata": {k: str(v) for k, v in metadata.items()},
+        "submissionMode": "K8sJobMode",
+        "shutdownAfterJobFinishes": True,
+        "ttlSecondsAfterFinished": 3600,
+        "backoffLimit": 0,  # a failed run is resumed by resubmitting its name, not blindly
+        "rayClusterSpec": raycluster_spec(profile, placement, grace_s),
+    }}
+
+
+# ---------------------------------------------------------------------------------------
+# Ray cluster launcher (`ray up`) on GCP VMs
+
+
+def render_launcher(profile: dict, placement: Placement, name: str) -> dict:
+    """A `ray up` config: one head VM and exactly the worker VMs the job needs."""
+    if profile["platform"] != "gcp-vm":
+        raise UserError(f"cluster profile '{profile['name']}' is for {profile['platform']}; "
+                        "a cluster-launcher config needs a gcp-vm profile.")
+    gcp, head, worker = profile["gcp"], profile["head"], profile["worker"]
+    token_file = "/etc/ray-auth/auth_token"
+    env = " ".join(f"{k}={shlex.quote(str(v))}" for k, v in sorted(profile["job"]["env"].items()))
+    if profile["auth"] == "token":
+        env = f"RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={token_file} {env}".strip()
+    env = (env + " ") if env else ""
+    fetch_token = [] if profile["auth"] != "token" else [
+        # on the VM (outside the container): the token from Secret Manager, by name
+        f"sudo mkdir -p {token_file.rsplit('/', 1)[0]} && gcloud secrets versions access latest "
+        f"--secret={shlex.quote(gcp['auth_secret'])} --project={shlex.quote(gcp['project_id'])} "
+        f"| sudo tee {token_file} > /dev/null && sudo chmod 0644 {token_file}"]
+    return {
+        "cluster_name": k8s_name(name),
+        "max_workers": max(placement.nodes, worker["max_nodes"]),
+        "upscaling_speed": 1.0,
+        "idle_timeout_minutes": 10,
+        "provider": {"type": "gcp", "region": gcp["region"], "availability_zone": gcp["zone"],
+                     "project_id": gcp["project_id"], "cache_stopped_nodes": False},
+        "auth": {"ssh_user": "ray"},
+        "docker": {
+            "image": profile["image"], "container_name": "ray_container",
+            "pull_before_run": True,
+            "run_options": ["--ulimit nofile=65536:65536", f"--shm-size={_docker_size(worker)}",
+                            f"-v {token_file.rsplit('/', 1)[0]}:{token_file.rsplit('/', 1)[0]}:ro"],
+        },
+        "initialization_commands": fetch_token,
+        "head_node_type": "ray_head",
+        "available_node_types": {
+            "ray_head": {
+                "resources": {"CPU": 0},  # the head runs no training
+                "min_workers": 0, "max_workers": 0,
+                "node_config": _vm_config(gcp, gcp["head_machine_type"], 0),
+            },
+            worker["group"]: {
+                "resources": {"CPU": int(worker["cpus"]), "GPU": int(worker["gpus"])},
+                "min_workers": placement.nodes,
+                "max_workers": max(placement.nodes, worker["max_nodes"]),
+                "node_config": _vm_config(gcp, gcp["worker_machine_type"], int(worker["gpus"])),
+            },
+        },
+        "setup_commands": [],
+        "head_start_ray_commands": [
+            "ray stop",
+            f"ulimit -n 65536; {env}ray start --head --port=6379 --num-cpus=0 "
+            "--dashboard-host=0.0.0.0 --autoscaling-config=~/ray_bootstrap_config.yaml",
+        ],
+        "worker_start_ray_commands": [
+            "ray stop",
+            f"ulimit -n 65536; {env}ray start --address=$RAY_HEAD_IP:6379 "
+            f"--num-cpus={int(worker['cpus'])} --num-gpus={int(worker['gpus'])}",
+        ],
+    }
+
+
+def _vm_config(gcp: dict, machine_type: str, gpus: int) -> dict:
+    cfg: dict = {
+        "machineType": machine_type,
+        "disks": [{"boot": True, "autoDelete": True, "type": "PERSISTENT",
+                   "initializeParams": {"diskSizeGb": int(gcp["disk_gb"]),
+                                        "sourceImage": gcp["disk_image"]}}],
+        "metadata": {"items": [{"key": "install-nvidia-driver", "value": "True"}]},
+    }
+    if gcp["service_account"]:
+        cfg["serviceAccounts"] = [{"email": gcp["service_account"],
+                                   "scopes": ["https://www.googleapis.com/auth/cloud-platform"]}]
+    if gpus:
+        cfg["guestAccelerators"] = [{"acceleratorType": gcp["accelerator_type"],
+                                     "acceleratorCount": gpus}]
+        cfg["scheduling"] = [{"onHostMaintenance": "TERMINATE"}]  # GPU VMs cannot live-migrate
+    return cfg
+
+
+def _docker_size(worker: dict) -> str:
+    shm = str(worker.get("shm") or "0")
+    m = re.match(r"^(\d+)([KMGT])i?$", shm)
+    return f"{m.group(1)}{m.group(2).lower()}" if m else "8g"
+
+
+def _num(x) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)

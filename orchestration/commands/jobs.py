@@ -1,0 +1,214 @@
+"""`pretrain submit | status | logs | stop | list`: training jobs on a Ray cluster.
+
+    pretrain submit configs/smoke.yaml train.steps=50 --name smoke-a [--address URL] [--json]
+    pretrain status smoke-a [--json]        # by name (newest attempt) or submission id
+    pretrain logs smoke-a [--follow]
+    pretrain stop smoke-a                   # SIGTERM: final checkpoint, then STOPPED
+    pretrain submit configs/smoke.yaml --name smoke-a   # resumes from its checkpoints
+    pretrain list [--json]
+
+The cluster address comes from --address, else RAY_ADDRESS, else --profile's address, else
+http://127.0.0.1:8265. See orchestration/jobs.py for names, attempts and resume.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+HELPS = {
+    "submit": "submit a training config as a Ray job (validated here first)",
+    "status": "a job's state, step, latest checkpoint and MLflow run",
+    "logs": "a job's output (--follow to stream it until the job ends)",
+    "stop": "stop a job gracefully (it writes a final checkpoint first)",
+    "list": "jobs on the Ray cluster",
+}
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+def add_verb_arguments(verb: str, parser) -> None:
+    if verb == "submit":
+        parser.add_argument("config", help="experiment config YAML (e.g. configs/smoke.yaml)")
+        parser.add_argument("overrides", nargs="*", metavar="key=value",
+                            help="config overrides, e.g. train.steps=100")
+        parser.add_argument("--name", help="job name; resubmitting a name resumes it from its "
+                            "checkpoints (default: config name + random suffix)")
+    elif verb in ("status", "logs", "stop"):
+        parser.add_argument("job", metavar="JOB", help="submission id, or a job name (its "
+                            "newest attempt)")
+    if verb == "logs":
+        parser.add_argument("--follow", "-f", action="store_true",
+                            help="stream the output until the job ends")
+    if verb == "stop":
+        parser.add_argument("--no-wait", action="store_true",
+                            help="return right after asking; do not wait for the job to end")
+    parser.add_argument("--address", help="Ray dashboard / Jobs API URL (default: RAY_ADDRESS, "
+                        "the profile's address, else http://127.0.0.1:8265)")
+    parser.add_argument("--profile", help="cluster profile giving the address and auth mode "
+                        "(see `pretrain cluster list`)")
+    if verb != "logs":
+        parser.add_argument("--json", action="store_true",
+                            help="print one JSON object on the last stdout line")
+
+
+def run_verb(verb: str, args) -> int:
+    return {"submit": _submit, "status": _status, "logs": _logs, "stop": _stop,
+            "list": _list}[verb](args)
+
+
+def _connect(args, profile=None):
+    from orchestration.jobs import JobsClient, resolve_address
+
+    if profile is None and args.profile:
+        from cluster.profiles import load_profile
+
+        profile = load_profile(args.profile)
+    address = resolve_address(args.address, profile)
+    return JobsClient(address, auth_mode=(profile or {}).get("auth"))
+
+
+def _submit(args) -> int:
+    import os
+
+    import yaml
+
+    from orchestration import jobs
+    from pretrain.train.config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # a bad config stops here, before any network
+    name = jobs.check_name(args.name) if args.name else jobs.default_name(args.config)
+    profile = None
+    if args.profile:
+        from cluster.profiles import load_profile
+
+        profile = load_profile(args.profile)
+    address = jobs.resolve_address(args.address, profile)
+    loopback = jobs.is_loopback(address)
+
+    raw = jobs.job_config(cfg, name, local_cwd=Path.cwd() if loopback else None,
+                          where=f"the cluster at {address}")
+    extra_env = dict((profile or {}).get("job", {}).get("env", {}))
+    for key in ("MLFLOW_TRACKING_URI",) + (("STORAGE_EMULATOR_HOST",) if loopback else ()):
+        if os.environ.get(key):
+            extra_env.setdefault(key, os.environ[key])
+    runtime_env = jobs.job_runtime_env(
+        yaml.safe_dump(raw, sort_keys=False), name=name, use_gpu=cfg.resources.use_gpu,
+        grace_s=cfg.checkpoint.preempt_grace_s, cwd=Path.cwd() if loopback else None,
+        extra_env=extra_env)
+    checkpoint_uri = raw["checkpoint"]["uri"]
+    client = jobs.JobsClient(address, auth_mode=(profile or {}).get("auth"))
+    resume = jobs.latest_checkpoint(checkpoint_uri) if cfg.checkpoint.resume else None
+    job_id = client.submit(
+        name=name, entrypoint=jobs.ENTRYPOINT, runtime_env=runtime_env,
+        metadata={jobs.META_CONFIG: str(args.config), jobs.META_CHECKPOINT: checkpoint_uri or ""})
+    out = {"job_id": job_id, "name": name, "address": address, "checkpoint_uri": checkpoint_uri,
+           "resumes_from_step": resume["step"] if resume else None}
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"submitted {job_id} to {address}")
+        if checkpoint_uri:
+            where = (f"resumes from step {resume['step']}" if resume
+                     else "starts fresh (no committed checkpoint yet)")
+            print(f"  checkpoints {checkpoint_uri} ({where})")
+        else:
+            print("  checkpoints off (checkpoint.uri is null): this job cannot be resumed")
+        print(f"  pretrain status {name}    pretrain logs {name} --follow    "
+              f"pretrain stop {name}")
+    return 0
+
+
+def job_status(client, job: str) -> dict:
+    """Everything `status` reports, as a dict (also used by `stop`)."""
+    from orchestration import jobs
+
+    record = client.resolve(job)
+    progress = jobs.progress_from_logs(client.logs(record.submission_id))
+    checkpoint = jobs.latest_checkpoint(record.checkpoint_uri)
+    summary = progress.get("summary") or {}
+    out = {
+        "job_id": record.submission_id, "name": record.name, "attempt": record.attempt,
+        "status": record.status, "step": progress.get("step"), "steps": progress.get("steps"),
+        "loss": progress.get("loss"),
+        "checkpoint": (checkpoint or {}).get("uri") or summary.get("checkpoint"),
+        "checkpoint_step": (checkpoint or {}).get("step"),
+        "checkpoint_uri": record.checkpoint_uri,
+        "mlflow_run_id": progress.get("mlflow_run_id") or (checkpoint or {}).get("mlflow_run_id"),
+        "tracking_uri": summary.get("tracking_uri"),
+        "metrics": summary.get("metrics"),
+        "message": record.message, "start_time": record.start_time,
+        "end_time": record.end_time,
+    }
+    return out
+
+
+def _status(args) -> int:
+    st = job_status(_connect(args), args.job)
+    if args.json:
+        print(json.dumps(st, default=str))
+        return 0
+    step = f"{st['step']}/{st['steps']}" if st["steps"] else (st["step"] or "-")
+    print(f"{st['job_id']}  {st['status']}  step {step}"
+          + (f"  loss {st['loss']:.4f}" if st["loss"] is not None else ""))
+    if st["name"]:
+        print(f"  name        {st['name']} (attempt {st['attempt']})")
+    print(f"  checkpoint  {st['checkpoint'] or 'none committed yet'}")
+    if st["mlflow_run_id"]:
+        print(f"  mlflow run  {st['mlflow_run_id']}"
+              + (f" at {st['tracking_uri']}" if st["tracking_uri"] else ""))
+    if st["status"] == "FAILED" and st["message"]:
+        print(f"  message     {st['message'].strip().splitlines()[0]}")
+    return 0
+
+
+def _logs(args) -> int:
+    client = _connect(args)
+    if not args.follow:
+        sys.stdout.write(client.logs(args.job))
+        return 0
+    for chunk in client.follow(args.job):
+        sys.stdout.write(chunk)
+        sys.stdout.flush()
+    return 0
+
+
+def _stop(args) -> int:
+    from orchestration import jobs
+
+    client = _connect(args)
+    record = client.stop(args.job)
+    status = record.status
+    if not args.no_wait and status in jobs.ACTIVE:
+        # Ray gives the run RAY_JOB_STOP_WAIT_TIME_S (its grace + margin) before SIGKILL.
+        deadline = time.monotonic() + 3600
+        while time.monotonic() < deadline:
+            status = client.resolve(record.submission_id).status
+            if status in TERMINAL:
+                break
+            time.sleep(1.0)
+    st = job_status(client, record.submission_id) if status in TERMINAL else {
+        "job_id": record.submission_id, "status": status, "checkpoint": None}
+    if args.json:
+        print(json.dumps({"job_id": st["job_id"], "status": st["status"],
+                          "checkpoint": st["checkpoint"], "step": st.get("step")}))
+    else:
+        print(f"{st['job_id']}  {st['status']}"
+              + (f"  last checkpoint {st['checkpoint']}" if st.get("checkpoint") else ""))
+    return 0
+
+
+def _list(args) -> int:
+    records = _connect(args).list()
+    if args.json:
+        print(json.dumps({"jobs": [r.to_dict() for r in records]}, default=str))
+        return 0
+    if not records:
+        print("no jobs")
+        return 0
+    print(f"{'JOB':32s} {'STATUS':10s} {'NAME':24s} {'STARTED':19s}")
+    for r in records:
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.start_time)) \
+            if r.start_time else "-"
+        print(f"{r.submission_id:32s} {r.status:10s} {r.name or '-':24s} {started:19s}")
+    return 0

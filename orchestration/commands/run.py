@@ -1,0 +1,98 @@
+"""`pretrain run CONFIG [key=value ...] [--json]`: the main job.
+
+Starts an embedded local Ray on 127.0.0.1 (or joins RAY_ADDRESS), prepares the synthetic
+demo data if the config asks for it and it is missing, trains with DeepSpeed on Ray Train
+workers, logs to MLflow, and ends with a summary. Progress lines go to stderr; the summary
+to stdout (with --json: one JSON object on the last stdout line).
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+HELP = "train a config on Ray + DeepSpeed (embedded local Ray, or RAY_ADDRESS), tracked in MLflow"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("config", help="experiment config YAML (e.g. configs/smoke.yaml)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides, e.g. train.steps=100 train.zero_stage=3")
+    parser.add_argument("--json", action="store_true",
+                        help="print the summary as one JSON object on the last stdout line")
+
+
+def run(args) -> int:
+    import os
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    from pretrain.train.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if not cfg.resources.use_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    ensure_data(cfg)
+
+    from orchestration.driver import run_job
+
+    t0 = time.monotonic()
+    name = Path(args.config).stem
+
+    def on_progress(item: dict) -> None:
+        step = item.get("step")
+        if "train/loss" in item:
+            done = max(step, 1)
+            elapsed = time.monotonic() - t0
+            eta = elapsed / done * (cfg.train.steps - step)
+            print(f"step {step}/{cfg.train.steps}  loss {item['train/loss']:.4f}  "
+                  f"{item['perf/samples_per_sec']:.1f} samples/s  eta {_fmt(eta)}",
+                  file=sys.stderr, flush=True)
+        else:
+            figures = "  ".join(f"{k} {v:.4f}" for k, v in item.items() if k != "step")
+            print(f"step {step}/{cfg.train.steps}  {figures}", file=sys.stderr, flush=True)
+
+    summary = run_job(cfg, config_name=name, on_progress=on_progress)
+    summary["wall_s"] = time.monotonic() - t0
+    _print_summary(summary, cfg)
+    if args.json:
+        print(json.dumps(summary, default=str))
+    return 0
+
+
+def ensure_data(cfg) -> None:
+    """Write the synthetic demo data first when the config asks for it and it is missing."""
+    syn = cfg.data.synthetic
+    if not syn.prepare_if_missing:
+        return
+    from pretrain.data import storage
+
+    uris = [u for u in (cfg.data.video_uri, cfg.data.image_uri, cfg.data.video_eval_uri,
+                        cfg.data.image_eval_uri) if u]
+    if all(storage.exists(storage.join(u, "index.json")) for u in uris):
+        return
+    from pretrain.data.prepare import prepare_synthetic
+
+    print(f"preparing synthetic data in {syn.root} (first use) ...", file=sys.stderr, flush=True)
+    prepare_synthetic(syn.root, videos=syn.videos, images=syn.images, frames=syn.frames,
+                      size=syn.size, seed=syn.seed)
+
+
+def _print_summary(s: dict, cfg) -> None:
+    m = s.get("metrics", {})
+    lines = [f"finished {s.get('steps')} steps on {s.get('world_size')} workers in {_fmt(s.get('wall_s', 0))}"]
+    for key in ("train/loss", "eval/video_top1", "eval/image_top1", "perf/samples_per_sec",
+                "perf/tokens_per_sec", "perf/step_time_s", "perf/mfu", "data/skipped_samples"):
+        if key in m:
+            lines.append(f"  {key:24s} {m[key]:.4g}")
+    if s.get("mlflow_run_id"):
+        lines.append(f"  mlflow run {s['mlflow_run_id']} at {s['tracking_uri']} "
+                     f"(mlflow ui --backend-store-uri {s['tracking_uri']})")
+    lines.append(f"  checkpoint {s.get('checkpoint') or 'none'}")
+    print("\n".join(lines), flush=True)
+
+
+def _fmt(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"

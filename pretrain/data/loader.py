@@ -1,0 +1,487 @@
+"""Training and eval loaders over prepared shards (mosaicml-streaming + PyAV workers).
+
+Training (`JointLoader`): one StreamingDataset per modality, each read by a torch DataLoader
+with `num_workers` decoding processes. Every step yields one `Batch` of one modality; which
+one is decided by a stateless function of (seed, step), so all ranks agree and a resumed run
+continues the same sequence. Per modality the loader counts the global samples consumed in
+the current epoch; its state (epoch, samples in epoch, canonical nodes, seed) is what
+streaming's elastic deterministic partitioning needs to restart at exactly that point of the
+global sample order, also on a different number of ranks (`num_canonical_nodes` fixes the
+order, the sample count says where in it to continue).
+
+Eval (`EvalLoader`): each rank reads every world_size-th sample of the held-out split, padded
+so every rank runs the same number of batches (collectives in ZeRO-3 forwards need that);
+padding repeats are marked `valid=False`. Video eval batches hold all Vt x Vs views of each
+clip.
+
+A stored sample that cannot be decoded is dropped from its batch and counted in
+`skipped_samples` (never a crash); a batch left empty is replaced by the next one.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from streaming import StreamingDataset
+from torch.utils.data import DataLoader, Dataset
+
+from pretrain.data import shards, storage
+from pretrain.data.config import DataConfig, parse_bytes
+from pretrain.data.media import BadMedia
+from pretrain.data.remote import cache_dir_for, make_stream
+from pretrain.data.samples import (ClipSpec, ImageSpec, eval_clip, eval_image, sample_rng,
+                                   train_clip, train_image)
+from pretrain.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# Errors that mean "this sample's bytes are bad", as opposed to bugs, which must surface.
+try:
+    import av
+
+    _SAMPLE_ERRORS: tuple = (BadMedia, OSError, ValueError, KeyError, EOFError, av.FFmpegError)
+except (ImportError, AttributeError):
+    _SAMPLE_ERRORS = (BadMedia, OSError, ValueError, KeyError, EOFError)
+
+
+@dataclass
+class Batch:
+    """One modality's micro batch.
+
+    x: video (B, 3, T, H, W) or image (B, 3, H, W), float32, ImageNet mean/std normalised.
+       Eval video batches hold all views: (B * views, 3, T, H, W), the views of a clip
+       consecutive; average logits with `logits.view(B, views, -1).mean(1)`.
+    y: (B,) class indices into the dataset's label map.
+    sample_ids: (B,) sample index within the dataset (for checks and debugging).
+    valid: eval only, (B,) False for padding repeats that must not count in metrics.
+    skipped: corrupt samples dropped from this batch.
+    """
+
+    modality: str
+    dataset: str
+    x: torch.Tensor
+    y: torch.Tensor
+    sample_ids: torch.Tensor
+    views: int = 1
+    valid: torch.Tensor | None = None
+    skipped: int = 0
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    def to(self, device, non_blocking: bool = False) -> "Batch":
+        return Batch(self.modality, self.dataset, self.x.to(device, non_blocking=non_blocking),
+                     self.y.to(device, non_blocking=non_blocking), self.sample_ids, self.views,
+                     None if self.valid is None else self.valid.to(device), self.skipped)
+
+
+# ----------------------------------------------------------------------------- datasets
+
+
+def _clip_spec(cfg: DataConfig, hflip_ok: bool) -> ClipSpec:
+    return ClipSpec(frames=cfg.frames, size=cfg.size, stride=cfg.frame_stride, fps=cfg.fps,
+                    crop_scale=cfg.video_crop_scale, hflip=cfg.hflip and hflip_ok,
+                    temporal_views=cfg.eval_temporal_views, spatial_views=cfg.eval_spatial_views)
+
+
+def _image_spec(cfg: DataConfig, hflip_ok: bool) -> ImageSpec:
+    ra = (cfg.randaugment_ops, cfg.randaugment_magnitude) if cfg.randaugment else None
+    return ImageSpec(size=cfg.image_size, crop_scale=cfg.image_crop_scale,
+                     hflip=cfg.hflip and hflip_ok, randaugment=ra)
+
+
+class _TrainShards(StreamingDataset):
+    """StreamingDataset that decodes and augments each sample in the loader worker."""
+
+    def __init__(self, *, modality: str, spec, aug_seed: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.modality, self.spec, self.aug_seed = modality, spec, aug_seed
+        self._epoch = 0
+
+    def _resume_incr_epoch(self) -> tuple[int, int]:
+        epoch, offset = super()._resume_incr_epoch()
+        self._epoch = epoch  # this worker's epoch, for per-sample augmentation seeds
+        return epoch, offset
+
+    def get_item(self, sample_id: int, retry: int = 7) -> dict:
+        raw = super().get_item(sample_id, retry)
+        rng = sample_rng(self.aug_seed, self._epoch, int(sample_id))
+        try:
+            if self.modality == "video":
+                x = train_clip(raw, self.spec, rng)
+            else:
+                x = train_image(raw, self.spec, rng)
+        except _SAMPLE_ERRORS as exc:
+            return {"skip": f"{raw.get('key', sample_id)}: {exc}", "id": int(sample_id)}
+        return {"x": x, "y": int(raw["label"]), "id": int(sample_id)}
+
+
+def _collate(samples: list[dict]) -> dict:
+    good = [s for s in samples if "x" in s]
+    return {
+        "x": torch.stack([s["x"] for s in good]) if good else None,
+        "y": torch.tensor([s["y"] for s in good], dtype=torch.long),
+        "ids": torch.tensor([s["id"] for s in good], dtype=torch.long),
+        "valid": torch.tensor([s.get("valid", True) for s in good], dtype=torch.bool),
+        "skipped": [s["skip"] for s in samples if "skip" in s],
+    }
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # one decoding process per core; no intra-op threads on top
+
+
+def _set_world_env(rank: int, world_size: int, local_rank: int | None,
+                   local_world_size: int | None) -> tuple[int, int]:
+    """streaming reads the world from RANK/WORLD_SIZE/LOCAL_RANK/LOCAL_WORLD_SIZE: make them
+    agree with the arguments (a launcher may already have set them)."""
+    if not 0 <= rank < world_size:
+        raise UserError(f"rank {rank} is outside world size {world_size}")
+    env_ws = os.environ.get("WORLD_SIZE")
+    if env_ws is not None and int(env_ws) != world_size:
+        raise UserError(f"loader world_size={world_size} but the environment says "
+                        f"WORLD_SIZE={env_ws}; pass the launcher's world size")
+    if local_world_size is None:
+        local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    if local_rank is None:
+        local_rank = int(os.environ.get("LOCAL_RANK", rank % local_world_size))
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank),
+                      LOCAL_WORLD_SIZE=str(local_world_size))
+    return local_rank, local_world_size
+
+
+def _refresh_cache(uri: str, cache_dir: str, local_rank: int) -> None:
+    """Drop a remote dataset's cache when its index changed (the dataset was re-prepared)."""
+    if not storage.is_remote(uri) or local_rank != 0:
+        return
+    local = cache_dir_for(uri, cache_dir)
+    cached = os.path.join(local, shards.INDEX)
+    if os.path.exists(cached):
+        try:
+            fresh = storage.read_bytes(storage.join(uri, shards.INDEX))
+        except Exception:
+            return
+        with open(cached, "rb") as f:
+            if f.read() != fresh:
+                shutil.rmtree(local, ignore_errors=True)
+
+
+def _barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _cache_limit(cfg: DataConfig) -> int | None:
+    return parse_bytes(cfg.cache_limit) if cfg.cache_limit else None
+
+
+class _ModalityStream:
+    """One modality's endless sequence of training batches with an exact position."""
+
+    def __init__(self, modality: str, uri: str, info: dict, cfg: DataConfig, batch_size: int,
+                 world_size: int, nodes: int, local_rank: int, seed: int, ncn: int) -> None:
+        self.modality, self.uri = modality, uri
+        self.batch_size, self.world_size = batch_size, world_size
+        self.dataset_name = info["name"]
+        if info["num_samples"] < batch_size * world_size:
+            raise UserError(f"dataset '{uri}' has {info['num_samples']} samples, fewer than one "
+                            f"global batch ({batch_size} x {world_size} ranks); lower "
+                            "data.batch_size or prepare more data")
+        spec = (_clip_spec(cfg, info["hflip_ok"]) if modality == "video"
+                else _image_spec(cfg, info["hflip_ok"]))
+        _refresh_cache(uri, cfg.cache_dir, local_rank)
+        _barrier()
+        self.ds = _TrainShards(
+            modality=modality, spec=spec, aug_seed=seed,
+            streams=[make_stream(uri, cfg.cache_dir)], shuffle=True, shuffle_seed=seed,
+            shuffle_algo="py1e", shuffle_block_size=max(4_000_000 // ncn, 1 << 18),
+            num_canonical_nodes=ncn, batch_size=batch_size, cache_limit=_cache_limit(cfg),
+            predownload=max(8 * batch_size, 64))
+        workers = cfg.num_workers
+        self.loader = DataLoader(
+            self.ds, batch_size=batch_size, num_workers=workers, collate_fn=_collate,
+            drop_last=True, persistent_workers=workers > 0, worker_init_fn=_worker_init,
+            prefetch_factor=4 if workers > 0 else None)
+        self.epoch = 0
+        self.sample_in_epoch = 0  # global samples consumed this epoch, all ranks together
+        self.num_canonical_nodes = ncn
+        self.shuffle_seed = seed
+        self.initial_physical_nodes = nodes
+        self._it: Iterator | None = None
+
+    def _start_epoch(self) -> None:
+        # Always restate the position: streaming then starts exactly here, whatever its own
+        # shared epoch counter says (it is shared by all ranks and workers of the node).
+        self.ds.num_canonical_nodes = self.num_canonical_nodes
+        self.ds.shuffle_seed = self.shuffle_seed
+        self.ds.shuffle_block_size = max(4_000_000 // self.num_canonical_nodes, 1 << 18)
+        self.ds.initial_physical_nodes = self.initial_physical_nodes
+        self.ds.next_epoch = self.epoch
+        self.ds.load_state_dict(self.streaming_state())
+        self._it = iter(self.loader)
+
+    def next(self) -> dict:
+        empty_epochs = 0
+        while True:
+            if self._it is None:
+                self._start_epoch()
+            try:
+                raw = next(self._it)
+            except StopIteration:
+                self.epoch += 1
+                self.sample_in_epoch = 0
+                self._it = None
+                empty_epochs += 1
+                if empty_epochs > 1:
+                    raise RuntimeError(f"dataset '{self.uri}' yields no full batch in an epoch")
+                continue
+            self.sample_in_epoch += self.batch_size * self.world_size
+            return raw
+
+    def streaming_state(self) -> dict:
+        return {"epoch": self.epoch, "sample_in_epoch": self.sample_in_epoch,
+                "num_canonical_nodes": self.num_canonical_nodes,
+                "shuffle_seed": self.shuffle_seed,
+                "initial_physical_nodes": self.initial_physical_nodes}
+
+    def load(self, st: dict) -> None:
+        self.epoch = int(st["epoch"])
+        self.sample_in_epoch = int(st["sample_in_epoch"])
+        self.num_canonical_nodes = int(st["num_canonical_nodes"])
+        self.shuffle_seed = int(st["shuffle_seed"])
+        self.initial_physical_nodes = st.get("initial_physical_nodes")
+        self._it = None  # restart streaming at the loaded position
+
+    def close(self) -> None:
+        self._it = None
+        it = getattr(self.loader, "_iterator", None)
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+        self.loader._iterator = None
+
+
+def _describe(cfg: DataConfig, modality: str, uri: str) -> dict:
+    info = shards.dataset_info(uri)
+    if info["modality"] != modality:
+        raise UserError(f"data.{modality}_uri '{uri}' holds a {info['modality']} dataset; point "
+                        f"it at shards written by `pretrain prepare {modality}`")
+    name = getattr(cfg, f"{modality}_dataset") or info["dataset"]
+    return {**info, "name": name}
+
+
+def _mix_is_video(seed: int, step: int, ratio: float) -> bool:
+    return random.Random(f"mix:{seed}:{step}").random() < ratio
+
+
+class JointLoader:
+    """Endless iterator of training `Batch`es, one modality per batch, mixed by video_ratio.
+
+    Construct on every rank at the same time (streaming syncs local ranks). `seed` seeds the
+    shard shuffle, the modality mix and augmentation unless data.shuffle_seed is set.
+    """
+
+    def __init__(self, cfg: DataConfig, rank: int = 0, world_size: int = 1, seed: int = 0, *,
+                 local_rank: int | None = None, local_world_size: int | None = None) -> None:
+        cfg.validate()
+        self.cfg = cfg
+        self.rank, self.world_size = rank, world_size
+        local_rank, local_world_size = _set_world_env(rank, world_size, local_rank,
+                                                      local_world_size)
+        nodes = max(1, world_size // local_world_size)
+        self.seed = cfg.shuffle_seed if cfg.shuffle_seed is not None else seed
+        ncn = cfg.num_canonical_nodes or nodes
+        self.step = 0
+        self.skipped_samples = 0
+        self.skip_reasons: list[str] = []  # the most recent few, for logs
+        self.streams: dict[str, _ModalityStream] = {}
+        for modality, uri, bs in (("video", cfg.video_uri, cfg.batch_size),
+                                  ("image", cfg.image_uri, cfg.image_micro_batch)):
+            if uri is None or (modality == "video" and cfg.video_ratio == 0 and cfg.image_uri) \
+                    or (modality == "image" and cfg.video_ratio == 1 and cfg.video_uri):
+                continue
+            info = _describe(cfg, modality, uri)
+            self.streams[modality] = _ModalityStream(modality, uri, info, cfg, bs, world_size,
+                                                     nodes, local_rank, self.seed, ncn)
+
+    @property
+    def heads(self) -> dict[str, int]:
+        """Dataset (head) name -> number of classes, for the modalities this loader yields."""
+        return {s.dataset_name: shards.dataset_info(s.uri)["num_classes"]
+                for s in self.streams.values()}
+
+    def modality_at(self, step: int) -> str:
+        if len(self.streams) == 1:
+            return next(iter(self.streams))
+        return "video" if _mix_is_video(self.seed, step, self.cfg.video_ratio) else "image"
+
+    def __iter__(self) -> "JointLoader":
+        return self
+
+    def __next__(self) -> Batch:
+        while True:
+            modality = self.modality_at(self.step)
+            stream = self.streams[modality]
+            raw = stream.next()
+            self.step += 1
+            if raw["skipped"]:
+                self.skipped_samples += len(raw["skipped"])
+                self.skip_reasons = (self.skip_reasons + raw["skipped"])[-20:]
+                for reason in raw["skipped"]:
+                    log.warning("skipped corrupt %s sample %s", modality, reason)
+            if raw["x"] is None:
+                continue  # every sample of this batch was corrupt: take the next step's batch
+            return Batch(modality=modality, dataset=stream.dataset_name, x=raw["x"], y=raw["y"],
+                         sample_ids=raw["ids"], skipped=len(raw["skipped"]))
+
+    def state_dict(self) -> dict:
+        """Position after the last batch returned; identical on every rank (save rank 0's)."""
+        return {"version": 1, "step": self.step, "seed": self.seed,
+                "skipped_samples": self.skipped_samples,
+                "streams": {m: s.streaming_state() for m, s in self.streams.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("version") != 1:
+            raise UserError(f"loader state version {state.get('version')} is not supported "
+                            "(expected 1); it was not written by this JointLoader")
+        missing = set(self.streams) - set(state["streams"])
+        if missing and state["step"] > 0:
+            raise UserError(f"loader state has no position for {sorted(missing)}; the run was "
+                            "saved with a different set of modalities (data.video_uri / "
+                            "data.image_uri / data.video_ratio)")
+        self.step = int(state["step"])
+        self.seed = int(state["seed"])
+        self.skipped_samples = int(state.get("skipped_samples", 0))
+        for modality, st in state["streams"].items():
+            if modality in self.streams:
+                self.streams[modality].load(st)
+
+    def close(self) -> None:
+        for s in self.streams.values():
+            s.close()
+
+
+# ----------------------------------------------------------------------------- eval
+
+
+class _EvalShards(StreamingDataset):
+    pass
+
+
+class _EvalView(Dataset):
+    """This rank's share of a held-out split, padded to the same length on every rank."""
+
+    def __init__(self, ds: StreamingDataset, modality: str, spec, image_size: int,
+                 rank: int, world_size: int) -> None:
+        self.ds, self.modality, self.spec, self.image_size = ds, modality, spec, image_size
+        n = ds.num_samples
+        per_rank = math.ceil(n / world_size)
+        mine = list(range(rank, n, world_size))
+        self.items = [(i, True) for i in mine]
+        while len(self.items) < per_rank:  # pad with repeats, marked invalid
+            self.items.append((mine[len(self.items) % len(mine)] if mine else 0, False))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        sample_id, valid = self.items[i]
+        raw = self.ds.get_item(sample_id)
+        try:
+            if self.modality == "video":
+                x = eval_clip(raw, self.spec)  # (V, 3, T, S, S)
+            else:
+                x = eval_image(raw, self.image_size)  # (3, S, S)
+        except _SAMPLE_ERRORS as exc:
+            # Keep the batch shape (all ranks must run the same forwards): zeros, not counted.
+            shape = ((self.spec.temporal_views * self.spec.spatial_views, 3, self.spec.frames,
+                      self.spec.size, self.spec.size) if self.modality == "video"
+                     else (3, self.image_size, self.image_size))
+            return {"x": torch.zeros(shape), "y": int(raw["label"]), "id": sample_id,
+                    "valid": False, "skip": f"{raw.get('key', sample_id)}: {exc}"}
+        return {"x": x, "y": int(raw["label"]), "id": sample_id, "valid": valid}
+
+
+def _collate_eval(samples: list[dict]) -> dict:
+    out = _collate([{k: v for k, v in s.items() if k != "skip"} for s in samples])
+    out["skipped"] = [s["skip"] for s in samples if "skip" in s]
+    return out
+
+
+class EvalLoader:
+    """One pass over a held-out split per `iter()`; see the module docstring.
+
+    Video batches: x (B * Vt * Vs, 3, T, S, S) with `views = Vt * Vs`; image batches:
+    x (B, 3, S, S). `valid` marks samples that count (False: padding repeat or corrupt).
+    """
+
+    def __init__(self, cfg: DataConfig, modality: str, rank: int = 0, world_size: int = 1, *,
+                 uri: str | None = None, local_rank: int | None = None,
+                 local_world_size: int | None = None) -> None:
+        uri = uri or getattr(cfg, f"{modality}_eval_uri")
+        if uri is None:
+            raise UserError(f"no eval data for {modality}: set data.{modality}_eval_uri")
+        local_rank, _ = _set_world_env(rank, world_size, local_rank, local_world_size)
+        info = _describe(cfg, modality, uri)
+        self.modality, self.uri, self.dataset_name = modality, uri, info["name"]
+        self.num_samples = info["num_samples"]
+        self.skipped_samples = 0
+        spec = _clip_spec(cfg, False) if modality == "video" else None
+        self.views = cfg.eval_temporal_views * cfg.eval_spatial_views if modality == "video" else 1
+        _refresh_cache(uri, cfg.cache_dir, local_rank)
+        _barrier()
+        self.ds = _EvalShards(streams=[make_stream(uri, cfg.cache_dir)], shuffle=False,
+                              cache_limit=_cache_limit(cfg))
+        self.view = _EvalView(self.ds, modality, spec, cfg.image_size, rank, world_size)
+        self.loader = DataLoader(self.view, batch_size=cfg.eval_batch_size, shuffle=False,
+                                 num_workers=cfg.num_workers, collate_fn=_collate_eval,
+                                 worker_init_fn=_worker_init)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[Batch]:
+        for raw in self.loader:
+            self.skipped_samples += len(raw["skipped"])
+            x = raw["x"]
+            if self.modality == "video":
+                x = x.flatten(0, 1)  # (B, V, 3, T, S, S) -> (B*V, 3, T, S, S)
+            yield Batch(modality=self.modality, dataset=self.dataset_name, x=x, y=raw["y"],
+                        sample_ids=raw["ids"], views=self.views, valid=raw["valid"],
+                        skipped=len(raw["skipped"]))
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def ensure_datasets(cfg: DataConfig, prepare: bool = True) -> dict[str, dict]:
+    """Check every configured dataset URI before training; make synthetic data when asked.
+
+    With data.synthetic.prepare_if_missing and `prepare=True` (call it so on one rank, then
+    barrier), missing datasets under data.synthetic.root are written first. Returns
+    dataset_info (plus "name", the head name) keyed by "video", "image", "video_eval",
+    "image_eval" for the URIs that are set. Raises UserError naming a missing/unreadable URI.
+    """
+    cfg.validate()
+    uris = {"video": cfg.video_uri, "image": cfg.image_uri,
+            "video_eval": cfg.video_eval_uri, "image_eval": cfg.image_eval_uri}
+    syn = cfg.synthetic
+    if prepare and syn.prepare_if_missing and syn.root:
+        wanted = [u for u in uris.values() if u]
+        if any(not storage.exists(storage.join(u, shards.INDEX)) for u in wanted):
+            from pretrain.data.synthetic import prepare_synthetic
+
+            log.warning("preparing synthetic data under %s", syn.root)
+            prepare_synthetic(syn.root, syn.videos, syn.images, seed=syn.seed, frames=syn.frames,
+                              size=syn.size)
+    out = {}
+    for key, uri in uris.items():
+        if uri:
+            modality = key.split("_")[0]
+            out[key] = _describe(cfg, modality, uri)
+    return out

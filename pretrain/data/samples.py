@@ -1,0 +1,131 @@
+"""Turning one stored sample into a training or eval tensor (runs in loader workers).
+
+Augmentation randomness is seeded by (seed, epoch, sample id), not by worker state, so the
+same sample gets the same crop whatever the number of workers or ranks, and a resumed run
+reproduces the uninterrupted one exactly.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pretrain.data import transforms as T
+from pretrain.data.media import BadMedia, decode_frames, decode_image
+
+
+@dataclass(frozen=True)
+class ClipSpec:
+    frames: int
+    size: int
+    stride: int
+    fps: float | None
+    crop_scale: float
+    hflip: bool
+    temporal_views: int = 1
+    spatial_views: int = 1
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    size: int
+    crop_scale: float
+    hflip: bool
+    randaugment: tuple[int, int] | None  # (ops, magnitude)
+
+
+def sample_rng(seed: int, epoch: int, sample_id: int) -> random.Random:
+    return random.Random(f"{seed}:{epoch}:{sample_id}")
+
+
+def _clip_frames(raw: dict, spec: ClipSpec, start: float) -> list[int]:
+    step = T.frame_step(float(raw["fps"]), spec.fps, spec.stride)
+    return T.clip_indices(start, spec.frames, step, int(raw["num_frames"]))
+
+
+def _gather(raw: dict, indices: list[int], out_size: tuple[int, int] | None) -> np.ndarray:
+    """uint8 (len(indices), H, W, 3), decoding each distinct frame once."""
+    unique = sorted(set(indices))
+    frames = decode_frames(raw["video"], unique, float(raw["fps"]), out_size)
+    pos = {i: k for k, i in enumerate(unique)}
+    return np.stack([frames[pos[i]] for i in indices])
+
+
+def train_clip(raw: dict, spec: ClipSpec, rng: random.Random) -> torch.Tensor:
+    """Random temporal crop, random resized crop, optional flip -> float (3, T, S, S)."""
+    n = int(raw["num_frames"])
+    if n <= 0:
+        raise BadMedia("stored frame count is 0")
+    step = T.frame_step(float(raw["fps"]), spec.fps, spec.stride)
+    start = T.train_start(rng, spec.frames, step, n)
+    indices = _clip_frames(raw, spec, start)
+    w, h = int(raw["width"]), int(raw["height"])
+    box = T.random_resized_box(rng, w, h, spec.crop_scale)
+    sw, sh, x0, y0 = T.scaled_frame_size(box, w, h, spec.size)
+    clip = _gather(raw, indices, (sw, sh))[:, y0:y0 + spec.size, x0:x0 + spec.size]  # (T,S,S,3)
+    if spec.hflip and rng.random() < 0.5:
+        clip = clip[:, :, ::-1]
+    return T.normalize_clip(np.ascontiguousarray(clip))  # (3, T, S, S)
+
+
+def eval_clip(raw: dict, spec: ClipSpec) -> torch.Tensor:
+    """All views of one clip: float (Vt * Vs, 3, T, S, S), temporal view major."""
+    n = int(raw["num_frames"])
+    step = T.frame_step(float(raw["fps"]), spec.fps, spec.stride)
+    starts = T.eval_starts(spec.temporal_views, spec.frames, step, n)
+    per_view = [T.clip_indices(s, spec.frames, step, n) for s in starts]
+    w, h = T.short_side_size(int(raw["width"]), int(raw["height"]), spec.size)
+    frames = _gather(raw, [i for v in per_view for i in v], (w, h))  # (Vt*T, h, w, 3)
+    frames = frames.reshape(len(per_view), spec.frames, h, w, 3)
+    views = []
+    for tv in range(len(per_view)):
+        for x0, y0 in T.spatial_offsets(spec.spatial_views, w, h, spec.size):
+            crop = frames[tv, :, y0:y0 + spec.size, x0:x0 + spec.size]
+            views.append(T.normalize_clip(np.ascontiguousarray(crop)))
+    return torch.stack(views)  # (V, 3, T, S, S)
+
+
+_randaugment_cache: dict = {}
+
+
+def train_image(raw: dict, spec: ImageSpec, rng: random.Random) -> torch.Tensor:
+    """Random resized crop, optional flip and RandAugment -> float (3, S, S)."""
+    from PIL import Image
+
+    img = decode_image(raw["image"])
+    x, y, w, h = T.random_resized_box(rng, img.width, img.height, spec.crop_scale)
+    img = img.resize((spec.size, spec.size), Image.BILINEAR, box=(x, y, x + w, y + h))
+    if spec.hflip and rng.random() < 0.5:
+        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    if spec.randaugment:
+        img = _randaugment(img, spec.randaugment, rng)
+    return T.normalize_image(np.asarray(img))
+
+
+def _randaugment(img, params: tuple[int, int], rng: random.Random):
+    from torchvision.transforms import RandAugment
+
+    aug = _randaugment_cache.get(params)
+    if aug is None:
+        aug = _randaugment_cache[params] = RandAugment(num_ops=params[0], magnitude=params[1])
+    # torchvision draws from torch's global RNG: seed it from this sample's generator.
+    state = torch.random.get_rng_state()
+    torch.manual_seed(rng.getrandbits(63))
+    try:
+        return aug(img)
+    finally:
+        torch.random.set_rng_state(state)
+
+
+def eval_image(raw: dict, size: int) -> torch.Tensor:
+    """Resize the short side to size / 0.875, centre crop size x size -> float (3, S, S)."""
+    from PIL import Image
+
+    img = decode_image(raw["image"])
+    w, h = T.short_side_size(img.width, img.height, int(round(size / 0.875)))
+    img = img.resize((w, h), Image.BILINEAR)
+    x0, y0 = (w - size) // 2, (h - size) // 2
+    img = img.crop((x0, y0, x0 + size, y0 + size))
+    return T.normalize_image(np.asarray(img))

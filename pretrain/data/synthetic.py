@@ -1,0 +1,172 @@
+"""Synthetic demo data (`pretrain prepare synthetic`): classes that need time to tell apart.
+
+Videos: one shape (square or disc, random colour and size) drifts across a noisy background
+of random colour. The class is the direction of motion: left, right, up or down (chance is
+25%). Motion wraps around the frame edges (toroidal), and the start position is uniform, so
+the position of the shape in any single frame is uniform whatever the class: one frame
+carries no information, two frames do. Horizontal flips would swap left and right, so the
+label map marks these datasets `hflip_ok: false` and the loader never flips them.
+
+Images: one static shape on a noisy background; the class is the kind of shape (circle,
+square, triangle, cross), colours and sizes random (chance 25%).
+
+Layout under ROOT: video/train, video/val, image/train, image/val (each a prepared dataset).
+"""
+from __future__ import annotations
+
+import io
+import math
+import os
+import shutil
+import tempfile
+
+import numpy as np
+
+from pretrain.data import storage
+from pretrain.data.prepare import Item, PrepareResult, cache_root, prepare
+
+VIDEO_CLASSES = ["left", "right", "up", "down"]
+IMAGE_CLASSES = ["circle", "square", "triangle", "cross"]
+VIDEO_DATASET = "synthetic_video"
+IMAGE_DATASET = "synthetic_image"
+_DIRECTIONS = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}  # (dy, dx)
+
+
+def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+    base = rng.integers(0, 256, 3)
+    noise = rng.normal(0, 12, (size, size, 3))
+    return np.clip(base + noise, 0, 255)  # (S, S, 3) float
+
+
+def _moving_shape_clip(rng: np.random.Generator, cls: str, frames: int, size: int) -> np.ndarray:
+    """uint8 (T, S, S, 3): a shape drifting in direction `cls`, wrapping at the edges."""
+    bg = _background(rng, size)
+    colour = rng.integers(0, 256, 3)
+    while np.abs(colour - bg.mean((0, 1))).sum() < 150:  # keep the shape visible
+        colour = rng.integers(0, 256, 3)
+    r = int(rng.integers(size // 10, size // 5))
+    yy, xx = np.mgrid[:size, :size]
+    if rng.random() < 0.5:
+        mask = (np.abs(yy - size // 2) <= r) & (np.abs(xx - size // 2) <= r)
+    else:
+        mask = (yy - size // 2) ** 2 + (xx - size // 2) ** 2 <= r * r
+    speed = rng.uniform(1.5, 3.0) * size / 64
+    dy, dx = _DIRECTIONS[cls]
+    y0, x0 = rng.uniform(0, size, 2)
+    out = np.empty((frames, size, size, 3), np.uint8)
+    for t in range(frames):
+        shift_y = int(round(y0 + dy * speed * t)) % size
+        shift_x = int(round(x0 + dx * speed * t)) % size
+        m = np.roll(mask, (shift_y, shift_x), axis=(0, 1))
+        frame = bg.copy()
+        frame[m] = colour
+        out[t] = frame.astype(np.uint8)
+    return out
+
+
+def _static_shape_image(rng: np.random.Generator, cls: str, size: int) -> np.ndarray:
+    bg = _background(rng, size)
+    colour = rng.integers(0, 256, 3)
+    while np.abs(colour - bg.mean((0, 1))).sum() < 150:
+        colour = rng.integers(0, 256, 3)
+    r = rng.uniform(size / 8, size / 4)
+    cy, cx = rng.uniform(r + 1, size - r - 1, 2)
+    yy, xx = np.mgrid[:size, :size].astype(np.float64)
+    dy, dx = yy - cy, xx - cx
+    if cls == "circle":
+        mask = dy ** 2 + dx ** 2 <= r ** 2
+    elif cls == "square":
+        mask = (np.abs(dy) <= r * 0.85) & (np.abs(dx) <= r * 0.85)
+    elif cls == "triangle":  # apex up
+        mask = (dy <= r) & (dy >= -r) & (np.abs(dx) <= (dy + r) / 2)
+    else:  # cross
+        w = r / 3
+        mask = ((np.abs(dy) <= w) & (np.abs(dx) <= r)) | ((np.abs(dx) <= w) & (np.abs(dy) <= r))
+    img = bg.copy()
+    img[mask] = colour
+    return img.astype(np.uint8)
+
+
+def encode_mp4(frames: np.ndarray, fps: int, codec: str = "libx264") -> bytes:
+    """Encode uint8 (T, H, W, 3) frames as an mp4 (H and W even for yuv420p)."""
+    import av
+
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format="mp4") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = "yuv420p"
+        if codec == "libx264":
+            stream.options = {"preset": "veryfast", "crf": "18"}
+        for f in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buf.getvalue()
+
+
+def _make_one(args) -> str:
+    kind, split, i, seed, frames, size, fps, folder = args
+    rng = np.random.default_rng([seed, 0 if kind == "video" else 1, 0 if split == "train" else 1, i])
+    if kind == "video":
+        cls = VIDEO_CLASSES[i % len(VIDEO_CLASSES)]
+        data = encode_mp4(_moving_shape_clip(rng, cls, frames, size), fps)
+        path = os.path.join(folder, f"{i:06d}_{cls}.mp4")
+    else:
+        from PIL import Image
+
+        cls = IMAGE_CLASSES[i % len(IMAGE_CLASSES)]
+        buf = io.BytesIO()
+        Image.fromarray(_static_shape_image(rng, cls, size)).save(buf, format="PNG")
+        data = buf.getvalue()
+        path = os.path.join(folder, f"{i:06d}_{cls}.png")
+    with open(path, "wb") as f:
+        f.write(data)
+    return path
+
+
+def prepare_synthetic(out_uri: str, videos: int, images: int, seed: int = 0, *, frames: int = 32,
+                      size: int = 64, fps: int = 16, val_fraction: float = 0.25,
+                      workers: int | None = None, progress: bool = False,
+                      work_dir: str | None = None) -> dict[str, PrepareResult]:
+    """Write synthetic train/val splits under out_uri (video/train, video/val, image/train,
+    image/val); a modality with count 0 is left out. Deterministic for a seed.
+
+    Returns the PrepareResult of each split, keyed "video/train" etc.
+    """
+    workers = workers or os.cpu_count() or 1
+    os.makedirs(cache_root(), exist_ok=True)
+    scratch = work_dir or tempfile.mkdtemp(prefix="synthetic-", dir=cache_root())
+    results = {}
+    try:
+        for kind, count, classes, dataset in (("video", videos, VIDEO_CLASSES, VIDEO_DATASET),
+                                              ("image", images, IMAGE_CLASSES, IMAGE_DATASET)):
+            if count <= 0:
+                continue
+            val = max(len(classes), int(math.ceil(count * val_fraction)))
+            for split, n in (("train", count), ("val", val)):
+                folder = os.path.join(scratch, kind, split)
+                os.makedirs(folder, exist_ok=True)
+                args = [(kind, split, i, seed, frames, size, fps, folder) for i in range(n)]
+                paths = _map(_make_one, args, workers)
+                items = [Item(p, classes[i % len(classes)]) for i, p in enumerate(paths)]
+                results[f"{kind}/{split}"] = prepare(
+                    kind, items, storage.join(out_uri, kind, split), dataset=dataset,
+                    labels=classes, workers=workers, progress=progress,
+                    work_dir=os.path.join(scratch, "stage", kind, split),
+                    hflip_ok=(kind == "image"))
+    finally:
+        if work_dir is None:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return results
+
+
+def _map(fn, args: list, workers: int) -> list:
+    if workers <= 1 or len(args) < 16:
+        return [fn(a) for a in args]
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
+        return list(pool.map(fn, args, chunksize=max(1, len(args) // (4 * workers))))

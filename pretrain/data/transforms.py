@@ -1,0 +1,112 @@
+"""Clip and image sampling: which frames, which crop, and normalisation.
+
+Frame indices are chosen from the stored metadata (fps, frame count) so that decoding only
+touches the frames a clip needs. Videos shorter than a clip's span loop from their start
+(frame index modulo the frame count), so every clip has exactly T frames.
+"""
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import torch
+
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+
+def frame_step(src_fps: float, target_fps: float | None, stride: int) -> float:
+    """Source frames between consecutive clip frames: src/target fps, or the fixed stride."""
+    if target_fps:
+        return max(src_fps / target_fps, 1e-6)
+    return float(stride)
+
+
+def clip_indices(start: float, frames: int, step: float, num_frames: int) -> list[int]:
+    """T frame indices from `start`, `step` apart, looping past the end of short videos."""
+    return [int(math.floor(start + i * step)) % num_frames for i in range(frames)]
+
+
+def train_start(rng: random.Random, frames: int, step: float, num_frames: int) -> float:
+    """A random temporal crop: a start frame such that the clip fits when it can."""
+    span = (frames - 1) * step + 1
+    room = num_frames - span
+    return rng.uniform(0, room) if room > 0 else 0.0
+
+
+def eval_starts(views: int, frames: int, step: float, num_frames: int) -> list[float]:
+    """`views` uniformly spaced clip starts covering the whole video (the paper's 4 views)."""
+    span = (frames - 1) * step + 1
+    room = max(num_frames - span, 0.0)
+    if views == 1:
+        return [room / 2]
+    return [room * v / (views - 1) for v in range(views)]
+
+
+def random_resized_box(rng: random.Random, width: int, height: int, min_scale: float,
+                       ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """(x0, y0, w, h) of a random crop of area share [min_scale, 1] and aspect in `ratio`."""
+    area = width * height
+    for _ in range(10):
+        target = area * rng.uniform(min_scale, 1.0)
+        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return rng.randint(0, width - w), rng.randint(0, height - h), w, h
+    side = min(width, height)  # fallback: the central square
+    return (width - side) // 2, (height - side) // 2, side, side
+
+
+def scaled_frame_size(box: tuple[int, int, int, int], width: int, height: int,
+                      size: int) -> tuple[int, int, int, int]:
+    """Scale the whole frame so that `box` becomes size x size.
+
+    Returns (scaled_w, scaled_h, x0, y0): decode at (scaled_w, scaled_h), then take the
+    size x size window at (x0, y0). Scaling whole frames in swscale is cheaper than converting
+    at full size and resampling the crop afterwards.
+    """
+    x, y, w, h = box
+    sx, sy = size / w, size / h
+    sw, sh = max(size, round(width * sx)), max(size, round(height * sy))
+    x0 = min(int(round(x * sx)), sw - size)
+    y0 = min(int(round(y * sy)), sh - size)
+    return sw, sh, x0, y0
+
+
+def short_side_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """(w, h) with the short side scaled to `size`, aspect kept."""
+    if width <= height:
+        return size, max(size, round(height * size / width))
+    return max(size, round(width * size / height)), size
+
+
+def spatial_offsets(views: int, width: int, height: int, size: int) -> list[tuple[int, int]]:
+    """`views` size x size crops spread along the long side (left/centre/right for 3)."""
+    if views == 1:
+        return [((width - size) // 2, (height - size) // 2)]
+    out = []
+    for v in range(views):
+        f = v / (views - 1)
+        if width >= height:
+            out.append((int(round((width - size) * f)), (height - size) // 2))
+        else:
+            out.append(((width - size) // 2, int(round((height - size) * f))))
+    return out
+
+
+_MEAN = torch.tensor(MEAN).view(3, 1, 1, 1) * 255
+_STD = torch.tensor(STD).view(3, 1, 1, 1) * 255
+
+
+def normalize_clip(frames: np.ndarray) -> torch.Tensor:
+    """uint8 (T, H, W, 3) -> float32 (3, T, H, W), ImageNet mean/std normalised."""
+    x = torch.from_numpy(frames).permute(3, 0, 1, 2).float()  # (3, T, H, W)
+    return (x - _MEAN) / _STD
+
+
+def normalize_image(img: np.ndarray) -> torch.Tensor:
+    """uint8 (H, W, 3) -> float32 (3, H, W), ImageNet mean/std normalised."""
+    x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float()  # (3, H, W)
+    return (x - _MEAN[:, :, :, 0]) / _STD[:, :, :, 0]

@@ -1,0 +1,389 @@
+"""Sparse video tubes: their geometry, the paper's tube sets, and the tokenizer module.
+
+A tube is a 3D convolution over the raw RGB clip with its own kernel, a large stride and a
+start offset (order t, h, w throughout). Its token grid follows valid-convolution arithmetic
+after cropping the offset, per axis:
+
+    n = floor((L - offset - kernel) / stride) + 1
+
+so 32x224x224 with the paper's four tubes gives 98 + 147 + 98 + 196 = 539 tokens, an image
+196, and 64x224x224 gives 1176.
+
+Choices this module makes (see shared/docs/tubevit.md for the paper's side):
+
+- A tube that does not fit the clip (L < offset + kernel on some axis) is by default an
+  error: `UserError` names the tube, the clip size and the smallest clip every tube fits.
+  Silently dropping a tube would leave its kernel untrained without anybody noticing. With
+  `skip_unfit=True` (model config `skip_unfit_tubes`) such a tube contributes 0 tokens
+  instead, which is the arithmetic count (e.g. the paper's tube 2, 16 frames deep at offset
+  4, needs 20 frames: a 16x224x224 clip then gives 49 + 0 + 49 + 196 = 294 tokens). Position
+  embeddings come from tube centres, so the remaining tokens keep their meaning. The image
+  tube must always fit.
+- Images go through the "image tube": the first tube whose kernel is 1 frame deep and which
+  has no space-to-depth (the paper's 1x16x16 patch embedding). Its weights are the same
+  tensor the video path uses.
+- Space-to-depth (S2D), factor S on an axis, with the paper's semantics: the conv outputs
+  dim/S channels at an S-times smaller stride on that axis; the S neighbours that make up one
+  token are concatenated (neighbour-major) back to dim channels. Token count and width equal
+  the plain tube's; each token sees a span of `kernel + (S-1) * stride/S` on that axis. When
+  the last token's span runs past the end of the clip, the clip is zero-padded at the far
+  end so the count stays the arithmetic one (e.g. tube 2's x4 spatial S2D at 224 px reads up
+  to pixel 228).
+- Interpolated kernels: one learned base kernel (default 8x8x8, dim output channels) is
+  trilinearly resized (align_corners=False) to every tube's kernel shape, the image tube's
+  included, so all tokenizer weights except the per-tube biases are shared. This mode cannot
+  be combined with S2D (the shared kernel has dim output channels, S2D tubes need dim/S).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pretrain.errors import UserError
+
+AXES = ("t", "h", "w")
+
+
+def _triple(value, what: str) -> tuple[int, int, int]:
+    if isinstance(value, int):
+        value = (value, value, value)
+    try:
+        out = tuple(int(v) for v in value)
+    except (TypeError, ValueError):
+        raise UserError(f"tube {what} must be three integers (t, h, w), got {value!r}") from None
+    if len(out) != 3:
+        raise UserError(f"tube {what} must be three integers (t, h, w), got {value!r}")
+    return out  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class TubeSpec:
+    """One tube: kernel, stride and offset as (t, h, w), optional space-to-depth."""
+
+    kernel: tuple[int, int, int]
+    stride: tuple[int, int, int]
+    offset: tuple[int, int, int] = (0, 0, 0)
+    s2d_axis: str | None = None  # 't', 'h' or 'w'; None = no space-to-depth
+    s2d_factor: int = 1
+
+    def __post_init__(self):
+        # Lists (from JSON/YAML) become tuples so specs stay hashable and comparable.
+        object.__setattr__(self, "kernel", _triple(self.kernel, "kernel"))
+        object.__setattr__(self, "stride", _triple(self.stride, "stride"))
+        object.__setattr__(self, "offset", _triple(self.offset, "offset"))
+        object.__setattr__(self, "s2d_factor", int(self.s2d_factor))
+        if min(self.kernel) < 1 or min(self.stride) < 1 or min(self.offset) < 0:
+            raise UserError(
+                f"tube {self.describe()} is invalid: kernel and stride entries must be >= 1 "
+                "and offsets >= 0"
+            )
+        if self.s2d_axis is None:
+            if self.s2d_factor != 1:
+                raise UserError(
+                    f"tube {self.describe()}: s2d_factor={self.s2d_factor} needs an s2d_axis "
+                    "('t', 'h' or 'w'); use s2d_factor=1 for no space-to-depth"
+                )
+            return
+        if self.s2d_axis not in AXES:
+            raise UserError(f"tube s2d_axis must be one of 't', 'h', 'w' or None, got {self.s2d_axis!r}")
+        a = AXES.index(self.s2d_axis)
+        if self.s2d_factor < 2 or self.stride[a] % self.s2d_factor:
+            raise UserError(
+                f"tube {self.describe()}: space-to-depth factor must be >= 2 and divide the "
+                f"stride on axis {self.s2d_axis} ({self.stride[a]})"
+            )
+
+    # ---- geometry -------------------------------------------------------------------
+
+    @property
+    def s2d_index(self) -> int | None:
+        return None if self.s2d_axis is None else AXES.index(self.s2d_axis)
+
+    def factor(self, axis: int) -> int:
+        """Space-to-depth factor on `axis` (1 when the tube has none there)."""
+        return self.s2d_factor if axis == self.s2d_index else 1
+
+    @property
+    def conv_stride(self) -> tuple[int, int, int]:
+        """Stride the convolution itself runs at (S times smaller on the S2D axis)."""
+        return tuple(s // self.factor(a) for a, s in enumerate(self.stride))  # type: ignore[return-value]
+
+    @property
+    def span(self) -> tuple[int, int, int]:
+        """Extent of input one token sees per axis (S2D: the S neighbours combined)."""
+        return tuple(
+            k + (self.factor(a) - 1) * cs for a, (k, cs) in enumerate(zip(self.kernel, self.conv_stride))
+        )  # type: ignore[return-value]
+
+    @property
+    def min_size(self) -> tuple[int, int, int]:
+        """Smallest clip (t, h, w) that yields one token."""
+        return tuple(o + k for o, k in zip(self.offset, self.kernel))  # type: ignore[return-value]
+
+    @property
+    def is_2d(self) -> bool:
+        """A 1-frame kernel without space-to-depth: usable on images."""
+        return self.kernel[0] == 1 and self.s2d_axis is None
+
+    def grid(self, size: tuple[int, int, int], name: str = "tube") -> tuple[int, int, int]:
+        """Token grid (nt, nh, nw) on a clip of `size` (t, h, w); UserError when it does not fit."""
+        out = []
+        for a, (length, o, k, s) in enumerate(zip(size, self.offset, self.kernel, self.stride)):
+            if length < o + k:
+                raise UserError(
+                    f"{name} {self.describe()} does not fit a {'x'.join(map(str, size))} clip: "
+                    f"on axis {AXES[a]} it needs at least offset + kernel = {o + k}, the clip has "
+                    f"{length}"
+                )
+            out.append((length - o - k) // s + 1)
+        return tuple(out)  # type: ignore[return-value]
+
+    def centres(self, grid: tuple[int, int, int]) -> list[torch.Tensor]:
+        """Per axis, the centre of each token's span in input units (frames, pixels)."""
+        return [
+            torch.arange(n, dtype=torch.float64) * s + o + span // 2
+            for n, s, o, span in zip(grid, self.stride, self.offset, self.span)
+        ]
+
+    def describe(self) -> str:
+        text = "x".join(map(str, self.kernel)) + " stride " + ",".join(map(str, self.stride))
+        text += " offset " + ",".join(map(str, self.offset))
+        if self.s2d_axis is not None:
+            text += f" s2d {self.s2d_axis}x{self.s2d_factor}"
+        return f"[{text}]"
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for key in ("kernel", "stride", "offset"):
+            d[key] = list(d[key])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TubeSpec":
+        allowed = {"kernel", "stride", "offset", "s2d_axis", "s2d_factor"}
+        unknown = set(d) - allowed
+        if unknown:
+            raise UserError(f"tube has unknown keys {sorted(unknown)}; valid keys: {sorted(allowed)}")
+        return cls(**d)
+
+
+# ---- the paper's tube sets --------------------------------------------------------------
+
+def paper_tubes(patch: int = 16, s2d: bool = True) -> list[TubeSpec]:
+    """The paper's four tubes (tubevit.md section 2), 2D patch tube last.
+
+    `patch` changes the 2D tube's kernel and spatial stride (e.g. 14 for a ViT-H/14 image
+    model being bootstrapped); `s2d=False` drops the main model's space-to-depth.
+    """
+    return [
+        TubeSpec((8, 8, 8), (16, 32, 32), (0, 0, 0), "t" if s2d else None, 2 if s2d else 1),
+        TubeSpec((16, 4, 4), (6, 32, 32), (4, 8, 8), "h" if s2d else None, 4 if s2d else 1),
+        TubeSpec((4, 12, 12), (16, 32, 32), (0, 16, 16)),
+        TubeSpec((1, patch, patch), (32, patch, patch), (0, 0, 0)),
+    ]
+
+
+def charades_tubes() -> list[TubeSpec]:
+    """Charades' enlarged tubes (kernels from the paper; strides/offsets are our choice)."""
+    return [
+        TubeSpec((1, 16, 16), (32, 16, 16)),
+        TubeSpec((16, 16, 16), (16, 32, 32)),
+        TubeSpec((32, 8, 8), (16, 32, 32), (0, 4, 4)),
+        TubeSpec((4, 32, 32), (16, 32, 32), (0, 16, 16)),
+    ]
+
+
+TUBE_SETS = {
+    "paper": lambda: paper_tubes(),
+    "paper-no-s2d": lambda: paper_tubes(s2d=False),
+    "paper-2": lambda: [paper_tubes()[0], paper_tubes()[3]],
+    "paper-1": lambda: [paper_tubes()[3]],
+    "charades": charades_tubes,
+    # ViViT-style dense tubelets: the comparison baseline (no image tube).
+    "dense-2x16x16": lambda: [TubeSpec((2, 16, 16), (2, 16, 16))],
+}
+
+
+def resolve_tubes(tubes) -> list[TubeSpec]:
+    """A tube-set name, or a list of TubeSpec / dicts, as a list of TubeSpec."""
+    if isinstance(tubes, str):
+        if tubes not in TUBE_SETS:
+            raise UserError(f"tube set {tubes!r} is unknown; valid names: {', '.join(TUBE_SETS)}")
+        return TUBE_SETS[tubes]()
+    out = [t if isinstance(t, TubeSpec) else TubeSpec.from_dict(dict(t)) for t in tubes]
+    if not out:
+        raise UserError("a model needs at least one tube; the paper's set is tubes='paper'")
+    return out
+
+
+def image_tube_index(tubes: list[TubeSpec]) -> int | None:
+    """Index of the tube images go through: the first 1-frame tube without S2D."""
+    return next((i for i, t in enumerate(tubes) if t.is_2d), None)
+
+
+def video_grids(tubes: list[TubeSpec], size: tuple[int, int, int],
+                skip_unfit: bool = False) -> list[tuple[int, int, int]]:
+    """Token grid of every tube on a (t, h, w) clip, in tube order.
+
+    A tube that does not fit is a UserError naming it, or with `skip_unfit` a (0, 0, 0) grid.
+    """
+    grids = []
+    for i, tube in enumerate(tubes):
+        if skip_unfit and any(L < m for L, m in zip(size, tube.min_size)):
+            grids.append((0, 0, 0))
+            continue
+        try:
+            grids.append(tube.grid(size, name=f"tube {i + 1} of {len(tubes)}"))
+        except UserError as exc:
+            smallest = "x".join(str(max(t.min_size[a] for t in tubes)) for a in range(3))
+            raise UserError(f"{exc}; the smallest clip all tubes fit is {smallest} (T x H x W); "
+                            "or set the model option skip_unfit_tubes=true (pretrain plan --skip-unfit-tubes) "
+                            "to drop tubes that do not fit") from None
+    if not any(math.prod(g) for g in grids):
+        raise UserError(f"no tube fits a {'x'.join(map(str, size))} clip; tubes: "
+                        + ", ".join(t.describe() for t in tubes))
+    return grids
+
+
+def image_grid(tubes: list[TubeSpec], size: tuple[int, int]) -> tuple[int, int, int]:
+    """Token grid (1, nh, nw) of an image of `size` (h, w) through the image tube."""
+    idx = image_tube_index(tubes)
+    if idx is None:
+        raise UserError(
+            "this model's tubes have no 2D tube (a 1-frame kernel without space-to-depth), so it "
+            f"cannot take images; its tubes: {', '.join(t.describe() for t in tubes)}"
+        )
+    tube = tubes[idx]
+    _, nh, nw = tube.grid((1 + tube.offset[0], *size), name=f"image tube {idx + 1}")
+    return (1, nh, nw)
+
+
+def count_tokens(tubes, size: tuple[int, ...], skip_unfit: bool = False) -> int:
+    """Tokens for a clip (t, h, w) or an image (h, w); `tubes` is a list or tube-set name."""
+    tubes = resolve_tubes(tubes)
+    if len(size) == 2:
+        return math.prod(image_grid(tubes, size))
+    return sum(math.prod(g) for g in video_grids(tubes, tuple(size), skip_unfit))
+
+
+# ---- the tokenizer -------------------------------------------------------------------------
+
+class TubeConv(nn.Module):
+    """One tube: crop the offset, convolve at the tube's conv stride, pack S2D neighbours.
+
+    Holds its own kernel (`weight`, shape (dim/S, 3, kt, kh, kw)) unless the tokenizer shares
+    an interpolated one, and always its own `bias` (dim,).
+    """
+
+    def __init__(self, spec: TubeSpec, dim: int, in_chans: int = 3, own_weight: bool = True):
+        super().__init__()
+        self.spec = spec
+        self.dim = dim
+        self.out_channels = dim // spec.s2d_factor
+        self.in_chans = in_chans
+        if own_weight:
+            self.weight = nn.Parameter(torch.empty(self.out_channels, in_chans, *spec.kernel))
+        else:
+            self.register_parameter("weight", None)
+        self.bias = nn.Parameter(torch.empty(dim))
+
+    def forward(self, x: torch.Tensor, grid: tuple[int, int, int], weight: torch.Tensor) -> torch.Tensor:
+        spec = self.spec
+        # Crop to exactly the input the tube reads, so the conv yields exactly the grid.
+        extent = [(n * spec.factor(a) - 1) * cs + k
+                  for a, (n, cs, k) in enumerate(zip(grid, spec.conv_stride, spec.kernel))]
+        (ot, oh, ow), (et, eh, ew) = spec.offset, extent
+        clip = x[:, :, ot:ot + et, oh:oh + eh, ow:ow + ew]  # (B, C, <=et, <=eh, <=ew)
+        short = [e - have for e, have in zip(extent, clip.shape[2:])]
+        if any(short):  # only an S2D tube's last token can run past the clip end
+            clip = F.pad(clip, (0, short[2], 0, short[1], 0, short[0]))
+        y = F.conv3d(clip, weight, None, stride=spec.conv_stride)  # (B, dim/S, nt*S?, nh*S?, nw*S?)
+        a = spec.s2d_index
+        if a is not None:
+            # S neighbours along axis a -> S channel groups (neighbour-major), width back to dim.
+            S = spec.s2d_factor
+            y = y.movedim(2 + a, -1)                       # (B, dim/S, ..., n*S)
+            y = y.unflatten(-1, (y.shape[-1] // S, S))     # (B, dim/S, ..., n, S)
+            y = y.movedim(-1, 1).flatten(1, 2)             # (B, dim, ..., n)
+            y = y.movedim(-1, 2 + a)                       # (B, dim, nt, nh, nw)
+        y = y + self.bias.view(1, -1, 1, 1, 1)
+        return y.flatten(2).transpose(1, 2)                # (B, nt*nh*nw, dim), t-major
+
+    def forward_image(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        spec = self.spec
+        _, oh, ow = spec.offset
+        _, sh, sw = spec.stride
+        y = F.conv2d(x[:, :, oh:, ow:], weight[:, :, 0], self.bias, stride=(sh, sw))  # (B, dim, nh, nw)
+        return y.flatten(2).transpose(1, 2)                # (B, nh*nw, dim)
+
+
+class SparseTubeTokenizer(nn.Module):
+    """Videos (B,3,T,H,W) -> all tubes' tokens concatenated in tube order; images (B,3,H,W)
+    -> the image tube's tokens. Returns (B, N, dim) without position embedding."""
+
+    def __init__(
+        self,
+        tubes: list[TubeSpec],
+        dim: int,
+        kernel_mode: str = "separate",
+        base_kernel: tuple[int, int, int] = (8, 8, 8),
+        in_chans: int = 3,
+        skip_unfit: bool = False,
+    ):
+        super().__init__()
+        self.skip_unfit = skip_unfit
+        self.specs = list(tubes)
+        self.dim = dim
+        self.in_chans = in_chans
+        self.kernel_mode = kernel_mode
+        self.image_index = image_tube_index(self.specs)
+        shared = kernel_mode == "interpolated"
+        if shared:
+            self.base_kernel = nn.Parameter(torch.empty(dim, in_chans, *base_kernel))
+        else:
+            self.register_parameter("base_kernel", None)
+        self.tubes = nn.ModuleList(TubeConv(s, dim, in_chans, own_weight=not shared) for s in self.specs)
+
+    def kernel(self, i: int) -> torch.Tensor:
+        """Tube i's conv weight (dim/S, 3, kt, kh, kw): its own, or the resized shared kernel."""
+        tube = self.tubes[i]
+        if tube.weight is not None:
+            return tube.weight
+        if tuple(self.base_kernel.shape[2:]) == tube.spec.kernel:
+            return self.base_kernel
+        return F.interpolate(self.base_kernel, size=tube.spec.kernel, mode="trilinear", align_corners=False)
+
+    def grids(self, shape: tuple[int, ...]) -> list[tuple[int, int, int]]:
+        """Token grids for an input of shape (B, C, T, H, W) or (B, C, H, W), in token order."""
+        if len(shape) == 4:
+            return [image_grid(self.specs, tuple(shape[2:]))]
+        return video_grids(self.specs, tuple(shape[2:]), self.skip_unfit)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim not in (4, 5) or x.shape[1] != self.in_chans:
+            raise UserError(
+                f"model input has shape {tuple(x.shape)}; expected a video (B, {self.in_chans}, T, H, W) "
+                f"or an image batch (B, {self.in_chans}, H, W)"
+            )
+        grids = self.grids(tuple(x.shape))
+        if x.ndim == 4:
+            i = self.image_index
+            return self.tubes[i].forward_image(x, self.kernel(i))      # (B, N_img, dim)
+        tokens = [tube(x, grid, self.kernel(i))
+                  for i, (tube, grid) in enumerate(zip(self.tubes, grids)) if math.prod(grid)]
+        return torch.cat(tokens, dim=1)                                 # (B, N_vid, dim)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        # LeCun normal on each kernel (fan_in = in_chans * kernel volume), as ViT patch embeds.
+        for i, tube in enumerate(self.tubes):
+            if tube.weight is not None:
+                w = tube.weight
+                nn.init.trunc_normal_(w, std=1.0 / math.sqrt(w[0].numel()))
+            nn.init.zeros_(tube.bias)
+        if self.base_kernel is not None:
+            nn.init.trunc_normal_(self.base_kernel, std=1.0 / math.sqrt(self.base_kernel[0].numel()))

@@ -1,0 +1,134 @@
+"""Pre-LN ViT building blocks: Attention, Mlp, DropPath, Block, AttentionPool, TanhGate.
+
+Submodule names follow timm's `vision_transformer.py` (norm1, attn.qkv, attn.proj, norm2,
+mlp.fc1, mlp.fc2), so an image ViT's weights map onto `blocks.N.*` without renaming, and a
+Block takes its layer types as arguments instead of being subclassed.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Attention(nn.Module):
+    """Global multi-head self-attention over all tokens (no factorisation)."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True,
+                 attn_drop: float = 0.0, proj_drop: float = 0.0):
+        super().__init__()
+        assert dim % num_heads == 0, "dim must be divisible by num_heads"
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)  # (B, N, 3, h, hd)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                    # 3 x (B, h, N, hd)
+        x = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.attn_drop if self.training else 0.0)  # (B, h, N, hd)
+        x = x.transpose(1, 2).reshape(B, N, C)                             # (B, N, C)
+        return self.proj_drop(self.proj(x))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int, act_layer=nn.GELU, drop: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = act_layer()
+        self.drop1 = nn.Dropout(drop)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop a sample's whole residual branch with probability p."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)  # (B, 1, 1)
+        return x * mask / keep
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class Block(nn.Module):
+    """y = x + MSA(LN(x)); z = y + MLP(LN(y))."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_dim: int,
+        qkv_bias: bool = True,
+        proj_drop: float = 0.0,
+        attn_drop: float = 0.0,
+        drop_path: float = 0.0,
+        norm_layer=nn.LayerNorm,
+        act_layer=nn.GELU,
+        attn_layer=Attention,
+        mlp_layer=Mlp,
+    ):
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        self.attn = attn_layer(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop)
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = mlp_layer(dim, mlp_dim, act_layer=act_layer, drop=proj_drop)
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path1(self.attn(self.norm1(x)))   # (B, N, d)
+        x = x + self.drop_path2(self.mlp(self.norm2(x)))    # (B, N, d)
+        return x
+
+
+class TanhGate(nn.Module):
+    """The bootstrap's gated skip: z_s = block_s(...) + tanh(alpha) * z_0, alpha init 0.
+
+    At alpha = 0 the model computes exactly what it computed without the gate.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: torch.Tensor, z0: torch.Tensor) -> torch.Tensor:
+        return x + torch.tanh(self.alpha) * z0
+
+
+class AttentionPool(nn.Module):
+    """One learned query attends over all tokens (no CLS token): (B, N, d) -> (B, d)."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
+        super().__init__()
+        assert dim % num_heads == 0, "dim must be divisible by num_heads"
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.query = nn.Parameter(torch.empty(1, 1, dim))
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv = nn.Linear(dim, 2 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        q = self.q(self.query).reshape(1, 1, self.num_heads, self.head_dim)   # (1, 1, h, hd)
+        q = q.transpose(1, 2).expand(B, -1, -1, -1)                          # (B, h, 1, hd)
+        kv = self.kv(x).reshape(B, N, 2, self.num_heads, self.head_dim)      # (B, N, 2, h, hd)
+        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)                           # 2 x (B, h, N, hd)
+        out = F.scaled_dot_product_attention(q, k, v)                         # (B, h, 1, hd)
+        return self.proj(out.reshape(B, C))                                   # (B, d)

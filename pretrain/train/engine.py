@@ -1,0 +1,95 @@
+"""The DeepSpeed engine built from the experiment config.
+
+Imports DeepSpeed lazily: its import probes the accelerator, which must already be fixed
+(`DS_ACCELERATOR=cpu` on machines without a GPU) by the time this runs.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from pretrain.train.config import ExperimentConfig
+from pretrain.train.optim import build_optimizer, build_scheduler
+
+
+def micro_batch_size(cfg: ExperimentConfig) -> int:
+    """Per-rank micro-batch size DeepSpeed is told about (the video batch size).
+
+    DeepSpeed only uses it for its own throughput printouts and batch-size arithmetic;
+    image and video batches may differ in size and the loop counts real samples itself.
+    """
+    return int(getattr(cfg.data, "video_batch_size", None) or getattr(cfg.data, "batch_size", 1))
+
+
+def deepspeed_config(cfg: ExperimentConfig, world_size: int) -> dict[str, Any]:
+    t = cfg.train
+    mbs = micro_batch_size(cfg)
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": mbs,
+        "gradient_accumulation_steps": t.grad_accum_steps,
+        "train_batch_size": mbs * t.grad_accum_steps * world_size,
+        "gradient_clipping": t.grad_clip,
+        "steps_per_print": 10**9,           # our own metrics, not DeepSpeed's log lines
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,
+        "zero_optimization": {
+            "stage": t.zero_stage,
+            # Joint training: the head of the other dataset (and, on image steps, the 3-D
+            # tubes) get no gradient; ZeRO must fill zeros instead of waiting for them.
+            "ignore_unused_parameters": True,
+        },
+    }
+    if t.zero_stage in (1, 2):
+        ds["zero_optimization"].update({"overlap_comm": False, "contiguous_gradients": True,
+                                        "reduce_scatter": True})
+    if t.zero_stage == 3:
+        ds["zero_optimization"].update({
+            "overlap_comm": False,
+            "contiguous_gradients": True,
+            "stage3_gather_16bit_weights_on_model_save": False,
+        })
+        if t.cpu_offload:
+            ds["zero_optimization"]["offload_param"] = {"device": "cpu", "pin_memory": cfg.resources.use_gpu}
+            ds["zero_optimization"]["offload_optimizer"] = {"device": "cpu",
+                                                            "pin_memory": cfg.resources.use_gpu}
+            # On CPU-only machines torch.optim.AdamW is the CPU optimizer already.
+            ds["zero_force_ds_cpu_optimizer"] = cfg.resources.use_gpu
+    if t.precision == "bf16":
+        ds["bf16"] = {"enabled": True}
+    elif t.precision == "fp16":
+        ds["fp16"] = {"enabled": True, "initial_scale_power": 16, "loss_scale_window": 500}
+    return ds
+
+
+def build_engine(model: torch.nn.Module, cfg: ExperimentConfig, world_size: int):
+    """(engine, optimizer, scheduler) for `model` on the already-initialised process group."""
+    import deepspeed
+
+    t = cfg.train
+    if t.activation_checkpointing and hasattr(model, "set_grad_checkpointing"):
+        model.set_grad_checkpointing(True)
+    offload_on_gpu = t.cpu_offload and cfg.resources.use_gpu
+    optimizer = build_optimizer(model, lr=t.lr, weight_decay=t.weight_decay,
+                                betas=(t.betas[0], t.betas[1]), eps=t.eps,
+                                fused_cpu_adam=offload_on_gpu)
+    scheduler = build_scheduler(optimizer, lr=t.lr, min_lr=t.min_lr,
+                                warmup_steps=t.warmup_steps, total_steps=t.steps)
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler,
+        config=deepspeed_config(cfg, world_size), dist_init_required=False)
+    return engine, optimizer, scheduler
+
+
+def autocast_dtype(cfg: ExperimentConfig) -> torch.dtype:
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.train.precision]
+
+
+def device_for_rank() -> torch.device:
+    """The accelerator device of this process (CPU when DS_ACCELERATOR=cpu / no GPU)."""
+    if os.environ.get("DS_ACCELERATOR") == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    torch.cuda.set_device(local)
+    return torch.device("cuda", local)

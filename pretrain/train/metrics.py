@@ -1,0 +1,121 @@
+"""Training-window meters: loss, throughput, tokens, MFU, and where the step time went.
+
+Each rank accumulates plain Python/tensor sums between log points; at a log point (a step
+number every rank reaches) one all-reduce turns them into global figures. Nothing here
+synchronises the accelerator per step: the loss stays a device tensor until the log point.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+# Dense peak FLOP/s per device for 16-bit matmuls (vendor data sheets, no sparsity).
+# MFU is reported only for accelerators found here.
+PEAK_FLOPS_16BIT = {
+    "H200": 989e12,
+    "H100": 989e12,     # SXM; the PCIe card is lower (756e12), matched first below
+    "H100 PCIE": 756e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+    "A10G": 70e12,
+    "V100": 125e12,
+    "TPU V5E": 197e12,
+}
+# fp32 training on Ampere+ uses TF32 tensor cores for matmuls.
+PEAK_FLOPS_TF32 = {"H200": 494e12, "H100": 494e12, "H100 PCIE": 378e12, "A100": 156e12}
+
+
+def accelerator_peak(setting: str, precision: str) -> tuple[str | None, float | None]:
+    """(name, peak FLOP/s per device) from the config value or the detected device name."""
+    name = setting
+    if setting == "auto":
+        if not torch.cuda.is_available():
+            return None, None
+        name = torch.cuda.get_device_name()
+    table = PEAK_FLOPS_TF32 if precision == "fp32" else PEAK_FLOPS_16BIT
+    upper = name.upper()
+    for key in sorted(table, key=len, reverse=True):   # longest (most specific) match first
+        if key in upper:
+            return key, table[key]
+    return name, None
+
+
+@dataclass
+class Window:
+    """Sums since the previous log point, on one rank."""
+    loss_sum: torch.Tensor | float = 0.0
+    steps: int = 0           # steps in the loss mean (may include carried-over ones)
+    timed_steps: int = 0     # steps run in this process since the window opened
+    samples: int = 0
+    tokens: int = 0
+    flops: float = 0.0
+    data_wait_s: float = 0.0
+    log_s: float = 0.0
+    start: float = field(default_factory=time.perf_counter)
+    modality_code: int = 0   # order-sensitive hash of the step modalities (rank-agreement check)
+
+    def add_step(self, loss: torch.Tensor, samples: int, tokens: int, flops: float,
+                 modality: str) -> None:
+        self.loss_sum = self.loss_sum + loss.detach().float()
+        self.steps += 1
+        self.timed_steps += 1
+        self.samples += samples
+        self.tokens += tokens
+        self.flops += flops
+        self.modality_code = (self.modality_code * 31 + (1 if modality == "video" else 2)) % 1000003
+
+    def reduce(self, world_size: int, peak_flops: float | None, lr: float) -> dict[str, float]:
+        """Global metrics for the window (collective: every rank calls it at the same step)."""
+        elapsed = time.perf_counter() - self.start
+        vec = torch.tensor([float(self.loss_sum), float(self.steps), float(self.samples),
+                            float(self.tokens), self.flops], dtype=torch.float64)
+        if dist.is_initialized() and world_size > 1:
+            dist.all_reduce(vec)
+        loss_sum, steps, samples, tokens, flops = vec.tolist()
+        if dist.is_initialized() and world_size > 1:
+            # max == min across ranks <=> every rank ran the same modality sequence.
+            mx = torch.tensor([float(self.modality_code)], dtype=torch.float64)
+            mn = mx.clone()
+            dist.all_reduce(mx, op=dist.ReduceOp.MAX)
+            dist.all_reduce(mn, op=dist.ReduceOp.MIN)
+            if mx.item() != mn.item():
+                raise RuntimeError("ranks ran different image/video step sequences; the joint "
+                                   "mixer must be seeded identically on every rank")
+        steps = max(steps, 1.0)
+        step_time = elapsed / max(self.timed_steps, 1)
+        out = {
+            "train/loss": loss_sum / steps,
+            "train/lr": lr,
+            "perf/samples_per_sec": samples / elapsed,
+            "perf/tokens_per_sec": tokens / elapsed,
+            "perf/step_time_s": step_time,
+            "perf/data_wait_share": self.data_wait_s / elapsed,
+            "perf/log_share": self.log_s / elapsed,
+        }
+        if peak_flops:
+            out["perf/mfu"] = flops / elapsed / (peak_flops * world_size)
+        return out
+
+    def carry(self, world_size: int) -> dict[str, float]:
+        """The loss part of the window as global figures, for a checkpoint's extra state.
+
+        Restoring it makes train/loss at the next log point independent of a resume in
+        between (collective, like reduce)."""
+        vec = torch.tensor([float(self.loss_sum), float(self.steps)], dtype=torch.float64)
+        if dist.is_initialized() and world_size > 1:
+            dist.all_reduce(vec)
+        total, steps = vec.tolist()
+        per_rank_steps = steps / world_size
+        return {"loss_mean": total / steps if steps else 0.0, "steps": per_rank_steps}
+
+    @classmethod
+    def from_carry(cls, carried: dict | None) -> "Window":
+        w = cls()
+        if carried and carried.get("steps"):
+            w.steps = int(round(carried["steps"]))
+            w.loss_sum = carried["loss_mean"] * w.steps
+        return w

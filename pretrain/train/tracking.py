@@ -1,0 +1,147 @@
+"""MLflow tracking: one run per job, metrics sent in batches from a background thread.
+
+A synchronous `log_metric` to a server costs ~80 ms, more than a small training step, so
+rank 0 only puts metrics on a queue (microseconds) and a daemon thread sends them with
+`log_batch` every `flush_every_s`. Other ranks never talk to MLflow.
+
+Who creates the run: the driver (`pretrain run`) when there is one, so the run exists
+before any worker starts and all restarts of the worker group log into it; standalone
+(`torchrun`) rank 0 creates it. Either way the run id travels in `tracking.run_id`.
+"""
+from __future__ import annotations
+
+import os
+import queue
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from pretrain.train.config import ExperimentConfig, flatten, to_dict, to_yaml
+
+MAX_BATCH = 1000      # MLflow's per-request limit for metrics
+MAX_PARAMS = 100      # ... and for params
+MAX_PARAM_LEN = 6000
+
+
+def resolve_tracking_uri(uri: str | None) -> str:
+    """Config value > $MLFLOW_TRACKING_URI > sqlite file in the working directory.
+
+    Relative sqlite/file URIs are made absolute, because Ray workers do not necessarily run
+    in the driver's working directory.
+    """
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+    if "://" not in uri:  # a plain folder
+        return str(Path(uri).resolve())
+    return uri
+
+
+def _client(tracking_uri: str):
+    from mlflow.tracking import MlflowClient
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+def start_run(cfg: ExperimentConfig, tracking_uri: str, run_name: str | None = None) -> str:
+    """Create (or reopen, when tracking.run_id is set) the job's run; log the resolved config
+    as params and as `config.yaml`. Returns the run id."""
+    client = _client(tracking_uri)
+    if cfg.tracking.run_id:
+        client.update_run(cfg.tracking.run_id, status="RUNNING")
+        return cfg.tracking.run_id
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(cfg.tracking.experiment)
+    run = client.create_run(exp_id, run_name=cfg.tracking.run_name or run_name)
+    run_id = run.info.run_id
+    log_config(client, run_id, cfg)
+    return run_id
+
+
+def log_config(client, run_id: str, cfg: ExperimentConfig) -> None:
+    from mlflow.entities import Param
+
+    flat = flatten(to_dict(cfg))
+    flat.pop("tracking.run_id", None)  # set after the run exists; not a hyper-parameter
+    params = [Param(k, str(v)[:MAX_PARAM_LEN]) for k, v in sorted(flat.items())]
+    for i in range(0, len(params), MAX_PARAMS):
+        client.log_batch(run_id, params=params[i:i + MAX_PARAMS])
+    client.log_text(run_id, to_yaml(cfg), "config.yaml")
+
+
+def end_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
+    _client(tracking_uri).set_terminated(run_id, status=status)
+
+
+class MetricLogger:
+    """Non-blocking metric sink for rank 0. `log()` enqueues; a thread batches and sends."""
+
+    def __init__(self, tracking_uri: str, run_id: str, flush_every_s: float = 5.0):
+        self.tracking_uri, self.run_id = tracking_uri, run_id
+        self.flush_every_s = flush_every_s
+        self._q: queue.Queue = queue.Queue()
+        self._stop = threading.Event()
+        self._warned = False
+        self.sent = 0
+        self.send_time_s = 0.0   # spent in the background thread, for the benchmark
+        self._thread = threading.Thread(target=self._run, name="mlflow-logger", daemon=True)
+        self._thread.start()
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        ts = int(time.time() * 1000)
+        for k, v in metrics.items():
+            self._q.put((k, float(v), ts, step))
+
+    def close(self, timeout: float = 60.0) -> None:
+        """Send everything still queued, then stop the thread."""
+        self._stop.set()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        from mlflow.entities import Metric
+
+        client = _client(self.tracking_uri)
+        pending: list = []
+        last = time.monotonic()
+        while True:
+            stopping = self._stop.is_set()
+            try:
+                pending.append(Metric(*self._q.get(timeout=0.2)))
+                while len(pending) < MAX_BATCH:
+                    pending.append(Metric(*self._q.get_nowait()))
+            except queue.Empty:
+                pass
+            due = time.monotonic() - last >= self.flush_every_s
+            if pending and (due or stopping or len(pending) >= MAX_BATCH):
+                self._send(client, pending)
+                pending, last = [], time.monotonic()
+            if stopping and self._q.empty() and not pending:
+                return
+
+    def _send(self, client, metrics: list) -> None:
+        t0 = time.perf_counter()
+        for attempt in range(3):
+            try:
+                client.log_batch(self.run_id, metrics=metrics)
+                self.sent += len(metrics)
+                break
+            except Exception as exc:  # a flaky server must not stop training
+                if attempt == 2 and not self._warned:
+                    print(f"warning: MLflow logging to {self.tracking_uri} failed ({exc}); "
+                          f"{len(metrics)} metric values were not recorded", file=sys.stderr)
+                    self._warned = True
+                time.sleep(0.5 * (attempt + 1))
+        self.send_time_s += time.perf_counter() - t0
+
+
+class NullLogger:
+    """Stand-in on ranks other than 0 and when tracking is off."""
+    sent = 0
+    send_time_s = 0.0
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        pass
+
+    def close(self, timeout: float = 0.0) -> None:
+        pass

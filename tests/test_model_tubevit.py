@@ -1,0 +1,180 @@
+"""The TubeViT model API: shapes, heads, gradients, checkpointing, meta init, sizes, gate."""
+import pytest
+import torch
+
+from pretrain.errors import UserError
+from pretrain.model import SIZES, TubeViTConfig, count_params, create_model, list_models, model_config
+
+TINY = dict(depth=2, dim=48, mlp_dim=96, heads=4)
+CLIP = (2, 3, 32, 64, 64)     # 44 tokens with the paper's tubes
+IMAGES = (2, 3, 64, 64)       # 16 tokens
+
+
+def tiny(**overrides):
+    torch.manual_seed(0)
+    return create_model("tubevit-ti", **{**TINY, **overrides})
+
+
+def test_forward_shapes_and_heads_by_dataset():
+    model = tiny()
+    video, images = torch.randn(CLIP), torch.randn(IMAGES)
+    assert model.forward_features(video).shape == (2, 44, 48)
+    assert model.forward_features(images).shape == (2, 16, 48)
+    assert model(video, dataset="kinetics").shape == (2, 400)
+    assert model(images, dataset="imagenet").shape == (2, 1000)
+    assert model.forward_head(model.forward_features(images), "kinetics").shape == (2, 400)
+    with pytest.raises(UserError, match="its heads: kinetics, imagenet"):
+        model(video, dataset="ssv2")
+    with pytest.raises(UserError, match="pass dataset= one of"):
+        model(video)
+    one_head = tiny(num_classes={"k700": 700})
+    assert one_head(video).shape == (2, 700)
+
+
+def grads_after(model, x, dataset):
+    model.zero_grad(set_to_none=True)
+    model(x, dataset=dataset).square().mean().backward()
+    return {n: p.grad for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("overrides", [dict(gate_layer=1), dict(kernel_mode="interpolated", tubes="paper-no-s2d")])
+def test_every_parameter_learns_from_video_and_the_shared_ones_from_images(overrides):
+    model = tiny(**overrides).train()
+    grads = grads_after(model, torch.randn(CLIP), "kinetics")
+    for name, g in grads.items():
+        if name.startswith("heads.imagenet"):
+            assert g is None, name
+        else:
+            assert g is not None and g.abs().sum() > 0, f"{name} got no gradient from a video batch"
+    grads = grads_after(model, torch.randn(IMAGES), "imagenet")
+    image_tube = f"tokenizer.tubes.{model.tokenizer.image_index}."
+    for name, g in grads.items():
+        video_only = (name.startswith("tokenizer.tubes.") and not name.startswith(image_tube)) or name.startswith("heads.kinetics")
+        if video_only:
+            assert g is None, f"{name} got a gradient from an image batch"
+        else:
+            assert g is not None and g.abs().sum() > 0, f"{name} got no gradient from an image batch"
+
+
+def test_activation_checkpointing_leaves_outputs_and_grads_unchanged():
+    model = tiny(drop_rate=0.1, drop_path_rate=0.2, attn_drop_rate=0.1).train()
+    x = torch.randn(CLIP)
+
+    def run():
+        torch.manual_seed(123)
+        out = model(x, dataset="kinetics")
+        grads = grads_after_out(out)
+        return out.detach(), grads
+
+    def grads_after_out(out):
+        model.zero_grad(set_to_none=True)
+        out.square().mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    out_plain, g_plain = run()
+    model.set_grad_checkpointing(True)
+    out_ckpt, g_ckpt = run()
+    torch.testing.assert_close(out_ckpt, out_plain, rtol=0, atol=0)
+    assert g_plain.keys() == g_ckpt.keys()
+    for name in g_plain:
+        torch.testing.assert_close(g_ckpt[name], g_plain[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("name", list(SIZES))
+def test_every_size_builds_on_meta_and_runs_shapes(name):
+    with torch.device("meta"):
+        model = create_model(name)
+        feats = model.forward_features(torch.empty(1, 3, 32, 224, 224))
+    assert feats.shape == (1, 539, SIZES[name][1])
+    assert all(p.is_meta for p in model.parameters())
+
+
+def test_tubevit_h_on_meta_has_the_papers_parameter_order():
+    with torch.device("meta"):
+        model = create_model("tubevit-h")
+    n = count_params(model)
+    # Paper: 635M. Ours adds the attention pool (6.6M) and two heads (K400 + IN-1k, 1.8M).
+    assert 620e6 < n < 660e6, n
+    assert len(model.blocks) == 32 and model.blocks[0].attn.qkv.weight.shape == (3 * 1280, 1280)
+    with torch.device("meta"):
+        b = create_model("tubevit-b")
+    assert 85e6 < count_params(b) < 95e6  # paper: 90M
+
+
+def test_meta_build_then_init_gives_a_fully_initialised_model():
+    overrides = dict(depth=2, gate_layer=0)
+    with torch.device("meta"):
+        meta = create_model("tubevit-ti", **overrides)
+    meta.to_empty(device="cpu")
+    torch.manual_seed(7)
+    meta.init_weights()
+    ref = create_model("tubevit-ti", **overrides)
+    torch.manual_seed(7)
+    ref.init_weights()
+    for (name, p), (_, q) in zip(meta.named_parameters(), ref.named_parameters()):
+        assert torch.equal(p, q), name
+    assert torch.equal(meta.blocks[1].norm1.weight, torch.ones(192))
+    assert meta.gate.alpha.item() == 0.0
+    out = meta(torch.randn(1, 3, 32, 64, 64), dataset="kinetics")
+    assert torch.isfinite(out).all()
+
+
+def test_gate_at_zero_changes_nothing_and_trains():
+    plain = tiny()
+    gated = tiny(gate_layer=1)
+    state = plain.state_dict()
+    missing, unexpected = gated.load_state_dict(state, strict=False)
+    assert missing == ["gate.alpha"] and not unexpected
+    x = torch.randn(CLIP)
+    torch.testing.assert_close(gated(x, dataset="kinetics"), plain(x, dataset="kinetics"), rtol=0, atol=0)
+    with torch.no_grad():
+        gated.gate.alpha.fill_(0.5)
+    assert not torch.allclose(gated(x, dataset="kinetics"), plain(x, dataset="kinetics"))
+
+
+def test_no_weight_decay_names_biases_norms_query_and_gate():
+    model = tiny(gate_layer=0)
+    nwd = model.no_weight_decay()
+    names = dict(model.named_parameters())
+    assert nwd <= names.keys()
+    for expected in ("pool.query", "gate.alpha", "norm.weight", "blocks.0.norm1.bias", "blocks.1.attn.qkv.bias",
+                     "tokenizer.tubes.0.bias", "heads.kinetics.bias"):
+        assert expected in nwd
+    for decayed in ("blocks.0.attn.qkv.weight", "blocks.0.mlp.fc1.weight", "tokenizer.tubes.0.weight", "heads.imagenet.weight"):
+        assert decayed not in nwd
+
+
+def test_block_matches_timm_with_copied_weights():
+    timm_vit = pytest.importorskip("timm.models.vision_transformer")
+    from functools import partial
+
+    from pretrain.model.vit import Block
+    torch.manual_seed(0)
+    ours = Block(48, 4, 96, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6)).eval()
+    ref = timm_vit.Block(48, 4, mlp_ratio=2.0, qkv_bias=True, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6)).eval()
+    for p in ours.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    missing, unexpected = ref.load_state_dict(ours.state_dict(), strict=True)
+    x = torch.randn(2, 10, 48)
+    torch.testing.assert_close(ours(x), ref(x))
+
+
+def test_create_model_rejects_unknown_names_and_options():
+    with pytest.raises(UserError, match="valid names: tubevit-ti, tubevit-s, tubevit-b, tubevit-l, tubevit-h"):
+        create_model("tubevit-xl")
+    with pytest.raises(UserError, match="unknown option.*width.*valid: depth"):
+        model_config("tubevit-b", width=3)
+    with pytest.raises(UserError, match="divisible by heads"):
+        model_config("tubevit-b", heads=7)
+    with pytest.raises(UserError, match="gate_layer=12"):
+        model_config("tubevit-b", gate_layer=12)
+    assert list_models() == ["tubevit-ti", "tubevit-s", "tubevit-b", "tubevit-l", "tubevit-h"]
+
+
+def test_config_round_trips_through_dicts():
+    cfg = model_config("tubevit-s", tubes="charades", kernel_mode="interpolated", gate_layer=3,
+                       num_classes={"k400": 400}, drop_path_rate=0.1)
+    again = TubeViTConfig.from_dict(cfg.to_dict())
+    assert again == cfg and again.patch_size == 16
+    with pytest.raises(UserError, match="unknown keys"):
+        TubeViTConfig.from_dict({**cfg.to_dict(), "patch": 16})
