@@ -36,16 +36,18 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--reps", type=int, default=3, help="timed forwards per model")
     parser.add_argument("--warmup", type=int, default=1, help="untimed forwards per model")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or e.g. cuda")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
     torch.manual_seed(0)
     models = {
-        "tubes": create_model(args.model).eval(),
-        "dense": TubeViT(dense_baseline_config(args.model)).eval(),
+        "tubes": create_model(args.model).eval().to(args.device),
+        "dense": TubeViT(dense_baseline_config(args.model)).eval().to(args.device),
     }
     shape = (args.frames, args.size, args.size)
-    clip = torch.randn(1, 3, *shape)
+    clip = torch.randn(1, 3, *shape, device=args.device)
+    sync = torch.cuda.synchronize if clip.is_cuda else (lambda: None)
     flops = {name: count_flops(m, shape) for name, m in models.items()}
     times: dict[str, list[float]] = {name: [] for name in models}
     with torch.inference_mode():
@@ -54,14 +56,17 @@ def main() -> int:
                 model.forward_features(clip)
         for _ in range(args.reps):
             for name, model in models.items():
+                sync()
                 start = time.perf_counter()
                 model.forward_features(clip)
+                sync()
                 times[name].append(time.perf_counter() - start)
 
     median = {name: statistics.median(t) for name, t in times.items()}
     result = {
         "model": args.model,
         "clip": list(shape),
+        "device": str(clip.device),
         "threads": torch.get_num_threads(),
         "tube_tokens": flops["tubes"]["tokens"],
         "dense_tokens": flops["dense"]["tokens"],

@@ -184,7 +184,7 @@ def render_rayjob(profile: dict, placement: Placement, name: str, grace_s: int, 
             "labels": _labels(profile, k8s_name(name))}
     return {"apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": meta, "spec": {
         "entrypoint": entrypoint,
-        "runtimeEnvYAML": yaml.safe_dump(runtime_env, sort_keys=True),
+        "runtimeEnvYAML": dump_yaml(runtime_env),
         "metadata": {k: str(v) for k, v in metadata.items()},
         "submissionMode": "K8sJobMode",
         "shutdownAfterJobFinishes": True,
@@ -279,6 +279,23 @@ def _docker_size(worker: dict) -> str:
     shm = str(worker.get("shm") or "0")
     m = re.match(r"^(\d+)([KMGT])i?$", shm)
     return f"{m.group(1)}{m.group(2).lower()}" if m else "8g"
+
+
+class _Dumper(yaml.SafeDumper):
+    """Multi-line strings (the job's config inside runtimeEnvYAML) as readable | blocks."""
+
+
+def _str(dumper, value: str):
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_Dumper.add_representer(str, _str)
+
+
+def dump_yaml(data) -> str:
+    """YAML for manifests: key order kept, multi-line strings as blocks."""
+    return yaml.dump(data, Dumper=_Dumper, sort_keys=False, default_flow_style=None, width=100)
 
 
 def _num(x) -> str:

@@ -1,8 +1,10 @@
 """`pretrain cluster list | render`: cluster profiles and the manifests they make.
 
     pretrain cluster list [--json]
-    pretrain cluster render gke-8xh100 --config configs/tubevit_b.yaml --workers 16 --out k8s/
-    pretrain cluster render gcp-vm-8xa100 --config configs/tubevit_l.yaml --workers 32 --out vm/
+    pretrain cluster render gke-8xh100 --config configs/tubevit-b.yaml --workers 16 --out k8s/
+    pretrain cluster render gcp-vm-8xa100 --config configs/tubevit-l.yaml --workers 32 --out vm/
+    pretrain cluster render local --config configs/smoke.yaml checkpoint.uri=gs://b/smoke \
+        --workers 2 --out kind/
 
 Kubernetes profiles write `raycluster.yaml` (a cluster for `pretrain submit`) and
 `rayjob.yaml` (the job with its own cluster); gcp-vm profiles write `cluster.yaml` for
@@ -26,13 +28,13 @@ def add_arguments(parser) -> None:
     r = sub.add_parser("render", help="write validated manifests for a config on a profile",
                        description="write validated manifests for a config on a profile")
     r.add_argument("profile", help="profile name (see `pretrain cluster list`) or a YAML file")
-    r.add_argument("--config", required=True, help="experiment config YAML")
+    r.add_argument("--config", required=True, nargs="+", metavar=("CONFIG", "key=value"),
+                   help="experiment config YAML, then config overrides (train.steps=10 ...)")
     r.add_argument("--workers", type=int, required=True, help="training workers (resources.workers)")
     r.add_argument("--out", required=True, help="folder to write the manifests into")
     r.add_argument("--name", help="job / cluster name (default: the config's name)")
     r.add_argument("--set", dest="profile_overrides", action="append", default=[],
                    metavar="KEY=VALUE", help="profile override, e.g. worker.max_nodes=4")
-    r.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     r.add_argument("--json", action="store_true", help="one JSON object on the last line")
 
 
@@ -102,20 +104,20 @@ def render_job(profile_name: str, config: str, workers: int, *, name: str | None
 
 
 def _render(args) -> int:
-    import yaml
-
+    from cluster import render
     from pretrain.errors import UserError
 
     if args.workers < 1:
         raise UserError(f"--workers must be >= 1, got {args.workers}")
-    files = render_job(args.profile, args.config, args.workers, name=args.name,
-                       overrides=args.overrides, profile_overrides=args.profile_overrides)
+    config, *overrides = args.config
+    files = render_job(args.profile, config, args.workers, name=args.name,
+                       overrides=overrides, profile_overrides=args.profile_overrides)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for fname, manifest in files.items():
         path = out / fname
-        path.write_text(yaml.safe_dump(manifest, sort_keys=False))
+        path.write_text(render.dump_yaml(manifest))
         written.append(str(path))
     if args.json:
         print(json.dumps({"files": written}))

@@ -8,6 +8,7 @@ to stdout (with --json: one JSON object on the last stdout line).
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -24,14 +25,13 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    import os
-
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     from pretrain.train.config import load_config
 
     cfg = load_config(args.config, args.overrides)
     if not cfg.resources.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    absolute_paths(cfg)
     ensure_data(cfg)
 
     from orchestration.driver import run_job
@@ -61,21 +61,27 @@ def run(args) -> int:
 
 
 def ensure_data(cfg) -> None:
-    """Write the synthetic demo data first when the config asks for it and it is missing."""
-    syn = cfg.data.synthetic
-    if not syn.prepare_if_missing:
-        return
-    from pretrain.data import storage
+    """Check the dataset URIs before Ray starts; write the synthetic demo data first when
+    the config asks for it and it is missing."""
+    from pretrain.data import ensure_datasets
 
-    uris = [u for u in (cfg.data.video_uri, cfg.data.image_uri, cfg.data.video_eval_uri,
-                        cfg.data.image_eval_uri) if u]
-    if all(storage.exists(storage.join(u, "index.json")) for u in uris):
-        return
-    from pretrain.data.prepare import prepare_synthetic
+    ensure_datasets(cfg.data, prepare=True)
 
-    print(f"preparing synthetic data in {syn.root} (first use) ...", file=sys.stderr, flush=True)
-    prepare_synthetic(syn.root, videos=syn.videos, images=syn.images, frames=syn.frames,
-                      size=syn.size, seed=syn.seed)
+
+def absolute_paths(cfg) -> None:
+    """Relative local paths -> absolute: Ray workers need not share the driver's cwd."""
+    def fix(uri):
+        if uri and "://" not in uri and not os.path.isabs(uri):
+            return os.path.abspath(os.path.expanduser(uri))
+        return uri
+
+    d = cfg.data
+    for key in ("video_uri", "video_eval_uri", "image_uri", "image_eval_uri", "cache_dir"):
+        setattr(d, key, fix(getattr(d, key)))
+    d.synthetic.root = fix(d.synthetic.root)
+    cfg.checkpoint.uri = fix(cfg.checkpoint.uri)
+    if cfg.model.init_from:
+        cfg.model.init_from = fix(cfg.model.init_from)
 
 
 def _print_summary(s: dict, cfg) -> None:

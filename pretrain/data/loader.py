@@ -373,18 +373,24 @@ class _EvalShards(StreamingDataset):
     pass
 
 
+def eval_indices(n: int, rank: int, world_size: int) -> list[tuple[int, bool]]:
+    """(sample index, counts) for this rank: every world_size-th sample, then repeats marked
+    False so that all ranks get ceil(n / world_size) items."""
+    per_rank = math.ceil(n / world_size)
+    mine = list(range(rank, n, world_size))
+    items = [(i, True) for i in mine]
+    while len(items) < per_rank:
+        items.append((mine[len(items) % len(mine)] if mine else 0, False))
+    return items
+
+
 class _EvalView(Dataset):
     """This rank's share of a held-out split, padded to the same length on every rank."""
 
     def __init__(self, ds: StreamingDataset, modality: str, spec, image_size: int,
                  rank: int, world_size: int) -> None:
         self.ds, self.modality, self.spec, self.image_size = ds, modality, spec, image_size
-        n = ds.num_samples
-        per_rank = math.ceil(n / world_size)
-        mine = list(range(rank, n, world_size))
-        self.items = [(i, True) for i in mine]
-        while len(self.items) < per_rank:  # pad with repeats, marked invalid
-            self.items.append((mine[len(self.items) % len(mine)] if mine else 0, False))
+        self.items = eval_indices(ds.num_samples, rank, world_size)
 
     def __len__(self) -> int:
         return len(self.items)

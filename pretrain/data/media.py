@@ -34,7 +34,8 @@ def _open(data: bytes):
     try:
         container = av.open(io.BytesIO(data), mode="r")
     except (av.FFmpegError, ValueError, OSError) as exc:
-        raise BadMedia(f"not a readable media container ({exc.__class__.__name__}: {exc})") from None
+        raise BadMedia(f"not a readable media container, corrupt or truncated "
+                       f"({exc.__class__.__name__}: {exc})") from None
     if not container.streams.video:
         container.close()
         raise BadMedia("no video stream")

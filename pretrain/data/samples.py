@@ -101,7 +101,7 @@ def train_image(raw: dict, spec: ImageSpec, rng: random.Random) -> torch.Tensor:
         img = img.transpose(Image.FLIP_LEFT_RIGHT)
     if spec.randaugment:
         img = _randaugment(img, spec.randaugment, rng)
-    return T.normalize_image(np.asarray(img))
+    return T.normalize_image(np.array(img))
 
 
 def _randaugment(img, params: tuple[int, int], rng: random.Random):
@@ -128,4 +128,4 @@ def eval_image(raw: dict, size: int) -> torch.Tensor:
     img = img.resize((w, h), Image.BILINEAR)
     x0, y0 = (w - size) // 2, (h - size) // 2
     img = img.crop((x0, y0, x0 + size, y0 + size))
-    return T.normalize_image(np.asarray(img))
+    return T.normalize_image(np.array(img))

@@ -42,7 +42,8 @@ def save_state_dict(state_dict: dict[str, torch.Tensor], config: TubeViTConfig, 
 
 def save_model(model: TubeViT, path: str, metadata: dict[str, str] | None = None) -> None:
     """Write `model`'s weights and config to `path` (local or fsspec URI)."""
-    model = getattr(model, "module", model)  # DDP / DeepSpeed engines wrap the model
+    model = getattr(model, "module", model)      # DDP / DeepSpeed engines wrap the model
+    model = getattr(model, "_orig_mod", model)   # and so does torch.compile
     if not isinstance(model, TubeViT):
         raise UserError(f"save_model needs a TubeViT, got {type(model).__name__}")
     save_state_dict(model.state_dict(), model.config, path, metadata)
@@ -91,5 +92,8 @@ def load_model(path: str, device: str | torch.device = "cpu") -> TubeViT:
     if missing or unexpected:
         raise UserError(f"{path} does not match its own config: missing tensors {missing[:5]}, "
                         f"unexpected tensors {unexpected[:5]}")
-    model.load_state_dict(state, assign=True)
+    try:
+        model.load_state_dict(state, assign=True)
+    except RuntimeError as exc:  # shapes that contradict the stored config
+        raise UserError(f"{path} does not match its own config: {str(exc).splitlines()[-1].strip()}") from None
     return model.to(device)

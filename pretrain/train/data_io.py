@@ -68,17 +68,17 @@ def eval_sets(data: DataConfig) -> dict[str, str]:
             if uri and m in info.dataset_of}
 
 
-def eval_batches(data: DataConfig, modality: str, rank: int, world: int):
-    """This rank's share of the held-out set: (x, y) with video x (B, V, 3, T, H, W)."""
-    from pretrain.data.loader import eval_loader
+def eval_loader(data: DataConfig, modality: str, rank: int, world: int):
+    """This rank's share of the held-out set, padded so every rank runs the same number of
+    batches (ZeRO-3 forwards are collective). Batches: x (B*views, ...), y (B,), valid (B,)."""
+    from pretrain.data.loader import EvalLoader
 
-    for batch in eval_loader(data, modality, rank=rank, world_size=world):
-        yield batch.x, batch.y
+    return EvalLoader(data, modality, rank=rank, world_size=world)
 
 
 def skipped_samples(loader, world: int) -> float:
     """Undecodable samples skipped so far, summed over ranks (collective)."""
-    n = torch.tensor([float(getattr(loader, "skipped", 0))], dtype=torch.float64)
+    n = torch.tensor([float(getattr(loader, "skipped_samples", 0))], dtype=torch.float64)
     if world > 1 and dist.is_initialized():
         dist.all_reduce(n)
     return n.item()

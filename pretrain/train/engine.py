@@ -67,7 +67,10 @@ def build_engine(model: torch.nn.Module, cfg: ExperimentConfig, world_size: int)
     """(engine, optimizer, scheduler) for `model` on the already-initialised process group."""
     import deepspeed
 
+    from pretrain.train.joint import use_all_parameters
+
     t = cfg.train
+    use_all_parameters(model)
     if t.activation_checkpointing and hasattr(model, "set_grad_checkpointing"):
         model.set_grad_checkpointing(True)
     offload_on_gpu = t.cpu_offload and cfg.resources.use_gpu

@@ -123,6 +123,7 @@ def train(config: ExperimentConfig | dict, *, report: Report | None = None,
         return {"loss_window": window.carry(world), "mlflow_run_id": run_id}
 
     last: dict[str, float] = {}
+    eval_loaders: dict = {}
     progress = Progress(rank if progress else -1, cfg.train.steps, start_step,
                         cfg.train.progress_every_s)
     report = report if rank == 0 else None
@@ -154,7 +155,7 @@ def train(config: ExperimentConfig | dict, *, report: Report | None = None,
             window.log_s += time.perf_counter() - t0
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != cfg.train.steps:
             t0 = time.perf_counter()
-            ev = evaluate(engine, cfg, rank, world, device, dtype)
+            ev = evaluate(engine, cfg, rank, world, device, dtype, eval_loaders)
             logger.log(ev, step)
             last.update(ev)
             progress.line(step, ev)
@@ -164,7 +165,7 @@ def train(config: ExperimentConfig | dict, *, report: Report | None = None,
             window.start += time.perf_counter() - t0   # eval time is not training throughput
         hook.maybe_save(step, engine, loader, extra_state)
     if cfg.train.eval_at_end:
-        ev = evaluate(engine, cfg, rank, world, device, dtype)
+        ev = evaluate(engine, cfg, rank, world, device, dtype, eval_loaders)
         logger.log(ev, step)
         last.update(ev)
         progress.line(step, ev)
@@ -172,6 +173,8 @@ def train(config: ExperimentConfig | dict, *, report: Report | None = None,
             report({"step": step, **ev})
     checkpoint = hook.finish(step, engine, loader, extra_state)
     logger.close()
+    if hasattr(loader, "close"):
+        loader.close()
     summary = {
         "mlflow_run_id": run_id,
         "tracking_uri": tracking_uri if cfg.tracking.enabled else None,

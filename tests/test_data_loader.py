@@ -1,0 +1,181 @@
+"""Loaders over locally prepared shards: shapes, ranges, mixing, resumption, corrupt samples."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from pretrain.data import shards
+from pretrain.data.config import DataConfig
+from pretrain.data.loader import EvalLoader, JointLoader, ensure_datasets, eval_indices
+from pretrain.data.prepare import Item, prepare
+from pretrain.data.synthetic import prepare_synthetic
+from pretrain.errors import UserError
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory, media_dir):
+    """Real mp4s (4 codec/size/rate variants) and synthetic shards, prepared once."""
+    root = tmp_path_factory.mktemp("shards")
+    os.environ.setdefault("TUBEVIT_CACHE_DIR", str(root / "cache"))
+    items = [Item(p, lbl) for p, lbl in media_dir["videos"]]
+    prepare("video", items, str(root / "real"), progress=False, workers=1,
+            work_dir=str(root / "work"))
+    prepare_synthetic(str(root / "syn"), videos=48, images=40, frames=12, size=32, workers=1,
+                      work_dir=str(root / "synwork"))
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _world_env(monkeypatch):
+    # The loaders write the world into RANK/WORLD_SIZE/... for streaming: restore afterwards.
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+
+
+def _cfg(root, **kw) -> DataConfig:
+    base = dict(video_uri=str(root / "syn/video/train"), image_uri=str(root / "syn/image/train"),
+                video_eval_uri=str(root / "syn/video/val"),
+                image_eval_uri=str(root / "syn/image/val"), frames=4, size=32, image_size=32,
+                frame_stride=2, batch_size=4, num_workers=0, cache_dir=str(root / "cache"),
+                eval_temporal_views=2, eval_spatial_views=3, eval_batch_size=3)
+    base.update(kw)
+    return DataConfig(**base)
+
+
+def _take(loader, n):
+    return [(b.modality, b.sample_ids.tolist(), round(float(b.x.double().sum()), 3))
+            for _, b in zip(range(n), loader)]
+
+
+def test_real_videos_give_clips_of_the_configured_shape(data_root):
+    cfg = _cfg(data_root, video_uri=str(data_root / "real"), image_uri=None, frames=16,
+               size=40, frame_stride=1, batch_size=4, num_workers=1)
+    loader = JointLoader(cfg, seed=1)
+    try:
+        seen = set()
+        for _, b in zip(range(4), loader):  # 8 videos / 4 = 2 batches per epoch: two epochs
+            assert b.modality == "video" and b.dataset == "video"
+            assert b.x.shape == (4, 3, 16, 40, 40) and b.x.dtype == torch.float32
+            assert b.y.dtype == torch.long and b.y.min() >= 0 and b.y.max() < 4
+            # ImageNet-normalised uint8 pixels lie in [-2.12, 2.64]
+            assert b.x.min() >= -2.2 and b.x.max() <= 2.7 and b.x.std() > 0.05
+            seen.update(b.sample_ids.tolist())
+        assert seen == set(range(8)) and loader.skipped_samples == 0
+    finally:
+        loader.close()
+
+
+def test_eval_views_and_images(data_root):
+    cfg = _cfg(data_root)
+    ev = EvalLoader(cfg, "video")
+    batches = list(ev)
+    n = shards.dataset_info(cfg.video_eval_uri)["num_samples"]
+    assert sum(int(b.valid.sum()) for b in batches) == n
+    b = batches[0]
+    assert b.views == 6 and b.x.shape == (3 * 6, 3, 4, 32, 32)
+    # temporal views differ (the shape moves); views of one clip come consecutively
+    v = b.x.view(3, 6, 3, 4, 32, 32)
+    assert not torch.equal(v[0, 0], v[0, 3])
+    ei = EvalLoader(cfg, "image")
+    bi = next(iter(ei))
+    assert bi.x.shape == (3, 3, 32, 32) and bi.views == 1
+
+
+def test_eval_ranks_split_the_set_and_pad_equally():
+    for n, world in ((10, 3), (7, 2), (2, 4), (6, 1)):
+        parts = [eval_indices(n, r, world) for r in range(world)]
+        assert len({len(p) for p in parts}) == 1
+        counted = sorted(i for p in parts for i, ok in p if ok)
+        assert counted == list(range(n))
+
+
+def test_mixing_is_deterministic_and_follows_the_ratio(data_root):
+    a = JointLoader(_cfg(data_root, video_ratio=0.3), seed=7)
+    b = JointLoader(_cfg(data_root, video_ratio=0.3), seed=7)
+    c = JointLoader(_cfg(data_root, video_ratio=0.3), seed=8)
+    mods = [a.modality_at(k) for k in range(2000)]
+    assert mods == [b.modality_at(k) for k in range(2000)]
+    assert mods != [c.modality_at(k) for k in range(2000)]
+    assert abs(mods.count("video") / 2000 - 0.3) < 0.04
+    assert _take(a, 12) == _take(b, 12)
+    for L in (a, b, c):
+        L.close()
+
+
+def test_resume_is_exact_across_epochs_and_worker_counts(data_root):
+    cfg = _cfg(data_root, num_workers=0)
+    full = JointLoader(cfg, seed=3)
+    expected = _take(full, 40)  # 12 video / 10 image batches per epoch: crosses epochs
+    full.close()
+    first = JointLoader(cfg, seed=3)
+    got = _take(first, 17)
+    state = json.loads(json.dumps(first.state_dict()))  # survives a checkpoint round trip
+    first.close()
+    second = JointLoader(_cfg(data_root, num_workers=2), seed=3)
+    second.load_state_dict(state)
+    got += _take(second, 23)
+    second.close()
+    assert got == expected
+
+
+def test_corrupt_sample_at_train_time_is_skipped_and_counted(data_root, tmp_path):
+    from streaming import LocalDataset, MDSWriter
+
+    src = LocalDataset(local=str(data_root / "syn/video/train"))
+    out = tmp_path / "rotten"
+    with MDSWriter(out=str(out), columns=shards.VIDEO_COLUMNS) as w:
+        for i in range(8):
+            s = dict(src[i])
+            if i == 5:  # bit rot after prepare: the stored bytes no longer decode
+                s["video"] = s["video"][:40] + bytes(200) + s["video"][240:]
+            w.write(s)
+    (out / shards.LABELS).write_text(json.dumps(shards.label_doc("video", "rot", ["a"] * 4, 8)))
+    loader = JointLoader(_cfg(data_root, video_uri=str(out), image_uri=None), seed=0)
+    batches = [b for _, b in zip(range(2), loader)]
+    loader.close()
+    ids = sorted(i for b in batches for i in b.sample_ids.tolist())
+    assert ids == [0, 1, 2, 3, 4, 6, 7]
+    assert loader.skipped_samples == 1 and sum(b.skipped for b in batches) == 1
+    assert loader.state_dict()["skipped_samples"] == 1
+
+
+def test_short_videos_loop_and_fps_sampling(data_root):
+    from pretrain.data.samples import ClipSpec, train_clip
+    from streaming import LocalDataset
+    import random
+
+    ds = LocalDataset(local=str(data_root / "real"))
+    short = next(ds[i] for i in range(len(ds)) if ds[i]["num_frames"] == 12)
+    spec = ClipSpec(frames=32, size=24, stride=1, fps=None, crop_scale=1.0, hflip=False)
+    clip = train_clip(short, spec, random.Random(0))
+    assert clip.shape == (3, 32, 24, 24)
+    assert torch.equal(clip[:, 0], clip[:, 12])  # frame 12 is frame 0 again
+    slow = ClipSpec(frames=4, size=24, stride=1, fps=short["fps"] / 3, crop_scale=1.0,
+                    hflip=False)
+    assert train_clip(short, slow, random.Random(0)).shape == (3, 4, 24, 24)
+
+
+def test_missing_dataset_is_a_user_error_naming_the_uri(data_root, tmp_path):
+    missing = str(tmp_path / "nowhere")
+    with pytest.raises(UserError, match="nowhere"):
+        JointLoader(_cfg(data_root, video_uri=missing), seed=0)
+    with pytest.raises(UserError, match="holds a image dataset"):
+        ensure_datasets(_cfg(data_root, video_uri=str(data_root / "syn/image/train")))
+    info = ensure_datasets(_cfg(data_root))
+    assert info["video"]["name"] == "synthetic_video" and info["image_eval"]["num_classes"] == 4
+
+
+def test_synthetic_made_when_missing(tmp_path):
+    root = tmp_path / "auto"
+    cfg = DataConfig(video_uri=str(root / "video/train"), image_uri=None,
+                     video_eval_uri=str(root / "video/val"))
+    cfg.synthetic.prepare_if_missing, cfg.synthetic.root = True, str(root)
+    cfg.synthetic.videos, cfg.synthetic.images, cfg.synthetic.frames = 8, 0, 8
+    cfg.synthetic.size = 32
+    info = ensure_datasets(cfg)
+    assert info["video"]["num_samples"] == 8 and info["video_eval"]["num_samples"] == 4
+    assert np.isfinite(info["video"]["num_classes"])

@@ -1,0 +1,308 @@
+"""The job verbs against real Ray clusters on 127.0.0.1 with token auth.
+
+- the `ray_head` fixture (one node): trivial jobs for status/logs/list/stop mechanics and the
+  error paths; the smoke config submitted, followed to SUCCEEDED, stopped and resumed by name;
+- a two-node cluster started here (a second `ray start --address` node) for a job whose
+  workers cannot fit on one node.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from orchestration.cli import main as cli
+from orchestration.jobs import JobsClient, job_runtime_env
+from tests.fixtures.servers import BIN, _stop_ray_started_under, free_port, wait_http
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = str(REPO / "configs" / "smoke.yaml")
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+def run_cli(*argv: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli(list(argv))
+    return code, out.getvalue(), err.getvalue()
+
+
+def last_json(text: str) -> dict:
+    return json.loads(text.strip().splitlines()[-1])
+
+
+@pytest.fixture
+def head(ray_head, monkeypatch):
+    """The dashboard address of the shared head, with this process set up to authenticate."""
+    for key, value in ray_head["env"].items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    return ray_head["dashboard"]
+
+
+def wait_for(address: str, job: str, statuses=TERMINAL, timeout: float = 300) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        code, out, err = run_cli("status", job, "--address", address, "--json")
+        assert code == 0, err
+        st = last_json(out)
+        if st["status"] in statuses or time.monotonic() > deadline:
+            return st
+        time.sleep(1.0)
+
+
+def logs_tail(address: str, job: str, chars: int = 4000) -> str:
+    """The end of a job's output, for assertion messages."""
+    return run_cli("logs", job, "--address", address)[1][-chars:]
+
+
+def smoke_overrides(data_root: Path, steps: int, every: int) -> list[str]:
+    """The smoke config, tiny: few steps and little synthetic data, shared across tests."""
+    return [f"train.steps={steps}", "train.warmup_steps=1", f"checkpoint.every_steps={every}",
+            "train.log_every=1", "train.progress_every_s=0", "train.eval_at_end=false",
+            f"data.synthetic.root={data_root}", "data.synthetic.videos=64",
+            "data.synthetic.images=32", f"data.video_uri={data_root}/video/train",
+            f"data.video_eval_uri={data_root}/video/val",
+            f"data.image_uri={data_root}/image/train",
+            f"data.image_eval_uri={data_root}/image/val", "checkpoint.preempt_grace_s=60"]
+
+
+@pytest.fixture(scope="module")
+def smoke_data(tmp_path_factory):
+    return tmp_path_factory.mktemp("smoke-data") / "synthetic"
+
+
+# ---------------------------------------------------------------------------------------
+# Errors that need no cluster
+
+
+def test_unreachable_address_is_one_paragraph():
+    port = free_port()  # nothing listens there
+    code, out, err = run_cli("status", "anything", "--address", f"127.0.0.1:{port}")
+    assert code == 2
+    assert f"cannot reach the Ray Jobs API at http://127.0.0.1:{port}" in err
+    assert "Traceback" not in err
+
+
+def test_bad_config_is_rejected_before_contacting_any_cluster(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    port = free_port()  # unreachable: a config error must come first
+    code, out, err = run_cli("submit", SMOKE, "train.zero_stage=7", "--address",
+                             f"127.0.0.1:{port}")
+    assert code == 2 and "train.zero_stage" in err and "cannot reach" not in err
+    code, out, err = run_cli("submit", SMOKE, "--name", "Bad Name!", "--address",
+                             f"127.0.0.1:{port}")
+    assert code == 2 and "job name 'Bad Name!' is not valid" in err
+
+
+# ---------------------------------------------------------------------------------------
+# Mechanics with trivial jobs on the shared head
+
+
+@pytest.mark.slow
+def test_status_logs_list_and_attempts_of_a_named_job(head):
+    client = JobsClient(head)
+    script = "print('step 3/5  loss 0.5000  1.0 samples/s'); print('hello from the job')"
+    first = client.submit(name="hello", entrypoint=f'python -c "{script}"', runtime_env={},
+                          metadata={})
+    assert first == "hello-1"
+    st = wait_for(head, "hello")
+    assert st["status"] == "SUCCEEDED"
+    assert (st["step"], st["steps"], st["loss"]) == (3, 5, 0.5)
+    code, out, _ = run_cli("logs", "hello", "--address", head)
+    assert code == 0 and "hello from the job" in out
+    # the same name again is the next attempt; the name means the newest one
+    second = client.submit(name="hello", entrypoint="python -c \"print('again')\"",
+                           runtime_env={}, metadata={})
+    assert second == "hello-2"
+    code, out, _ = run_cli("logs", "hello", "--address", head, "--follow")
+    assert code == 0 and "again" in out  # --follow returns once the job has ended
+    code, out, _ = run_cli("list", "--address", head, "--json")
+    ids = {j["submission_id"]: j for j in last_json(out)["jobs"]}
+    assert ids["hello-1"]["name"] == ids["hello-2"]["name"] == "hello"
+    assert ids["hello-2"]["attempt"] == 2
+
+
+@pytest.mark.slow
+def test_stop_gives_the_job_its_grace_period_and_a_running_name_is_refused(head, tmp_path):
+    marker = tmp_path / "final-checkpoint"
+    # SIGTERM -> 5 s of "checkpointing" (Ray's default grace is 3 s) -> exit
+    script = tmp_path / "job.py"
+    script.write_text(
+        "import signal, sys, time, pathlib\n"
+        "def term(*_):\n"
+        "    time.sleep(5)\n"
+        f"    pathlib.Path({str(marker)!r}).write_text('saved')\n"
+        "    sys.exit(0)\n"
+        "signal.signal(signal.SIGTERM, term)\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(600)\n")
+    env = job_runtime_env("unused: true\n", name="graceful", use_gpu=False, grace_s=10,
+                          working_dir=None)
+    client = JobsClient(head)
+    client.submit(name="graceful", entrypoint=f"{sys.executable} {script}", runtime_env=env,
+                  metadata={})
+    deadline = time.monotonic() + 60
+    while "ready" not in client.logs("graceful") and time.monotonic() < deadline:
+        time.sleep(0.5)
+    code, out, err = run_cli("submit", SMOKE, "--name", "graceful", "--address", head)
+    assert code == 2 and "still RUNNING as submission graceful-1" in err
+    code, out, err = run_cli("stop", "graceful", "--address", head, "--json")
+    assert code == 0, err
+    assert last_json(out)["status"] == "STOPPED"
+    assert marker.read_text() == "saved"  # not SIGKILLed after Ray's default 3 s
+
+
+@pytest.mark.slow
+def test_unknown_job_and_bad_token_are_clear_errors(head, monkeypatch):
+    code, out, err = run_cli("status", "no-such-job", "--address", head)
+    assert code == 2 and "no job 'no-such-job'" in err and "Traceback" not in err
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "not-the-token")
+    code, out, err = run_cli("list", "--address", head)
+    assert code == 2 and "refused our credentials" in err and "RAY_AUTH_TOKEN" in err
+
+
+@pytest.mark.slow
+def test_missing_token_is_a_clear_error(ray_head):
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("RAY_AUTH") and k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, "-m", "orchestration.cli", "list", "--address",
+                           ray_head["dashboard"]], env=env, capture_output=True, text=True,
+                          cwd=REPO, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "refused our credentials" in proc.stderr and "RAY_AUTH_MODE=token" in proc.stderr
+
+
+@pytest.mark.slow
+def test_invalid_config_never_reaches_the_cluster(head):
+    before = len(JobsClient(head).list())
+    code, out, err = run_cli("submit", SMOKE, "resources.wrkers=2", "--address", head)
+    assert code == 2 and "resources.wrkers" in err
+    assert len(JobsClient(head).list()) == before
+
+
+# ---------------------------------------------------------------------------------------
+# The smoke config as a job
+
+
+@pytest.mark.slow
+def test_smoke_job_runs_to_succeeded(head, smoke_data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli("submit", SMOKE, *smoke_overrides(smoke_data, 4, 2),
+                             "--name", "smoke-ok", "--address", head, "--json")
+    assert code == 0, err
+    sub = last_json(out)
+    assert sub["job_id"] == "smoke-ok-1"
+    assert sub["checkpoint_uri"] == str(tmp_path / "checkpoints" / "smoke" / "smoke-ok")
+    code, out, _ = run_cli("logs", "smoke-ok", "--follow", "--address", head)
+    st = wait_for(head, "smoke-ok")
+    assert st["status"] == "SUCCEEDED", logs_tail(head, "smoke-ok")
+    assert st["step"] == 4
+    assert st["checkpoint_step"] == 4 and st["checkpoint"].startswith(sub["checkpoint_uri"])
+    assert st["mlflow_run_id"]
+    assert "step 4/4" in out
+
+
+@pytest.mark.slow
+def test_stop_writes_a_final_checkpoint_and_the_name_resumes(head, smoke_data, tmp_path,
+                                                              monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    # no periodic checkpoint before step 1000: the one we find is the SIGTERM one
+    code, out, err = run_cli("submit", SMOKE, *smoke_overrides(smoke_data, 400, 1000),
+                             "--name", "smoke-stop", "--address", head, "--json")
+    assert code == 0, err
+    deadline = time.monotonic() + 300
+    while True:
+        st = wait_for(head, "smoke-stop", statuses=TERMINAL + ("RUNNING",))
+        if st["status"] != "RUNNING" or (st["step"] or 0) >= 3 or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert st["status"] == "RUNNING" and st["step"] >= 3, (st, logs_tail(head, "smoke-stop"))
+    code, out, err = run_cli("stop", "smoke-stop", "--address", head, "--json")
+    assert code == 0, err
+    stopped = wait_for(head, "smoke-stop-1")
+    assert stopped["status"] == "STOPPED"
+    assert stopped["checkpoint_step"] and stopped["checkpoint_step"] >= 3, \
+        (stopped, logs_tail(head, "smoke-stop-1"))
+    resumed_from = stopped["checkpoint_step"]
+    # same name, same checkpoint URI: attempt 2 resumes and finishes a few steps later
+    code, out, err = run_cli("submit", SMOKE, *smoke_overrides(smoke_data, resumed_from + 2, 1000),
+                             "--name", "smoke-stop", "--address", head, "--json")
+    assert code == 0, err
+    sub = last_json(out)
+    assert sub["job_id"] == "smoke-stop-2" and sub["resumes_from_step"] == resumed_from
+    done = wait_for(head, "smoke-stop")
+    assert done["status"] == "SUCCEEDED" and done["job_id"] == "smoke-stop-2", \
+        logs_tail(head, "smoke-stop-2")
+    assert done["step"] == resumed_from + 2
+    assert done["mlflow_run_id"] == stopped["mlflow_run_id"]  # the same run continued
+
+
+# ---------------------------------------------------------------------------------------
+# Several Ray nodes on this machine
+
+
+@pytest.fixture(scope="module")
+def two_node_cluster(tmp_path_factory):
+    """A head and a second node on 127.0.0.1, 2 CPUs each, token auth; stopped afterwards."""
+    temp = Path("/tmp") / f"ray-mn-{os.getpid()}"
+    temp.mkdir(parents=True, exist_ok=True)
+    token = tmp_path_factory.mktemp("ray-mn-auth") / "auth_token"
+    token.write_text(os.urandom(24).hex())
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+    env = dict(os.environ, **auth)
+    env.pop("RAY_ADDRESS", None)
+    exe = shutil.which("ray", path=str(BIN)) or "ray"
+    port, dport = free_port(), free_port()
+    common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "2", "--disable-usage-stats"]
+    try:
+        subprocess.run([exe, "start", "--head", "--port", str(port), "--dashboard-host",
+                        "127.0.0.1", "--dashboard-port", str(dport), "--temp-dir", str(temp),
+                        "--include-dashboard", "true", *common],
+                       check=True, env=env, capture_output=True)
+        subprocess.run([exe, "start", "--address", f"127.0.0.1:{port}", "--temp-dir", str(temp),
+                        "--resources", '{"second_node": 1}', *common],
+                       check=True, env=env, capture_output=True)
+        dashboard = f"http://127.0.0.1:{dport}"
+        wait_http(dashboard + "/api/version", 60)
+        yield {"dashboard": dashboard, "env": auth}
+    finally:
+        _stop_ray_started_under(temp)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_workers_spread_across_nodes(two_node_cluster, smoke_data, tmp_path, monkeypatch):
+    import requests
+
+    for key, value in two_node_cluster["env"].items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.chdir(tmp_path)
+    address = two_node_cluster["dashboard"]
+    token = Path(two_node_cluster["env"]["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
+    auth = {"Authorization": f"Bearer {token}"}
+    nodes = requests.get(f"{address}/api/v0/nodes", params={"detail": "1"}, headers=auth,
+                         timeout=30).json()["data"]["result"]["result"]
+    assert sum(n["state"] == "ALIVE" for n in nodes) == 2
+    # 2 workers x 2 CPUs on two 2-CPU nodes: the job can only run one worker per node
+    code, out, err = run_cli("submit", SMOKE, *smoke_overrides(smoke_data, 2, 2),
+                             "resources.cpus_per_worker=2", "--name", "spread",
+                             "--address", address, "--json")
+    assert code == 0, err
+    st = wait_for(address, "spread")
+    assert st["status"] == "SUCCEEDED", logs_tail(address, "spread")
+    actors = requests.get(f"{address}/api/v0/actors", params={"detail": "1", "limit": "1000"},
+                          headers=auth, timeout=30).json()
+    rows = actors["data"]["result"]["result"]
+    workers = {a["node_id"] for a in rows if "TrainWorker" in a.get("class_name", "")}
+    assert len(workers) == 2, rows
