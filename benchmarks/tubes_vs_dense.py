@@ -11,6 +11,7 @@ under torch.inference_mode, with `--warmup` untimed and `--reps` timed forwards 
 `--json` prints one JSON object: tokens, GFLOPs (forward, multiply-add = 2, counted from the
 layers by pretrain.model.count_flops), per-rep and median seconds per clip for each model,
 threads, and `ratio` = dense median time / tube median time (higher = sparse tubes faster).
+Median process CPU seconds are reported too: on a shared machine they move less than wall time.
 """
 from __future__ import annotations
 
@@ -50,6 +51,7 @@ def main() -> int:
     sync = torch.cuda.synchronize if clip.is_cuda else (lambda: None)
     flops = {name: count_flops(m, shape) for name, m in models.items()}
     times: dict[str, list[float]] = {name: [] for name in models}
+    cpu: dict[str, list[float]] = {name: [] for name in models}
     with torch.inference_mode():
         for name, model in models.items():
             for _ in range(args.warmup):
@@ -57,10 +59,11 @@ def main() -> int:
         for _ in range(args.reps):
             for name, model in models.items():
                 sync()
-                start = time.perf_counter()
+                start, start_cpu = time.perf_counter(), time.process_time()
                 model.forward_features(clip)
                 sync()
                 times[name].append(time.perf_counter() - start)
+                cpu[name].append(time.process_time() - start_cpu)
 
     median = {name: statistics.median(t) for name, t in times.items()}
     result = {
@@ -76,6 +79,9 @@ def main() -> int:
         "dense_s_per_clip": round(median["dense"], 4),
         "tube_s_reps": [round(t, 4) for t in times["tubes"]],
         "dense_s_reps": [round(t, 4) for t in times["dense"]],
+        # CPU seconds of this process (all threads): less sensitive to other load on the box.
+        "tube_cpu_s_per_clip": round(statistics.median(cpu["tubes"]), 4),
+        "dense_cpu_s_per_clip": round(statistics.median(cpu["dense"]), 4),
         "flops_ratio": round(flops["dense"]["total"] / flops["tubes"]["total"], 2),
         "ratio": round(median["dense"] / median["tubes"], 2),
     }

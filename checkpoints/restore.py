@@ -129,12 +129,50 @@ def convert_to_universal(folder: str, dest_root: str, workers: int = 2) -> tuple
             os.link(z3, z12)
         elif os.path.isfile(z12) and not os.path.isfile(z3):
             os.link(z12, z3)
+        _bridge_optimizer_state(os.path.join(out, "zero"))
         if os.path.isdir(final):
             shutil.rmtree(final)
         os.replace(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final, tag
+
+
+def _bridge_optimizer_state(zero: str) -> None:
+    """Make zero/optimizer_state.pt and the per-parameter step files readable by both the
+    ZeRO-1/2 and the ZeRO-3 universal loaders.
+
+    ds_to_universal writes what the *source* stage's loader expects: from ZeRO-1/2 a flat
+    dict with `param_groups` and a step file per parameter; from ZeRO-3 the torch optimizer
+    state dict nested under `optimizer_state_dict` (step inside) and no step files. Loading
+    into the other stage (2 -> 3, 3 -> 2) needs the other shape, so both are provided.
+    """
+    import deepspeed
+    import torch
+
+    path = os.path.join(zero, "optimizer_state.pt")
+    sd = torch.load(path, map_location="cpu", weights_only=False)
+    params = sorted(d for d in os.listdir(zero) if os.path.isdir(os.path.join(zero, d)))
+    step = None
+    inner = sd.get("optimizer_state_dict")
+    if isinstance(inner, dict) and inner.get("state"):
+        step = next(iter(inner["state"].values())).get("step")
+    for name in params:
+        f = os.path.join(zero, name, "step.pt")
+        if step is None and os.path.isfile(f):
+            step = torch.load(f, weights_only=False)
+    if "optimizer_state_dict" not in sd:
+        sd["optimizer_state_dict"] = {"state": {0: {"step": step}},
+                                      "param_groups": sd.get("param_groups", [])}
+    if "param_groups" not in sd:
+        sd["param_groups"] = sd["optimizer_state_dict"].get("param_groups", [])
+    sd.setdefault("ds_version", deepspeed.__version__)
+    torch.save(sd, path)
+    if step is not None:
+        for name in params:
+            f = os.path.join(zero, name, "step.pt")
+            if not os.path.isfile(f):
+                torch.save(step, f)
 
 
 def load_into_engine(engine, load_dir: str, tag: str, universal: bool) -> None:

@@ -51,11 +51,13 @@ class AsyncUploader:
     def __init__(self, uri: str, *, rank: int, world_size: int, attempt: str,
                  max_in_flight: int = 2, retries: int = 5, threads: int = 4,
                  commit_timeout_s: float = 3600.0, keep_local: bool = False,
+                 retry_base_delay: float = 0.5,
                  on_commit: Callable[[Manifest, str], None] | None = None):
         self.fs, self.root = storage.filesystem(uri)
         self.rank, self.world_size, self.attempt = rank, world_size, attempt
         self.retries, self.commit_timeout_s = retries, commit_timeout_s
         self.keep_local = keep_local
+        self.retry_base_delay = retry_base_delay
         self.on_commit = on_commit
         self._slots = threading.BoundedSemaphore(max_in_flight)
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ckpt-file")
@@ -113,7 +115,8 @@ class AsyncUploader:
             marker = RankMarker(self.rank, job.step, self.attempt, records)
             storage.with_retries(f"writing marker for step {job.step}",
                                  lambda: storage.write_atomic(self.fs, storage.join(folder, marker_name(self.rank)),
-                                                              marker.to_json()), self.retries)
+                                                              marker.to_json()), self.retries,
+                                 self.retry_base_delay)
             stats.bytes = sum(r.size for r in records.values())
             stats.upload_s = time.perf_counter() - t0
             if not self.keep_local:
@@ -143,7 +146,7 @@ class AsyncUploader:
             digest = storage.sha256_file(src)
             dst = storage.join(folder, name.replace(os.sep, "/"))
             storage.with_retries(f"uploading {dst}", lambda: storage.put_file(self.fs, src, dst),
-                                 self.retries)
+                                 self.retries, self.retry_base_delay)
             return name.replace(os.sep, "/"), FileRecord(os.path.getsize(src), digest, self.rank)
 
         return dict(self._pool.map(one, names))
@@ -190,7 +193,8 @@ class AsyncUploader:
         manifest = Manifest(step=job.step, files=files, attempt=self.attempt, **job.manifest_fields)
         storage.with_retries(f"writing {MANIFEST} for step {job.step}",
                              lambda: storage.write_atomic(self.fs, storage.join(folder, MANIFEST),
-                                                          manifest.to_json()), self.retries)
+                                                          manifest.to_json()), self.retries,
+                             self.retry_base_delay)
         log.info("committed checkpoint step %d (%d files, %.1f MB)", job.step, len(files),
                  manifest.total_bytes / 1e6)
         return manifest

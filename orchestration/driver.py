@@ -3,7 +3,7 @@
     summary = run_job(cfg, config_name="smoke")
 
 - Ray: joins `RAY_ADDRESS` when set, else starts an embedded local Ray bound to 127.0.0.1
-  (no dashboard, short temp dir: Ray's socket paths must stay under ~100 bytes).
+  (dashboard on loopback, short temp dir: Ray's socket paths must stay under ~100 bytes).
 - MLflow: the driver creates the job's one run and logs the resolved config (params +
   config.yaml) before any worker starts; the run id goes to the workers in the config, so
   restarts of the worker group (FailureConfig) keep logging into the same run.
@@ -78,8 +78,11 @@ def init_ray(cfg: ExperimentConfig) -> bool:
         return False
     temp = os.path.join(tempfile.gettempdir(), f"ray-{os.getuid()}-{os.getpid()}")
     need = cfg.resources.workers * cfg.resources.cpus_per_worker
+    # The dashboard (loopback only) also serves the state API, which Ray Train V2's
+    # placement-group cleaner polls; without it the console fills with its warnings.
     ray.init(
-        address="local", include_dashboard=False, _node_ip_address="127.0.0.1",
+        address="local", include_dashboard=True, dashboard_host="127.0.0.1",
+        dashboard_port=None, _node_ip_address="127.0.0.1",
         _temp_dir=temp, num_cpus=max(int(need + 0.999), os.cpu_count() or 1),
         num_gpus=None if cfg.resources.use_gpu else 0,
         runtime_env=runtime_env, log_to_driver=True, configure_logging=False,

@@ -178,3 +178,28 @@ def test_config_round_trips_through_dicts():
     assert again == cfg and again.patch_size == 16
     with pytest.raises(UserError, match="unknown keys"):
         TubeViTConfig.from_dict({**cfg.to_dict(), "patch": 16})
+
+
+@pytest.mark.parametrize("overrides", [dict(gate_layer=0), dict(kernel_mode="interpolated", tubes="charades")])
+def test_parameters_are_used_only_inside_their_own_modules_forward(overrides):
+    # What DeepSpeed ZeRO-3 relies on: a parameter is gathered by a hook around the forward of
+    # the module that owns it and released afterwards. Emulate that with empty tensors.
+    model = tiny(**overrides).eval()
+    full = {p: p.data for p in model.parameters()}
+    for p in full:
+        p.data = torch.empty(0)
+
+    def gather(module, *_):
+        for p in module.parameters(recurse=False):
+            p.data = full[p]
+
+    def release(module, *_):
+        for p in module.parameters(recurse=False):
+            p.data = torch.empty(0)
+
+    for m in model.modules():
+        m.register_forward_pre_hook(gather)
+        m.register_forward_hook(release)
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 32, 64, 64), dataset="kinetics").shape == (1, 400)
+        assert model(torch.randn(1, 3, 64, 64), dataset="imagenet").shape == (1, 1000)

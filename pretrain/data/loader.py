@@ -122,10 +122,21 @@ class _TrainShards(StreamingDataset):
         return {"x": x, "y": int(raw["label"]), "id": int(sample_id)}
 
 
+def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """torch.stack, straight into shared memory inside a loader worker (as torch's default
+    collate does), so sending the batch to the trainer process copies nothing more."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.stack(tensors)
+    first = tensors[0]
+    storage = first.untyped_storage()._new_shared(len(tensors) * first.numel() * first.element_size())
+    out = first.new(storage).view(len(tensors), *first.shape)
+    return torch.stack(tensors, out=out)
+
+
 def _collate(samples: list[dict]) -> dict:
     good = [s for s in samples if "x" in s]
     return {
-        "x": torch.stack([s["x"] for s in good]) if good else None,
+        "x": _stack([s["x"] for s in good]) if good else None,
         "y": torch.tensor([s["y"] for s in good], dtype=torch.long),
         "ids": torch.tensor([s["id"] for s in good], dtype=torch.long),
         "valid": torch.tensor([s.get("valid", True) for s in good], dtype=torch.bool),

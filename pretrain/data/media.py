@@ -137,10 +137,21 @@ def decode_frames(data: bytes, indices: Sequence[int], fps: float,
         container.close()
 
 
+_reformatter = None
+
+
 def _rgb(frame, width, height) -> np.ndarray:
+    global _reformatter
     if width is None:
         return frame.to_ndarray(format="rgb24")
-    return frame.reformat(width=width, height=height, format="rgb24").to_ndarray()
+    # One reformatter for the process: `frame.reformat` builds a new swscale context (scaling
+    # filters included) for every frame object, which costs more than the scaling itself.
+    if _reformatter is None:
+        from av.video.reformatter import VideoReformatter
+
+        _reformatter = VideoReformatter()
+    return _reformatter.reformat(frame, width=width, height=height, format="rgb24",
+                                 interpolation="BILINEAR").to_ndarray()
 
 
 def probe_image(data: bytes) -> tuple[int, int, str]:

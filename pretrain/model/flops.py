@@ -22,7 +22,8 @@ from pretrain.model.tubevit import TubeViT
 
 
 def count_params(model: nn.Module, trainable_only: bool = False) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+    # ds_numel: the full size of a parameter DeepSpeed ZeRO-3 has partitioned.
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
 def param_breakdown(model: TubeViT) -> dict[str, int]:

@@ -291,7 +291,16 @@ class TubeConv(nn.Module):
             self.register_parameter("weight", None)
         self.bias = nn.Parameter(torch.empty(dim))
 
-    def forward(self, x: torch.Tensor, grid: tuple[int, int, int], weight: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, grid: tuple[int, int, int] | None = None,
+                shared_weight: torch.Tensor | None = None) -> torch.Tensor:
+        """Video x (B,C,T,H,W) with its token grid, or images x (B,C,H,W) -> (B, n, dim).
+
+        The weights are read here, inside this module's own call, so hooks that gather
+        parameters around a module's forward (DeepSpeed ZeRO-3) see them used.
+        """
+        weight = self.weight if self.weight is not None else shared_weight
+        if x.ndim == 4:
+            return self._forward_image(x, weight)
         spec = self.spec
         # Crop to exactly the input the tube reads, so the conv yields exactly the grid.
         extent = [(n * spec.factor(a) - 1) * cs + k
@@ -313,7 +322,7 @@ class TubeConv(nn.Module):
         y = y + self.bias.view(1, -1, 1, 1, 1)
         return y.flatten(2).transpose(1, 2)                # (B, nt*nh*nw, dim), t-major
 
-    def forward_image(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def _forward_image(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         spec = self.spec
         _, oh, ow = spec.offset
         _, sh, sw = spec.stride
@@ -351,11 +360,16 @@ class SparseTubeTokenizer(nn.Module):
     def kernel(self, i: int) -> torch.Tensor:
         """Tube i's conv weight (dim/S, 3, kt, kh, kw): its own, or the resized shared kernel."""
         tube = self.tubes[i]
-        if tube.weight is not None:
-            return tube.weight
-        if tuple(self.base_kernel.shape[2:]) == tube.spec.kernel:
+        return tube.weight if tube.weight is not None else self._shared_kernel(i)
+
+    def _shared_kernel(self, i: int) -> torch.Tensor | None:
+        """Interpolated mode: the base kernel trilinearly resized to tube i's shape."""
+        if self.base_kernel is None:
+            return None
+        shape = self.tubes[i].spec.kernel
+        if tuple(self.base_kernel.shape[2:]) == shape:
             return self.base_kernel
-        return F.interpolate(self.base_kernel, size=tube.spec.kernel, mode="trilinear", align_corners=False)
+        return F.interpolate(self.base_kernel, size=shape, mode="trilinear", align_corners=False)
 
     def grids(self, shape: tuple[int, ...]) -> list[tuple[int, int, int]]:
         """Token grids for an input of shape (B, C, T, H, W) or (B, C, H, W), in token order."""
@@ -372,8 +386,8 @@ class SparseTubeTokenizer(nn.Module):
         grids = self.grids(tuple(x.shape))
         if x.ndim == 4:
             i = self.image_index
-            return self.tubes[i].forward_image(x, self.kernel(i))      # (B, N_img, dim)
-        tokens = [tube(x, grid, self.kernel(i))
+            return self.tubes[i](x, None, self._shared_kernel(i))      # (B, N_img, dim)
+        tokens = [tube(x, grid, self._shared_kernel(i))
                   for i, (tube, grid) in enumerate(zip(self.tubes, grids)) if math.prod(grid)]
         return torch.cat(tokens, dim=1)                                 # (B, N_vid, dim)
 

@@ -198,7 +198,9 @@ class TubeViT(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names to exclude from weight decay: biases, norms, pool query, gate."""
-        return {n for n, p in self.named_parameters() if p.ndim <= 1 or n == "pool.query"}
+        # ds_shape: the real shape of a parameter DeepSpeed ZeRO-3 has partitioned (flattened).
+        return {n for n, p in self.named_parameters()
+                if len(getattr(p, "ds_shape", p.shape)) <= 1 or n == "pool.query"}
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block's activations in backward (torch.utils.checkpoint, non-reentrant)."""

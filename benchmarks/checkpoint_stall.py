@@ -1,0 +1,201 @@
+"""How long a checkpoint holds up training: async (local write + background upload) against a
+synchronous save+upload of the same state to object storage; and restore throughput.
+
+    python benchmarks/checkpoint_stall.py --json [--model tubevit-s] [--checkpoints 3]
+
+Starts its own GCS emulator (gcp-storage-emulator, in memory, 127.0.0.1) and stops it at the
+end. One CPU rank, ZeRO-2, fp32, DeepSpeed engine with AdamW. Figures:
+
+- blocked_s: mean time CheckpointManager.save() holds the training loop (DeepSpeed's local
+  write + run state; hashing, upload and commit run in the background).
+- sync_s: mean time of the same save followed by waiting for its upload and commit, i.e. a
+  synchronous save+upload of the same bytes.
+- ratio = sync_s / blocked_s (higher is better; the goal is >= 10).
+- restore_MBps: committed checkpoint -> local (download with sha256 verification) ->
+  engine.load_checkpoint, bytes / seconds; raw_read_MBps: reading the same objects from the
+  emulator without doing anything with them; restore_vs_raw = restore_MBps / raw_read_MBps.
+- step_s_idle / step_s_during_upload: training-step time without and with an upload in flight.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_emulator() -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    exe = shutil.which("gcp-storage-emulator", path=os.path.dirname(sys.executable)) or "gcp-storage-emulator"
+    proc = subprocess.Popen([exe, "start", "--host=127.0.0.1", f"--port={port}", "--in-memory"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(url + "/storage/v1/b", timeout=2)
+            return proc, url
+        except Exception:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("GCS emulator did not start")
+            time.sleep(0.25)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="tubevit-s")
+    ap.add_argument("--checkpoints", type=int, default=3)
+    ap.add_argument("--steps-between", type=int, default=3)
+    ap.add_argument("--size", type=int, default=112, help="image side of the training batches")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+
+    proc, url = start_emulator()
+    os.environ["STORAGE_EMULATOR_HOST"] = url
+    tmp = tempfile.mkdtemp(prefix="ckpt-bench-")
+    try:
+        result = run(args, tmp)
+    finally:
+        stop(proc)
+        shutil.rmtree(tmp, ignore_errors=True)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for k, v in result.items():
+            print(f"{k:>24}: {v}")
+
+
+def run(args, tmp: str) -> dict:
+    import logging
+
+    import deepspeed
+    import gcsfs
+    import torch
+    import torch.distributed as dist
+
+    from checkpoints import storage
+    from checkpoints.config import CheckpointConfig
+    from checkpoints.discovery import resolve
+    from checkpoints.manager import CheckpointManager
+    from checkpoints.restore import download, load_into_engine
+    from pretrain.model import create_model
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    fs = gcsfs.GCSFileSystem(token="anon", endpoint_url=os.environ["STORAGE_EMULATOR_HOST"], project="bench")
+    fs.mkdir("bench")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
+                      LOCAL_RANK="0")
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    torch.manual_seed(0)
+
+    def engine_for():
+        model = create_model(args.model, num_classes={"imagenet": 1000})
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        ds = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "train_batch_size": 2,
+              "steps_per_print": 10**9, "zero_optimization": {"stage": 2, "ignore_unused_parameters": True}}
+        return deepspeed.initialize(model=model, optimizer=opt, config=ds, dist_init_required=False)[0]
+
+    engine = engine_for()
+    params = sum(p.numel() for p in engine.module.parameters())
+    x = torch.randn(2, 3, args.size, args.size)
+    y = torch.randint(0, 1000, (2,))
+
+    def step() -> float:
+        t0 = time.perf_counter()
+        loss = torch.nn.functional.cross_entropy(engine(x, dataset="imagenet"), y)
+        engine.backward(loss)
+        engine.step()
+        return time.perf_counter() - t0
+
+    local = os.path.join(tmp, "staging")
+    uri = "gs://bench/run"
+    mgr = CheckpointManager(CheckpointConfig(uri=uri, every_steps=1, local_dir=local, keep_last=100,
+                                             max_uploads_in_flight=2),
+                            model_config={"bench": args.model})
+    for _ in range(2):
+        step()   # warm-up
+    idle = [step() for _ in range(args.steps_between)]
+
+    # Async: save, keep training while the upload runs.
+    blocked, during = [], []
+    n = 0
+    for _ in range(args.checkpoints):
+        n += 1
+        t0 = time.perf_counter()
+        mgr.save(n, engine)
+        blocked.append(time.perf_counter() - t0)
+        during += [step() for _ in range(args.steps_between)]
+    mgr.wait()
+
+    # Synchronous: the same save, then wait for its upload and commit before going on.
+    sync = []
+    for _ in range(args.checkpoints):
+        n += 1
+        t0 = time.perf_counter()
+        mgr.save(n, engine)
+        mgr.wait()
+        sync.append(time.perf_counter() - t0)
+        step()
+    mgr.close()
+
+    # Restore: download (verified) + load into a fresh engine, against raw reads.
+    info = resolve(uri)
+    nbytes = info.manifest.total_bytes
+    rfs, root = storage.filesystem(info.uri)
+    t0 = time.perf_counter()
+    for name in info.manifest.files:
+        with rfs.open(f"{root}/{name}", "rb", block_size=8 << 20) as f:
+            while f.read(8 << 20):
+                pass
+    raw_s = time.perf_counter() - t0
+    fresh = engine_for()
+    t0 = time.perf_counter()
+    folder = download(info, os.path.join(tmp, "restore"))
+    download_s = time.perf_counter() - t0
+    load_into_engine(fresh, os.path.dirname(folder), os.path.basename(folder), universal=False)
+    restore_s = time.perf_counter() - t0
+    dist.destroy_process_group()
+
+    mean = lambda v: sum(v) / len(v)  # noqa: E731
+    blocked_s, sync_s = mean(blocked), mean(sync)
+    return {
+        "model": args.model, "params": params, "checkpoint_bytes": nbytes,
+        "checkpoints": args.checkpoints, "local_dir": local,
+        "blocked_s": round(blocked_s, 4), "blocked_s_each": [round(b, 4) for b in blocked],
+        "sync_s": round(sync_s, 4), "sync_s_each": [round(s, 4) for s in sync],
+        "ratio": round(sync_s / blocked_s, 2),
+        "step_s_idle": round(mean(idle), 4), "step_s_during_upload": round(mean(during), 4),
+        "raw_read_MBps": round(nbytes / raw_s / 1e6, 1),
+        "download_verified_MBps": round(nbytes / download_s / 1e6, 1),
+        "restore_MBps": round(nbytes / restore_s / 1e6, 1),
+        "restore_vs_raw": round(raw_s / restore_s, 3),
+    }
+
+
+if __name__ == "__main__":
+    main()

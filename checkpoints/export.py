@@ -1,0 +1,148 @@
+"""Consolidated model weights from a sharded DeepSpeed checkpoint, with bounded memory.
+
+The fp32 master weights live in the ZeRO optimizer shards next to Adam's moments (about 3x
+the weights). Every shard is opened with `torch.load(mmap=True)`, so only the byte ranges of
+the master weights are ever read (file-backed pages, not a RAM copy of the optimizer state),
+and each parameter is assembled on its own from the slices the ranks hold:
+
+- ZeRO-1/2: per parameter group, the ranks' flat fp32 partitions concatenated in rank order
+  hold the parameters back to back (in `param_shapes` order).
+- ZeRO-3: each parameter is split into world-size equal slices (the last one padded); rank
+  r's flat fp32 groups hold its slice of every parameter back to back.
+- ZeRO-0: the module state dict in mp_rank_00_model_states.pt is already whole.
+
+Buffers come from the module state dict. The result is written with
+pretrain.model.save_state_dict and the architecture config from the manifest, so
+pretrain.model.load_model reads it.
+"""
+from __future__ import annotations
+
+import glob
+import math
+import os
+import re
+import tempfile
+
+import torch
+
+from pretrain.errors import UserError
+
+from .discovery import CheckpointInfo, resolve
+from .restore import download
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _load(path: str) -> dict:
+    return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+
+
+def _read_range(flats: list[torch.Tensor], start: int, n: int) -> torch.Tensor:
+    """Elements [start, start+n) of the virtual concatenation of 1-D tensors `flats`."""
+    out = torch.empty(n, dtype=torch.float32)
+    filled, base = 0, 0
+    for t in flats:
+        size = t.numel()
+        lo, hi = max(start, base), min(start + n, base + size)
+        if lo < hi:
+            out[filled:filled + hi - lo].copy_(t[lo - base:hi - base])
+            filled += hi - lo
+        base += size
+        if base >= start + n:
+            break
+    if filled != n:
+        raise UserError(f"checkpoint shards hold {filled} of the {n} values expected at offset {start}; "
+                        "the checkpoint is damaged or not a ZeRO checkpoint of this model")
+    return out
+
+
+def _rank_of(path: str) -> int:
+    return int(re.search(r"zero_pp_rank_(\d+)_", os.path.basename(path)).group(1))
+
+
+def consolidate(folder: str) -> dict[str, torch.Tensor]:
+    """Full fp32 state dict from a local DeepSpeed checkpoint folder (one tag)."""
+    optim_files = sorted(glob.glob(os.path.join(folder, "*zero_pp_rank_*_optim_states.pt")), key=_rank_of)
+    z3_models = sorted(glob.glob(os.path.join(folder, "zero_pp_rank_*_model_states.pt")), key=_rank_of)
+    out: dict[str, torch.Tensor] = {}
+    if z3_models:  # ZeRO-3
+        models = [_load(f) for f in z3_models]
+        flats = [list(_load(f)["optimizer_state_dict"]["fp32_flat_groups"]) for f in optim_files]
+        world = len(flats)
+        shapes = [(k, v) for group in models[0]["param_shapes"] for k, v in group.items()]
+        offset = 0
+        for name, shape in shapes:
+            numel = math.prod(shape)
+            part = math.ceil(numel / world)
+            pieces = [_read_range(flats[r], offset, part) for r in range(world)]
+            out[name] = torch.cat(pieces)[:numel].view(*shape)                  # (*shape)
+            offset += part
+        module = models[0]["module"]
+    else:
+        model_file = os.path.join(folder, "mp_rank_00_model_states.pt")
+        if not os.path.isfile(model_file):
+            raise UserError(f"{folder} holds no DeepSpeed model states "
+                            "(mp_rank_00_model_states.pt or zero_pp_rank_*_model_states.pt)")
+        ms = _load(model_file)
+        module = ms["module"]
+        if optim_files and ms.get("param_shapes"):  # ZeRO-1/2: fp32 masters in the shards
+            groups = [_load(f)["optimizer_state_dict"]["single_partition_of_fp32_groups"]
+                      for f in optim_files]
+            for i, shapes in enumerate(ms["param_shapes"]):
+                flats = [g[i] for g in groups]      # rank order = position in the flat vector
+                offset = 0
+                for name, shape in shapes.items():
+                    numel = math.prod(shape)
+                    out[name] = _read_range(flats, offset, numel).view(*shape)
+                    offset += numel
+            for name, frag in (ms.get("frozen_param_fragments") or {}).items():
+                out[name] = frag.float().clone()
+        else:  # ZeRO-0: the module state is complete
+            for name, t in module.items():
+                out[name] = t.float().clone()
+        models = [ms]
+    for name in models[0].get("buffer_names") or []:
+        if name in module:
+            out[name] = module[name].clone()
+    for name, src in (models[0].get("shared_params") or {}).items():
+        if src in out:
+            out[name] = out[src]
+    return out
+
+
+def export_checkpoint(uri: str, out: str, dtype: str = "fp32", local_dir: str | None = None) -> dict:
+    """Write the model of checkpoint `uri` (a step folder or a run's root) to `out`.
+
+    Returns a summary: source URI, step, tensors, params, bytes written."""
+    from pretrain.model import TubeViT, TubeViTConfig, save_state_dict
+
+    if dtype not in DTYPES:
+        raise UserError(f"export dtype '{dtype}' is not supported; use one of {', '.join(DTYPES)}")
+    info: CheckpointInfo = resolve(uri)
+    manifest = info.manifest
+    if not manifest.model_config:
+        raise UserError(f"checkpoint {info.uri} records no model config in its manifest, so the "
+                        "exported file could not describe the model; it was not written by "
+                        "`pretrain run`")
+    try:
+        config = TubeViTConfig.from_dict(manifest.model_config)
+    except Exception as exc:
+        raise UserError(f"checkpoint {info.uri} has a model config that is not a TubeViT config "
+                        f"({exc})") from None
+    with tempfile.TemporaryDirectory(dir=local_dir, prefix="export-") as tmp:
+        folder = download(info, tmp)
+        state = consolidate(folder)
+        with torch.device("meta"):
+            expected = set(TubeViT(config).state_dict())
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        if missing or unexpected:
+            raise UserError(f"checkpoint {info.uri} does not match its model config: missing "
+                            f"tensors {missing[:5]}, unexpected tensors {unexpected[:5]}")
+        target = DTYPES[dtype]
+        state = {k: (v.to(target) if v.is_floating_point() else v) for k, v in state.items()}
+        save_state_dict(state, config, out, metadata={"source_checkpoint": info.uri,
+                                                      "step": str(info.step), "dtype": dtype})
+    params = sum(v.numel() for v in state.values())
+    return {"checkpoint": info.uri, "step": info.step, "out": out, "dtype": dtype,
+            "tensors": len(state), "params": params,
+            "bytes": os.path.getsize(out) if os.path.exists(out) else None}

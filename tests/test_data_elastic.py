@@ -1,0 +1,132 @@
+"""Resumption at a different world size: 2 real ranks (gloo, one process each) vs 1 rank.
+
+Streaming's elastic deterministic partitioning fixes one global sample order (given the
+canonical node count and seed); the loader state says how far into it a run got. So the
+samples of global step k (the union over ranks) must be the same whatever the world size, and
+a run saved on 2 ranks and resumed on 1 (or the reverse) must continue exactly where an
+uninterrupted run would be, augmentation included.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+STEPS, SAVE_AT = 30, 11
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _cfg(root: str, batch_size: int, workers: int):
+    from pretrain.data.config import DataConfig
+
+    return DataConfig(video_uri=f"{root}/video/train", image_uri=f"{root}/image/train",
+                      frames=4, size=32, image_size=32, frame_stride=2, batch_size=batch_size,
+                      num_workers=workers, video_ratio=0.6, cache_dir=f"{root}/cache")
+
+
+def _run(loader, steps: int, save_at: int | None = None):
+    """[(modality, {sample id: pixel sum})] per step, and the state after `save_at` steps."""
+    out, state = [], None
+    for step, b in zip(range(steps), loader):
+        sums = b.x.double().flatten(1).sum(1).tolist()
+        out.append((b.modality, {int(i): round(s, 3) for i, s in zip(b.sample_ids.tolist(), sums)}))
+        if save_at is not None and step + 1 == save_at:
+            state = loader.state_dict()
+    return out, state
+
+
+def _rank_main() -> None:
+    """One rank of a 2-process run; arguments come as JSON in ELASTIC_ARGS."""
+    import torch.distributed as dist
+
+    from pretrain.data.loader import JointLoader
+
+    args = json.loads(os.environ["ELASTIC_ARGS"])
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    loader = JointLoader(_cfg(args["root"], args["batch_size"], 1), rank, world, seed=11)
+    if args.get("state"):
+        loader.load_state_dict(args["state"])
+    steps, state = _run(loader, args["steps"], args.get("save_at"))
+    loader.close()
+    with open(f"{args['out']}.{rank}", "w") as f:
+        json.dump({"steps": steps, "state": state}, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _two_ranks(tmp_path, root, **args) -> tuple[list, dict]:
+    """Run 2 ranks; per step the union of both ranks' samples, and rank 0's saved state."""
+    from tests.fixtures.servers import free_port
+
+    out = str(tmp_path / f"ranks-{free_port()}")
+    port = free_port()
+    running = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
+                   LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                   PYTHONPATH=str(REPO),
+                   ELASTIC_ARGS=json.dumps({"root": str(root), "out": out, **args}))
+        running.append(subprocess.Popen(
+            [sys.executable, "-c", "from tests.test_data_elastic import _rank_main; _rank_main()"],
+            env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    for p in running:
+        log, _ = p.communicate(timeout=180)
+        assert p.returncode == 0, log.decode()[-3000:]
+    r0, r1 = (json.load(open(f"{out}.{r}")) for r in range(2))
+    merged = []
+    for (m0, s0), (m1, s1) in zip(r0["steps"], r1["steps"]):
+        assert m0 == m1  # every rank has the same modality at every step
+        assert not set(s0) & set(s1)  # ranks never share a sample within a step
+        merged.append((m0, {**{int(k): v for k, v in s0.items()},
+                            **{int(k): v for k, v in s1.items()}}))
+    return merged, r0["state"]
+
+
+def _one_rank(root, steps, state=None, save_at=None):
+    from pretrain.data.loader import JointLoader
+
+    loader = JointLoader(_cfg(str(root), 4, 1), 0, 1, seed=11)
+    if state:
+        loader.load_state_dict(state)
+    out, saved = _run(loader, steps, save_at)
+    loader.close()
+    return [(m, {int(k): v for k, v in s.items()}) for m, s in out], saved
+
+
+@pytest.fixture(scope="module")
+def syn_root(tmp_path_factory):
+    from pretrain.data.synthetic import prepare_synthetic
+
+    root = tmp_path_factory.mktemp("elastic")
+    # 48 videos / 40 images: whole global batches of 4 on 1 or 2 ranks, so epochs line up
+    prepare_synthetic(str(root), videos=48, images=40, frames=12, size=32, workers=1,
+                      work_dir=str(root / "work"))
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _env(monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+
+
+def test_two_ranks_saved_one_rank_resumed_and_back(syn_root, tmp_path):
+    two, state_two = _two_ranks(tmp_path, syn_root, batch_size=2, steps=STEPS, save_at=SAVE_AT)
+    one, state_one = _one_rank(syn_root, STEPS, save_at=SAVE_AT)
+    # Same global batches whatever the world size (2 ranks x 2 == 1 rank x 4).
+    assert two == one
+    assert state_two["streams"] == state_one["streams"]
+    # Saved on 2 ranks, resumed on 1: continues exactly (crosses video and image epochs).
+    resumed_on_one, _ = _one_rank(syn_root, STEPS - SAVE_AT, state=state_two)
+    assert resumed_on_one == one[SAVE_AT:]
+    # Saved on 1 rank, resumed on 2.
+    resumed_on_two, _ = _two_ranks(tmp_path, syn_root, batch_size=2, steps=STEPS - SAVE_AT,
+                                   state=state_one)
+    assert resumed_on_two == one[SAVE_AT:]
