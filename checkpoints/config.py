@@ -32,6 +32,10 @@ class CheckpointConfig:
         "min": 0, "max": 20})
     upload_threads: int = field(default=4, metadata={
         "help": "Parallel file transfers per checkpoint, per rank.", "min": 1, "max": 64})
+    snapshot_in_memory: bool = field(default=True, metadata={
+        "help": "Copy the state to host memory during the save and write the files in the "
+                "background (shortest stall; costs RAM for one state copy per checkpoint in "
+                "flight). false: DeepSpeed writes the files to local_dir while training waits."})
     local_dir: str = field(default="/tmp/pretrain-checkpoints", metadata={
         "help": "Node-local staging folder: ranks write here first, uploads read from here, "
                 "restores download here."})

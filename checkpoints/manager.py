@@ -11,9 +11,10 @@ It implements the loop's checkpoint seam (pretrain.train.hooks.CheckpointHook):
 and the lower-level calls behind it: `save`, `wait`, `restore`. Every method that touches
 the engine is collective (all ranks, same step): DeepSpeed's save and load are.
 
-Saving blocks only for DeepSpeed's local write (into `local_dir`) and a small run-state
-file; hashing, uploading, the per-rank markers and rank 0's commit happen in background
-threads (checkpoints.upload).
+Saving blocks only while DeepSpeed gathers its state and we copy it to host memory
+(checkpoints.snapshot; with snapshot_in_memory=false: DeepSpeed's write to `local_dir`) plus
+a small run-state file; serialising, hashing, uploading, the per-rank markers and rank 0's
+commit happen in background threads (checkpoints.upload).
 """
 from __future__ import annotations
 
@@ -153,7 +154,17 @@ class CheckpointManager:
         local = os.path.join(stage_root, tag)
         shutil.rmtree(local, ignore_errors=True)
         os.makedirs(stage_root, exist_ok=True)
-        engine.save_checkpoint(stage_root, tag=tag, save_latest=False)
+        writer = None
+        if self.cfg.snapshot_in_memory:
+            from .snapshot import SnapshotCheckpointEngine
+
+            writer = SnapshotCheckpointEngine(engine.checkpoint_engine)
+            engine.checkpoint_engine = writer
+        try:
+            engine.save_checkpoint(stage_root, tag=tag, save_latest=False)
+        finally:
+            if writer is not None:
+                engine.checkpoint_engine = writer.inner
         extra = dict(extra or {})
         run_state = {"step": step, "rank": self.rank, "world_size": self.world_size,
                      "rng": capture_rng(), "extra": extra,
@@ -165,7 +176,8 @@ class CheckpointManager:
             fields = {"world_size": self.world_size, "zero_stage": self._stage(engine),
                       "model_config": self._model_config(engine), "config": self.run_config,
                       "mlflow_run_id": extra.get("mlflow_run_id")}
-        self._get_uploader().submit(UploadJob(step, local, fields))
+        self._get_uploader().submit(UploadJob(step, local, fields,
+                                              prepare=writer.write_all if writer else None))
         self._saved.add(step)
         self.blocked_s.append(time.perf_counter() - t0)
         return f"{self.uri}/{tag}"

@@ -31,6 +31,7 @@ class UploadJob:
     step: int
     local_folder: str              # this rank's files for the step, relative paths kept
     manifest_fields: dict[str, Any] = field(default_factory=dict)  # rank 0: world_size, ...
+    prepare: Callable[[], None] | None = None  # finishes the local files (in the background)
 
 
 @dataclass
@@ -111,6 +112,8 @@ class AsyncUploader:
         folder = storage.join(self.root, step_dir(job.step))
         try:
             t0 = time.perf_counter()
+            if job.prepare is not None:
+                job.prepare()
             records = self._upload_files(job.local_folder, folder)
             marker = RankMarker(self.rank, job.step, self.attempt, records)
             storage.with_retries(f"writing marker for step {job.step}",

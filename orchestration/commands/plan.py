@@ -22,6 +22,19 @@ def add_arguments(parser) -> None:
                              "charades, dense-2x16x16")
     parser.add_argument("--skip-unfit-tubes", action="store_true",
                         help="tubes that do not fit the clip give 0 tokens instead of an error")
+    mem = parser.add_argument_group("memory per worker (pretrain/model/memory.py)")
+    mem.add_argument("--workers", type=int, default=1, help="data-parallel workers (default 1)")
+    mem.add_argument("--zero-stage", type=int, default=0, choices=(0, 1, 2, 3),
+                     help="DeepSpeed ZeRO stage (default 0)")
+    mem.add_argument("--micro-batch", type=int, default=1, help="clips per worker per micro-step (default 1)")
+    mem.add_argument("--precision", default="bf16", choices=("bf16", "fp16", "fp32"),
+                     help="training precision (default bf16)")
+    mem.add_argument("--activation-checkpointing", action="store_true",
+                     help="recompute block activations in backward")
+    mem.add_argument("--gate-layer", type=int, default=None, metavar="S",
+                     help="bootstrap: freeze the tokenizer and blocks[:S] (0-based); default trains all")
+    mem.add_argument("--device-memory", type=float, default=80.0, metavar="GiB",
+                     help="memory of one device to check the estimate against (default 80)")
     parser.add_argument("--json", action="store_true", help="print one JSON object on the last line")
 
 
@@ -78,7 +91,32 @@ def model_section(args) -> dict:
     return out
 
 
-SECTIONS = [model_section]
+def memory_section(args) -> dict:
+    """Per-worker memory of training (params, grads, optimizer, activations) and a verdict."""
+    from pretrain.errors import UserError
+    from pretrain.model.memory import plan_memory, verdict
+
+    for flag, value in (("--workers", args.workers), ("--micro-batch", args.micro_batch)):
+        if value < 1:
+            raise UserError(f"{flag} {value} must be a positive integer")
+    if args.device_memory <= 0:
+        raise UserError(f"--device-memory {args.device_memory} must be a positive number of GiB, e.g. 80")
+    model = _build_meta_model(args)
+    if args.gate_layer is not None and not 0 <= args.gate_layer < model.config.depth:
+        raise UserError(f"--gate-layer {args.gate_layer} is not a block of {args.model}; valid: "
+                        f"0..{model.config.depth - 1}")
+    plan = plan_memory(model, (args.frames, args.size, args.size), micro_batch=args.micro_batch,
+                       workers=args.workers, zero_stage=args.zero_stage, precision=args.precision,
+                       activation_checkpointing=args.activation_checkpointing,
+                       gate_layer=args.gate_layer, touched_only=False)
+    out = {"memory_per_worker_gib": plan["gib"], "params_trainable": plan["params_trainable"]}
+    out.update(verdict(plan, args.device_memory))
+    out["memory_setup"] = {k: plan[k] for k in ("workers", "zero_stage", "micro_batch", "precision",
+                                               "activation_checkpointing", "gate_layer")}
+    return out
+
+
+SECTIONS = [model_section, memory_section]
 
 
 def summarize(args) -> dict:

@@ -82,6 +82,8 @@ def absolute_paths(cfg) -> None:
     cfg.checkpoint.uri = fix(cfg.checkpoint.uri)
     if cfg.model.init_from:
         cfg.model.init_from = fix(cfg.model.init_from)
+    if cfg.bootstrap.init_from:
+        cfg.bootstrap.init_from = fix(cfg.bootstrap.init_from)
 
 
 def _print_summary(s: dict, cfg) -> None:

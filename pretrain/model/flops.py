@@ -48,7 +48,7 @@ def count_flops(model: TubeViT, size: tuple[int, ...], dataset: str | None = Non
     else:
         grids = video_grids(tok.specs, tuple(size), tok.skip_unfit)
         convs = list(tok.tubes)
-    n = sum(math.prod(g) for g in grids)
+    n = sum(math.prod(g) for g in grids) + int(model.config.class_token)  # + CLS token
     out = {"tokens": n, "tokenizer": 0, "attention_linear": 0, "attention_matmul": 0, "mlp": 0}
     for conv, grid in zip(convs, grids):
         # S2D runs the conv at S times the positions with 1/S of the channels.

@@ -73,3 +73,92 @@ class FixedPositionEmbedding(nn.Module):
             emb = self.compute(grids, image=len(shape) == 4).to(device=device, dtype=dtype)
             self._cache[key] = emb
         return emb                                               # (N, dim)
+
+
+class LearnedPositionEmbedding(nn.Module):
+    """A bootstrapped image ViT's own learned 2D position table, used for every tube.
+
+    Config `pos_embed="learned"` (written by `pretrain bootstrap`). Parameters, in the
+    layout timm uses (so the image ViT's tensors load unchanged):
+
+        grid       (1, gh*gw, dim)  the image ViT's patch position table (row-major)
+        cls_token  (1, 1, dim)      only with class_token: the CLS token
+        cls_pos    (1, 1, dim)      only with class_token: its position (zeros when the
+                                    image ViT gave the CLS token none, timm no_embed_class)
+
+    Where a token sits in the table: its spatial centre (tube centre in pixels, as for the
+    fixed embedding) in patch units, rescaled so that the image tube's token grid on the
+    input spans the whole table: `g = c / P * (g_table / n_image) - 0.5` per axis, with P the
+    image tube's patch and n_image its token count on this input. At the image ViT's own
+    resolution an image patch (i, j) lands exactly on table entry (i, j) (so forward_features
+    equals the image ViT's); other sizes and the 3D tubes' off-grid centres read the table
+    bilinearly (clamped at the border), like timm's resampling for other image sizes.
+
+    Time: the image ViT has no notion of it, so video tokens also get the fixed sin/cos
+    embedding of their time centre relative to the first frame, `E(t) - E(t0)` in the t
+    channels of the fixed layout (zero elsewhere). It is zero for images and first-frame
+    tokens, so images are untouched, and it lets the trainable layers tell frames apart.
+
+    The gather indices and weights are cached per input shape; the table itself is read in
+    every forward (inside this module's call, so ZeRO-3 gathers it).
+    """
+
+    def __init__(self, tubes: list[TubeSpec], dim: int, grid: tuple[int, int], class_token: bool):
+        super().__init__()
+        self.tubes = list(tubes)
+        self.dim = dim
+        self.table = (int(grid[0]), int(grid[1]))
+        self.image = self.tubes[image_tube_index(self.tubes)]
+        self.grid = nn.Parameter(torch.empty(1, self.table[0] * self.table[1], dim))
+        if class_token:
+            self.cls_token = nn.Parameter(torch.empty(1, 1, dim))
+            self.cls_pos = nn.Parameter(torch.empty(1, 1, dim))
+        else:
+            self.register_parameter("cls_token", None)
+            self.register_parameter("cls_pos", None)
+        self._cache: dict[tuple, tuple[torch.Tensor, ...]] = {}
+
+    def lookup(self, shape: tuple[int, ...], grids: list[tuple[int, int, int]]):
+        """(index (N, 4) into the table, bilinear weights (N, 4), time embedding (N, dim)), float64."""
+        image = len(shape) == 4
+        coords = token_coords(self.tubes, grids, image)                         # (N, 3) t, y, x
+        spatial = shape[-2:]
+        idx_parts, w_parts = [], []
+        for axis, (length, table) in enumerate(zip(spatial, self.table)):
+            patch, off = self.image.stride[1 + axis], self.image.offset[1 + axis]
+            n_image = (length - off - self.image.kernel[1 + axis]) // patch + 1
+            g = coords[:, 1 + axis] / patch * (table / n_image) - 0.5          # (N,)
+            g = g.clamp(0, table - 1)
+            lo = g.floor()
+            idx_parts.append((lo.long(), (lo + 1).clamp(max=table - 1).long()))
+            w_parts.append(g - lo)                                              # (N,) in [0, 1)
+        (y0, y1), (x0, x1) = idx_parts
+        fy, fx = w_parts
+        gw = self.table[1]
+        index = torch.stack([y0 * gw + x0, y0 * gw + x1, y1 * gw + x0, y1 * gw + x1], dim=1)   # (N, 4)
+        weight = torch.stack([(1 - fy) * (1 - fx), (1 - fy) * fx, fy * (1 - fx), fy * fx], dim=1)  # (N, 4)
+        t = coords.clone()
+        t[:, 1:] = 0.0
+        t0 = torch.zeros_like(t)
+        t0[:, 0] = self.image.offset[0] + self.image.kernel[0] // 2
+        time = sincos_embedding(t, self.dim) - sincos_embedding(t0, self.dim)  # (N, dim), 0 on y/x channels
+        return index, weight, time
+
+    def forward(self, tokens: torch.Tensor, shape: tuple[int, ...],
+                grids: list[tuple[int, int, int]]) -> torch.Tensor:
+        """tokens (B, N, dim) -> tokens + positions, CLS first when present: (B, [1+]N, dim)."""
+        key = (tuple(shape[2:]), len(shape), str(tokens.device), tokens.dtype)
+        cached = self._cache.get(key)
+        if cached is None:
+            index, weight, time = self.lookup(shape, grids)
+            cached = (index.to(tokens.device), weight.to(tokens.device, tokens.dtype),
+                      time.to(tokens.device, tokens.dtype))
+            self._cache[key] = cached
+        index, weight, time = cached
+        table = self.grid[0]                                                     # (gh*gw, dim)
+        pos = (table[index] * weight.unsqueeze(-1).to(table.dtype)).sum(1)       # (N, dim)
+        x = tokens + (pos.to(tokens.dtype) + time)                               # (B, N, dim)
+        if self.cls_token is not None:
+            cls = (self.cls_token + self.cls_pos).to(x.dtype).expand(x.shape[0], -1, -1)  # (B, 1, dim)
+            x = torch.cat([cls, x], dim=1)                                       # (B, 1+N, dim)
+        return x

@@ -394,10 +394,12 @@ class SparseTubeTokenizer(nn.Module):
     @torch.no_grad()
     def init_weights(self) -> None:
         # LeCun normal on each kernel (fan_in = in_chans * kernel volume), as ViT patch embeds.
+        # ds_shape: the full shape of a parameter DeepSpeed ZeRO-3 has already partitioned.
+        fan_in = lambda w: math.prod(getattr(w, "ds_shape", w.shape)[1:])  # noqa: E731
         for i, tube in enumerate(self.tubes):
             if tube.weight is not None:
                 w = tube.weight
-                nn.init.trunc_normal_(w, std=1.0 / math.sqrt(w[0].numel()))
+                nn.init.trunc_normal_(w, std=1.0 / math.sqrt(fan_in(w)))
             nn.init.zeros_(tube.bias)
         if self.base_kernel is not None:
-            nn.init.trunc_normal_(self.base_kernel, std=1.0 / math.sqrt(self.base_kernel[0].numel()))
+            nn.init.trunc_normal_(self.base_kernel, std=1.0 / math.sqrt(fan_in(self.base_kernel)))

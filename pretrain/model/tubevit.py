@@ -30,11 +30,12 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from pretrain.errors import UserError
-from pretrain.model.posembed import FixedPositionEmbedding
+from pretrain.model.posembed import FixedPositionEmbedding, LearnedPositionEmbedding
 from pretrain.model.tubes import SparseTubeTokenizer, TubeSpec, image_tube_index, resolve_tubes
 from pretrain.model.vit import AttentionPool, Block, TanhGate
 
 KERNEL_MODES = ("separate", "interpolated")
+POS_EMBEDS = ("fixed", "learned")
 
 
 @dataclass
@@ -65,11 +66,21 @@ class TubeViTConfig:
     attn_drop_rate: float = field(default=0.0, metadata={"help": "attention-probability dropout", "min": 0.0, "max": 1.0})
     drop_path_rate: float = field(default=0.0, metadata={"help": "stochastic depth at the last block (linear ramp)", "min": 0.0, "max": 1.0})
     gate_layer: int | None = field(default=None, metadata={"help": "0-based block whose output gets tanh(alpha)*z_0 (bootstrap); None = no gate"})
+    # Bootstrapped image ViTs (pretrain.model.bootstrap) keep their own learned positions.
+    pos_embed: str = field(default="fixed", metadata={
+        "help": "fixed (sin/cos of tube centres) | learned (an image ViT's 2D table, see posembed.py)",
+        "choices": POS_EMBEDS})
+    pos_grid: tuple[int, int] | None = field(
+        default=None, metadata={"help": "learned table size (rows, cols) in patches; pos_embed=learned only"})
+    class_token: bool = field(default=False, metadata={
+        "help": "prepend a learned CLS token (image ViTs that have one); pos_embed=learned only"})
 
     def __post_init__(self):
         self.tubes = resolve_tubes(self.tubes)
         self.base_kernel = tuple(int(v) for v in self.base_kernel)
         self.num_classes = {str(k): int(v) for k, v in dict(self.num_classes).items()}
+        if self.pos_grid is not None:
+            self.pos_grid = tuple(int(v) for v in self.pos_grid)
 
     @property
     def patch_size(self) -> int | None:
@@ -112,11 +123,22 @@ class TubeViTConfig:
                 bad(f"{name}={getattr(self, name)} must be in [0, 1)")
         if self.gate_layer is not None and not 0 <= self.gate_layer < self.depth:
             bad(f"gate_layer={self.gate_layer} must be a block index in 0..{self.depth - 1} or None")
+        if self.pos_embed not in POS_EMBEDS:
+            bad(f"pos_embed={self.pos_embed!r}; valid: {', '.join(POS_EMBEDS)}")
+        if self.pos_embed == "learned":
+            if self.pos_grid is None or len(self.pos_grid) != 2 or min(self.pos_grid) < 1:
+                bad(f"pos_embed='learned' needs pos_grid=(rows, cols) of positive integers, got {self.pos_grid}")
+            if image_tube_index(self.tubes) is None:
+                bad("pos_embed='learned' needs a 2D image tube (its patch grid indexes the table)")
+        elif self.pos_grid is not None or self.class_token:
+            bad("pos_grid and class_token belong to pos_embed='learned' (bootstrapped image ViTs); "
+                "leave them unset with pos_embed='fixed'")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["tubes"] = [t.to_dict() for t in self.tubes]
         d["base_kernel"] = list(self.base_kernel)
+        d["pos_grid"] = None if self.pos_grid is None else list(self.pos_grid)
         return d
 
     def to_json(self) -> str:
@@ -141,7 +163,10 @@ class TubeViT(nn.Module):
         c = config
         self.tokenizer = SparseTubeTokenizer(c.tubes, c.dim, c.kernel_mode, c.base_kernel, c.in_chans,
                                              c.skip_unfit_tubes)
-        self.pos_embed = FixedPositionEmbedding(c.tubes, c.dim)
+        if c.pos_embed == "learned":
+            self.pos_embed = LearnedPositionEmbedding(c.tubes, c.dim, c.pos_grid, c.class_token)
+        else:
+            self.pos_embed = FixedPositionEmbedding(c.tubes, c.dim)
         self.pos_drop = nn.Dropout(c.drop_rate)
         norm = lambda d: nn.LayerNorm(d, eps=c.norm_eps)  # noqa: E731
         dpr = [c.drop_path_rate * i / max(c.depth - 1, 1) for i in range(c.depth)]
@@ -168,8 +193,11 @@ class TubeViT(nn.Module):
         """Video (B,3,T,H,W) or image (B,3,H,W) -> tokens (B, N, dim) after the final norm."""
         tokens = self.tokenizer(x)                                         # (B, N, d)
         grids = self.tokenizer.grids(tuple(x.shape))
-        pos = self.pos_embed(tuple(x.shape), grids, tokens.device, tokens.dtype)  # (N, d)
-        x = self.pos_drop(tokens + pos)                                    # (B, N, d)
+        if isinstance(self.pos_embed, LearnedPositionEmbedding):
+            x = self.pos_drop(self.pos_embed(tokens, tuple(x.shape), grids))  # (B, [1+]N, d)
+        else:
+            pos = self.pos_embed(tuple(x.shape), grids, tokens.device, tokens.dtype)  # (N, d)
+            x = self.pos_drop(tokens + pos)                                # (B, N, d)
         z0 = x
         use_ckpt = self.grad_checkpointing and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
@@ -197,10 +225,11 @@ class TubeViT(nn.Module):
         return dataset
 
     def no_weight_decay(self) -> set[str]:
-        """Parameter names to exclude from weight decay: biases, norms, pool query, gate."""
+        """Parameter names to exclude from weight decay: biases, norms, pool query, gate,
+        learned positions and CLS token."""
         # ds_shape: the real shape of a parameter DeepSpeed ZeRO-3 has partitioned (flattened).
         return {n for n, p in self.named_parameters()
-                if len(getattr(p, "ds_shape", p.shape)) <= 1 or n == "pool.query"}
+                if len(getattr(p, "ds_shape", p.shape)) <= 1 or n == "pool.query" or n.startswith("pos_embed.")}
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block's activations in backward (torch.utils.checkpoint, non-reentrant)."""
@@ -223,5 +252,10 @@ class TubeViT(nn.Module):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
         nn.init.trunc_normal_(self.pool.query, std=0.02)
+        if isinstance(self.pos_embed, LearnedPositionEmbedding):
+            nn.init.trunc_normal_(self.pos_embed.grid, std=0.02)
+            if self.pos_embed.cls_token is not None:
+                nn.init.trunc_normal_(self.pos_embed.cls_token, std=1e-6)
+                nn.init.trunc_normal_(self.pos_embed.cls_pos, std=0.02)
         if self.gate is not None:
             nn.init.zeros_(self.gate.alpha)

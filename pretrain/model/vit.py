@@ -100,12 +100,20 @@ class Block(nn.Module):
 class TanhGate(nn.Module):
     """The bootstrap's gated skip: z_s = block_s(...) + tanh(alpha) * z_0, alpha init 0.
 
-    At alpha = 0 the model computes exactly what it computed without the gate.
+    At alpha = 0 the model computes exactly what it computed without the gate. alpha has
+    shape (1,), not (): DeepSpeed ZeRO-3 cannot partition 0-dim parameters (files written
+    with a 0-dim alpha still load).
     """
 
     def __init__(self):
         super().__init__()
-        self.alpha = nn.Parameter(torch.zeros(()))
+        self.alpha = nn.Parameter(torch.zeros(1))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "alpha"
+        if key in state_dict and state_dict[key].ndim == 0:
+            state_dict[key] = state_dict[key].reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: torch.Tensor, z0: torch.Tensor) -> torch.Tensor:
         return x + torch.tanh(self.alpha) * z0

@@ -24,6 +24,7 @@ from typing import Any, Literal
 import yaml
 
 from checkpoints.config import CheckpointConfig
+from pretrain.bootstrap_config import BootstrapConfig
 from pretrain.data.config import DataConfig
 from pretrain.errors import UserError
 
@@ -144,6 +145,7 @@ class ExperimentConfig:
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)
 
 
 # ---------------------------------------------------------------------------------------

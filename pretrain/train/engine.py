@@ -63,6 +63,21 @@ def deepspeed_config(cfg: ExperimentConfig, world_size: int) -> dict[str, Any]:
     return ds
 
 
+def zero3_build_hooks(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Hooks for building a model from a file at ZeRO-3 (pretrain.model.bootstrap.init_from_file):
+    parameters are partitioned as they are created and loaded one at a time, so no rank ever
+    holds the whole model. Empty (plain construction) at other stages."""
+    if cfg.train.zero_stage != 3:
+        return {}
+    import deepspeed
+    import torch.distributed as dist
+
+    ds = deepspeed_config(cfg, dist.get_world_size())
+    ds.pop("train_batch_size")   # zero.Init checks it against deepspeed.comm's world, not yet set up
+    return {"build_context": lambda: deepspeed.zero.Init(config_dict_or_path=ds),
+            "gather": lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=0)}
+
+
 def build_engine(model: torch.nn.Module, cfg: ExperimentConfig, world_size: int):
     """(engine, optimizer, scheduler) for `model` on the already-initialised process group."""
     import deepspeed

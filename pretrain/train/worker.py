@@ -61,6 +61,10 @@ def seed_everything(seed: int) -> None:
 def build_model(cfg: ExperimentConfig, num_classes: dict[str, int]) -> torch.nn.Module:
     from pretrain.model import create_model, load_model
 
+    if cfg.bootstrap.init_from:   # image-to-video bootstrap (pretrain/model/bootstrap.py)
+        from pretrain.model.bootstrap import init_from_file
+        from pretrain.train.engine import zero3_build_hooks
+        return init_from_file(cfg.bootstrap, num_classes, seed=cfg.train.seed, **zero3_build_hooks(cfg))
     if cfg.model.init_from:
         model = load_model(cfg.model.init_from)
         missing = set(num_classes) - set(model.datasets)

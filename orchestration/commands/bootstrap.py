@@ -1,0 +1,88 @@
+"""`pretrain bootstrap --image-checkpoint PATH --tubes-from FILE.safetensors --gate-layer S
+--out FILE.safetensors`: a large image ViT + a small TubeViT's tubes -> a video TubeViT file.
+
+The image checkpoint is a timm ViT state dict (safetensors or .pth, local or fsspec URI;
+layout: pretrain/model/foreign.py); the small model is any file `pretrain export` wrote. The
+output is an ordinary self-describing model file (load_model reads it) whose metadata also
+records the bootstrap (image ViT, small model config, gate layer and its 0-based
+convention, width mapping and seed). Train it with a config's `bootstrap.init_from`
+(configs/bootstrap-*.yaml). Method and choices: pretrain/model/bootstrap.py.
+"""
+from __future__ import annotations
+
+import json
+
+HELP = "Make a video TubeViT from a large image ViT (timm layout) and a small TubeViT's tube kernels."
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--image-checkpoint", required=True, metavar="PATH",
+                        help="timm ViT weights: .safetensors or .pth/.pt/.bin, local path or fsspec URI")
+    parser.add_argument("--tubes-from", required=True, metavar="FILE.safetensors",
+                        help="small TubeViT model file (from `pretrain export`) whose 3D tube kernels are reused")
+    parser.add_argument("--gate-layer", required=True, type=int, metavar="S",
+                        help="0-based block index S: the gated skip is added to blocks[S]'s output; "
+                             "blocks[:S] and the tokenizer are frozen in training (ViT-H, 32 blocks: "
+                             "S=24 trains the last 8)")
+    parser.add_argument("--out", required=True, metavar="FILE.safetensors",
+                        help="output model file (local path or fsspec URI)")
+    parser.add_argument("--heads", type=int, default=None,
+                        help="attention heads of the image ViT (default: the standard count for its width)")
+    parser.add_argument("--num-classes", default=None, metavar="NAME=N[,NAME=N]",
+                        help="heads of the new model (default: the small model's datasets)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the width mapping and the new pool/heads (default 0)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object on the last line")
+
+
+def _num_classes(text: str | None) -> dict[str, int] | None:
+    from pretrain.errors import UserError
+
+    if not text:
+        return None
+    out = {}
+    for item in text.split(","):
+        name, sep, n = item.partition("=")
+        if not sep or not name.strip() or not n.strip().isdigit() or int(n) < 1:
+            raise UserError(f"--num-classes item {item!r} is not NAME=N with N >= 1 "
+                            "(e.g. --num-classes kinetics400=400,imagenet1k=1000)")
+        out[name.strip()] = int(n)
+    return out
+
+
+def run(args) -> int:
+    from pretrain.model import count_params, load_model, save_model
+    from pretrain.model.bootstrap import apply_freeze, bootstrap, trainable_summary
+    from pretrain.model.foreign import read_state_dict
+
+    small = load_model(args.tubes_from)
+    image_state = read_state_dict(args.image_checkpoint)
+    model, meta = bootstrap(image_state, small, args.gate_layer, num_classes=_num_classes(args.num_classes),
+                            heads=args.heads, seed=args.seed, source=args.image_checkpoint)
+    del image_state
+    meta["tubes_from"] = f"{args.tubes_from} " + meta["tubes_from"]
+    save_model(model, args.out, meta)
+    apply_freeze(model, "prefix")
+    c = model.config
+    counts = trainable_summary(model)
+    summary = {
+        "out": args.out,
+        "image_vit": meta["image_vit"],
+        "depth": c.depth, "dim": c.dim, "heads": c.heads,
+        "tubes": [t.describe() for t in c.tubes],
+        "gate_layer": c.gate_layer,
+        "trained_blocks": c.depth - c.gate_layer,
+        "params": count_params(model),
+        "trainable_params": counts["trainable"],
+        "frozen_params": counts["frozen"],
+        "width_map": meta["width_map"],
+        "datasets": c.num_classes,
+    }
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"bootstrapped {meta['image_vit']} with the tubes of {args.tubes_from} -> {args.out}\n"
+              f"  gate after block {c.gate_layer} (0-based); trains blocks {c.gate_layer}..{c.depth - 1}, "
+              f"gate, norm, pool, heads: {counts['trainable'] / 1e6:.2f}M of {summary['params'] / 1e6:.2f}M params\n"
+              f"  width map: {meta['width_map']} (seed {args.seed}); heads: {c.num_classes}")
+    return 0

@@ -1,0 +1,285 @@
+"""Image-to-video bootstrapping (tubevit.md section 7): a large image ViT + a small TubeViT's
+tube kernels -> a large video TubeViT that starts out computing exactly what the image ViT
+computed.
+
+    small = load_model("tubevit-b.safetensors")                 # trained jointly, any width d
+    model, meta = bootstrap(read_state_dict("vit_h14.pth"), small, gate_layer=24)
+    save_model(model, "vit-h-video.safetensors", meta)           # what `pretrain bootstrap` does
+
+What the bootstrapped model is made of:
+
+- 2D tokens: the image ViT's own patch embedding (`tokenizer.tubes[i]`, kernel 1xPxP,
+  spatial stride P; temporal stride and offset of the small model's image tube), its own
+  learned position table and CLS token (`pos_embed="learned"`, see posembed.py), blocks and
+  final norm. So on images `forward_features` equals the image ViT's (timm's) exactly.
+- 3D tokens: the small model's non-image tubes, same geometry (kernels, strides, offsets,
+  space-to-depth), their kernels reused without training and mapped from width d to the
+  large width D by a fixed projection (below). The small model's own 2D tube is not used.
+- Gated skip at block S (`gate_layer`, 0-based): the output of `blocks[S]` gets
+  `tanh(alpha) * z_0` added, z_0 = tokens + positions (the blocks' input), alpha = 0. With
+  `blocks[S]` = `y_S + MLP(LN(y_S))`, `y_S = z_{S-1} + MSA(LN(z_{S-1}))`, that is exactly the
+  paper's `z_S = MLP(LN(y_S)) + y_S + tanh(alpha) * z_0`.
+- New, randomly initialised (seeded): the attention pool and one linear head per dataset.
+
+Index convention: S counts blocks from 0. `freeze="prefix"` freezes the tokenizer, the
+positions/CLS token and `blocks[:S]`; `blocks[S:]`, the gate, the final norm, the pool and
+the heads train, i.e. the last `depth - S` blocks. The paper's "gate at the 26th of 32
+layers" (1-based) is S=25 (7 trained blocks); its best bootstrap result trains "+8 layers
+with the gate", which is S=24 on ViT-H (32 blocks) and what configs/bootstrap-h.yaml uses.
+
+Width mapping d -> D (the paper leaves it open; 1280/768 is not an integer, so plain
+space-to-depth cannot produce it): a fixed, seeded, semi-orthogonal matrix Q (D x d,
+Q^T Q = I when D >= d), applied to every tube's output channels and bias. It needs no new
+trained weights, is folded into the conv kernels (the file is an ordinary TubeViT), and is
+an isometry: the small model's tube tokens keep their norms and mutual inner products, so
+nothing it learned is discarded or distorted (slicing would drop channels; tiling would
+duplicate them and change norms). A space-to-depth tube (factor S2D) outputs d/S2D channels
+per neighbour, so it gets a block-diagonal map with one (D/S2D x d/S2D) semi-orthogonal block
+per neighbour; D must then be divisible by S2D. For D < d the same matrices have orthonormal
+rows (an orthogonal projection; lossy, allowed). The seed and method are stored in the
+output file's metadata (`width_map`, `width_map_seed`).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import struct
+from typing import Any, Callable
+
+import fsspec
+import torch
+
+from pretrain.bootstrap_config import BootstrapConfig
+from pretrain.errors import UserError
+from pretrain.model.foreign import ImageViTSpec, inspect_timm, timm_to_tubevit
+from pretrain.model.io import FORMAT, FORMAT_VERSION, _header_metadata
+from pretrain.model.tubes import TubeSpec, image_tube_index
+from pretrain.model.tubevit import TubeViT, TubeViTConfig
+
+WIDTH_MAP = "block-orthogonal"
+
+# New (not imported) parts of a bootstrapped model: initialised here, always trainable.
+_NEW = re.compile(r"^(pool\.|heads\.|gate\.)")
+
+
+# ---- width mapping ----------------------------------------------------------------------------
+
+def width_projection(d_from: int, d_to: int, seed: int) -> torch.Tensor:
+    """(d_to, d_from) semi-orthogonal float64 matrix, deterministic in (d_from, d_to, seed)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + d_from * 4099 + d_to)
+    a = torch.randn(max(d_to, d_from), min(d_to, d_from), generator=g, dtype=torch.float64)
+    q, r = torch.linalg.qr(a)                                  # (max, min), orthonormal columns
+    q = q * torch.sign(torch.diagonal(r))                      # unique: positive diag of r
+    return q if d_to >= d_from else q.T                        # (d_to, d_from)
+
+
+def map_tube_width(weight: torch.Tensor, bias: torch.Tensor, s2d_factor: int, d_to: int,
+                   seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A tube's kernel (d/S, C, kt, kh, kw) and bias (d,) -> (D/S, C, ...) and (D,).
+
+    One block of Q per space-to-depth neighbour: the bias is laid out neighbour-major like the
+    packed channels, so each neighbour's d/S channels map through the same (D/S x d/S) block.
+    """
+    S = s2d_factor
+    d_from = bias.numel()
+    if d_to % S:
+        raise UserError(f"bootstrap: the large width {d_to} is not divisible by a tube's "
+                        f"space-to-depth factor {S}")
+    q = width_projection(d_from // S, d_to // S, seed)         # (D/S, d/S)
+    w = torch.einsum("oi,i...->o...", q, weight.double())     # (D/S, C, kt, kh, kw)
+    b = (q @ bias.double().view(S, d_from // S).T).T.reshape(-1)  # (D,) neighbour-major
+    return w.to(weight.dtype), b.to(bias.dtype)
+
+
+# ---- building ---------------------------------------------------------------------------------
+
+def bootstrap_config(spec: ImageViTSpec, small: TubeViT, gate_layer: int,
+                     num_classes: dict[str, int] | None = None) -> TubeViTConfig:
+    """The bootstrapped model's architecture: the image ViT's shape, the small model's tubes."""
+    sc = small.config
+    i_small = image_tube_index(sc.tubes)
+    if i_small is None:
+        raise UserError("bootstrap: the small TubeViT has no 2D image tube, so there is no place for "
+                        "the image ViT's patch embedding; train the small model with a tube set that "
+                        "has one (e.g. tubes='paper')")
+    if not 0 <= gate_layer < spec.depth:
+        raise UserError(f"bootstrap: gate layer {gate_layer} is not a block of the {spec.depth}-block "
+                        f"image ViT; valid: 0..{spec.depth - 1} (0-based; S trains blocks S..{spec.depth - 1})")
+    if spec.in_chans != sc.in_chans:
+        raise UserError(f"bootstrap: the image ViT takes {spec.in_chans} channels, the small TubeViT "
+                        f"{sc.in_chans}")
+    img = sc.tubes[i_small]
+    P = spec.patch
+    tubes = list(sc.tubes)
+    tubes[i_small] = TubeSpec((1, P, P), (img.stride[0], P, P), (img.offset[0], 0, 0))
+    return TubeViTConfig(
+        depth=spec.depth, dim=spec.dim, mlp_dim=spec.mlp_dim, heads=spec.heads, tubes=tubes,
+        kernel_mode="separate", num_classes=dict(num_classes or sc.num_classes),
+        skip_unfit_tubes=sc.skip_unfit_tubes, in_chans=sc.in_chans, qkv_bias=spec.qkv_bias,
+        norm_eps=1e-6, gate_layer=gate_layer, pos_embed="learned", pos_grid=spec.grid,
+        class_token=spec.class_token)
+
+
+def bootstrap(image_state: dict[str, torch.Tensor], small: TubeViT, gate_layer: int, *,
+              num_classes: dict[str, int] | None = None, heads: int | None = None,
+              seed: int = 0, source: str = "image checkpoint") -> tuple[TubeViT, dict[str, str]]:
+    """(bootstrapped model, metadata for its file). See the module docstring."""
+    spec = inspect_timm(image_state, heads=heads, source=source)
+    config = bootstrap_config(spec, small, gate_layer, num_classes)
+    config.validate()
+    torch.manual_seed(seed)          # the new pool and heads
+    model = TubeViT(config)
+    i_img = image_tube_index(config.tubes)
+    state = timm_to_tubevit(image_state, spec, i_img)
+    tok = small.tokenizer
+    for i, tube_spec in enumerate(config.tubes):
+        if i == i_img:
+            continue
+        w, b = map_tube_width(tok.kernel(i).detach(), tok.tubes[i].bias.detach(), tube_spec.s2d_factor,
+                              config.dim, seed)
+        state[f"tokenizer.tubes.{i}.weight"], state[f"tokenizer.tubes.{i}.bias"] = w, b
+    own = model.state_dict()
+    state = {k: v.to(own[k].dtype) for k, v in state.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and all(_NEW.match(k) for k in missing), (missing, unexpected)
+    meta = {
+        "bootstrap": "1",
+        "image_vit": spec.describe(),
+        "image_checkpoint": source,
+        "tubes_from": json.dumps(small.config.to_dict(), sort_keys=True),
+        "gate_layer": str(gate_layer),
+        "gate_convention": "0-based block index S: blocks[S] output += tanh(alpha)*z0; freeze blocks[:S]",
+        "width_map": f"{WIDTH_MAP} d={small.config.dim} -> D={config.dim}",
+        "width_map_seed": str(seed),
+    }
+    return model, meta
+
+
+# ---- freezing ---------------------------------------------------------------------------------
+
+def frozen_prefix(name: str, gate_layer: int) -> bool:
+    """Whether parameter `name` is in the frozen prefix: tokenizer, positions, blocks[:S]."""
+    if name.startswith(("tokenizer.", "pos_embed.")):
+        return True
+    m = re.match(r"^blocks\.(\d+)\.", name)
+    return bool(m) and int(m.group(1)) < gate_layer
+
+
+def apply_freeze(model: TubeViT, mode: str = "prefix", gate_layer: int | None = None) -> list[str]:
+    """Set requires_grad per `mode` ("prefix" | "none"); returns the trainable parameter names."""
+    gate_layer = model.config.gate_layer if gate_layer is None else gate_layer
+    if mode not in ("prefix", "none"):
+        raise UserError(f"bootstrap.freeze is {mode!r}; valid: prefix, none")
+    if mode == "prefix" and gate_layer is None:
+        raise UserError("bootstrap.freeze='prefix' needs a gate layer: the model file has none and "
+                        "bootstrap.gate_layer is not set")
+    trainable = []
+    for name, p in model.named_parameters():
+        p.requires_grad_(mode == "none" or not frozen_prefix(name, gate_layer))
+        if p.requires_grad:
+            trainable.append(name)
+    return trainable
+
+
+# ---- loading for training ---------------------------------------------------------------------
+
+def iter_model_file(path: str):
+    """(metadata, generator of (name, tensor)) reading one tensor at a time, so a large file
+    never sits in memory whole (local path or fsspec URI)."""
+    f = fsspec.open(path, "rb").open()
+    try:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header_bytes = f.read(n)
+    except FileNotFoundError:
+        raise UserError(f"model file {path} does not exist") from None
+    meta = _header_metadata(struct.pack("<Q", n) + header_bytes, path)
+    header = json.loads(header_bytes)
+    header.pop("__metadata__", None)
+    dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+              "I64": torch.int64, "I32": torch.int32}
+
+    def tensors():
+        try:
+            for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+                start, end = info["data_offsets"]
+                f.seek(8 + n + start)
+                buf = bytearray(f.read(end - start))
+                t = torch.frombuffer(buf, dtype=dtypes[info["dtype"]]) if buf else torch.empty(0, dtype=dtypes[info["dtype"]])
+                yield name, t.reshape(info["shape"])
+        finally:
+            f.close()
+    return meta, tensors()
+
+
+def init_from_file(cfg: BootstrapConfig, num_classes: dict[str, int] | None = None, *,
+                   build_context: Callable[[], Any] = contextlib.nullcontext,
+                   gather: Callable[[list[torch.nn.Parameter]], Any] | None = None,
+                   seed: int = 0) -> TubeViT:
+    """The model of `cfg.init_from`, with heads for `num_classes` and `cfg.freeze` applied.
+
+    Heads whose name and size match the file's are loaded; others are created fresh (seeded)
+    and the file's extra heads dropped, so a bootstrapped file trains on any datasets.
+    `cfg.gate_layer` may move the gate (only while the file's alpha is still 0).
+
+    ZeRO-3 (from the training code, which owns DeepSpeed): `build_context()` wraps model
+    construction (deepspeed.zero.Init: parameters are partitioned as they are made) and
+    `gather([p])` makes one parameter whole and writable while it is loaded
+    (GatheredParameters(..., modifier_rank=0)); tensors are read one at a time, so no rank
+    ever holds the whole model.
+    """
+    path = cfg.init_from
+    meta, tensors = iter_model_file(path)
+    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+        raise UserError(f"{path} is not a model file of this project")
+    config = TubeViTConfig.from_dict(json.loads(meta["config"]))
+    if num_classes:
+        config.num_classes = dict(num_classes)
+    moved = cfg.gate_layer is not None and cfg.gate_layer != config.gate_layer
+    if cfg.gate_layer is not None:
+        config.gate_layer = cfg.gate_layer
+    config.validate()
+    torch.manual_seed(seed)
+    with build_context():
+        model = TubeViT(config)
+    params = dict(model.named_parameters())
+    gather = gather or (lambda ps: contextlib.nullcontext())
+    loaded = set()
+    for name, tensor in tensors:
+        if name == "gate.alpha" and moved and float(tensor) != 0.0:
+            raise UserError(f"bootstrap.gate_layer={cfg.gate_layer} moves the gate of {path} (at "
+                            f"{json.loads(meta['config'])['gate_layer']}), but its alpha is already "
+                            f"trained ({float(tensor):.4g}); use the file's gate layer")
+        p = params.get(name)
+        shape = None if p is None else tuple(getattr(p, "ds_shape", p.shape))
+        if name == "gate.alpha" and shape is not None:
+            tensor = tensor.reshape(shape)   # files with the older 0-dim alpha
+        if shape != tuple(tensor.shape):
+            continue   # a dropped head, a resized head, or no gate in this config
+        with gather([p]), torch.no_grad():
+            if p.numel():   # non-empty: this rank holds it whole (always, without ZeRO-3)
+                p.copy_(tensor)
+        loaded.add(name)
+    fresh = sorted(set(params) - loaded)
+    not_new = [n for n in fresh if not _NEW.match(n)]
+    if not_new:
+        raise UserError(f"{path} lacks tensors its own config needs: {not_new[:5]}")
+    for name in fresh:   # heads for new datasets, or a gate the file did not have
+        p = params[name]
+        with gather([p]), torch.no_grad():
+            if p.numel():
+                if name.endswith(".weight"):
+                    torch.nn.init.trunc_normal_(p, std=0.02)
+                else:
+                    torch.nn.init.zeros_(p)
+    apply_freeze(model, cfg.freeze, config.gate_layer)
+    return model
+
+
+def trainable_summary(model: torch.nn.Module) -> dict[str, int]:
+    """Trainable and frozen parameter counts (full sizes, also under ZeRO-3)."""
+    count = lambda ps: sum(getattr(p, "ds_numel", p.numel()) for p in ps)  # noqa: E731
+    ps = list(model.parameters())
+    return {"trainable": count(p for p in ps if p.requires_grad),
+            "frozen": count(p for p in ps if not p.requires_grad)}
+

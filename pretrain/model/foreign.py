@@ -1,0 +1,233 @@
+"""Foreign checkpoint layouts mapped onto TubeViT names: the one place that knows them.
+
+Today one layout: timm's `VisionTransformer` (vit_*_patch16/14_*, DeiT, AugReg, ...), as a
+plain state dict in a safetensors file or a torch `.pth`/`.pt`/`.bin` file (also wrapped as
+{"state_dict": ...}, {"model": ...} or {"module": ...}, keys optionally prefixed "module." or
+"model."), local or any fsspec URI. The keys and what they become:
+
+    timm                               shape                 TubeViT
+    patch_embed.proj.weight            (D, C, P, P)          tokenizer.tubes[i].weight  (D, C, 1, P, P)
+    patch_embed.proj.bias              (D,)                  tokenizer.tubes[i].bias
+    pos_embed                          (1, [1+]gh*gw, D)     pos_embed.grid (1, gh*gw, D) [+ pos_embed.cls_pos]
+    cls_token                          (1, 1, D)             pos_embed.cls_token          (optional)
+    blocks.N.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}.{weight,bias}   same names
+    norm.{weight,bias}                 (D,)                  norm.*
+    head.*, head_drop.*                                      dropped (the image classifier)
+
+i = the image tube of the TubeViT (`image_tube_index`). With a CLS token timm's pos_embed
+either has a CLS entry (the original layout: 1 + gh*gw rows) or not (`no_embed_class`,
+DeiT-3: gh*gw rows; our cls_pos is then zero, which is the same function). The grid is
+taken as square unless given. Anything else (register tokens, LayerScale `ls1.gamma`,
+`norm_pre`, `fc_norm` instead of `norm`, q/k norms, attention-pool heads) is a layout this
+code does not reproduce exactly, so it is refused with a UserError naming the keys rather
+than silently changing what the image ViT computes.
+
+Attention heads are not in a state dict; `heads=None` takes the standard count for the
+width (ViT-Ti 3, S 6, B 12, L/H 16).
+"""
+from __future__ import annotations
+
+import io
+import math
+import re
+from dataclasses import dataclass
+
+import fsspec
+import torch
+
+from pretrain.errors import UserError
+
+# width -> attention heads of the standard ViT sizes (timm / the ViT and DeiT papers)
+STANDARD_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16, 1408: 16, 1664: 16}
+
+_BLOCK_PARTS = ("norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight",
+                "attn.proj.bias", "norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias",
+                "mlp.fc2.weight", "mlp.fc2.bias")
+_OPTIONAL_BLOCK_PARTS = {"attn.qkv.bias"}          # qkv_bias=False models have none
+_TOP = {"patch_embed.proj.weight", "patch_embed.proj.bias", "pos_embed", "norm.weight", "norm.bias"}
+_DROPPED = re.compile(r"^(head|head_drop)\.")
+_BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.+)$")
+
+
+@dataclass(frozen=True)
+class ImageViTSpec:
+    """The architecture of an image ViT as read off its weights."""
+
+    depth: int
+    dim: int
+    mlp_dim: int
+    heads: int
+    patch: int
+    grid: tuple[int, int]        # position table rows, cols (patches)
+    class_token: bool
+    cls_has_pos: bool            # pos_embed has a CLS row (timm's no_embed_class=False)
+    qkv_bias: bool
+    in_chans: int
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """The resolution the position table was trained at (pixels)."""
+        return (self.grid[0] * self.patch, self.grid[1] * self.patch)
+
+    def describe(self) -> str:
+        return (f"ViT depth {self.depth}, width {self.dim}, MLP {self.mlp_dim}, {self.heads} heads, "
+                f"patch {self.patch}, {self.grid[0]}x{self.grid[1]} positions"
+                f"{', CLS token' if self.class_token else ''}")
+
+
+# ---- reading --------------------------------------------------------------------------------
+
+def read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors or torch (.pth/.pt/.bin) file, local path or fsspec URI."""
+    try:
+        with fsspec.open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise UserError(f"image checkpoint {path} does not exist") from None
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load as st_load
+        try:
+            return st_load(data)
+        except Exception as exc:
+            raise UserError(f"image checkpoint {path} is not a readable safetensors file ({exc})") from None
+    try:
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise UserError(f"image checkpoint {path} is neither a safetensors file (by its name) nor a "
+                        f"torch state dict readable with weights_only=True ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0][:200]})") from None
+    for wrapper in ("state_dict", "model", "module"):
+        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
+            obj = obj[wrapper]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UserError(f"image checkpoint {path} does not hold a state dict (name -> tensor); "
+                        "expected timm's VisionTransformer.state_dict(), possibly under 'state_dict'/'model'")
+    return dict(obj)
+
+
+def _strip_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    for prefix in ("module.", "model."):
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+# ---- the timm layout ------------------------------------------------------------------------
+
+def inspect_timm(state: dict[str, torch.Tensor], heads: int | None = None,
+                 grid: tuple[int, int] | None = None, source: str = "image checkpoint") -> ImageViTSpec:
+    """Check that `state` is a timm ViT this project reproduces exactly and read its shape.
+
+    UserError names the unknown, missing or mis-shaped keys.
+    """
+    state = _strip_prefix(state)
+    blocks: dict[int, set[str]] = {}
+    unknown = []
+    for key in state:
+        m = _BLOCK_KEY.match(key)
+        if m and m.group(2) in _BLOCK_PARTS:
+            blocks.setdefault(int(m.group(1)), set()).add(m.group(2))
+        elif key in _TOP or key == "cls_token" or _DROPPED.match(key):
+            continue
+        else:
+            unknown.append(key)
+    if unknown:
+        raise UserError(f"{source} has keys outside the timm ViT layout this importer maps exactly: "
+                        f"{_names(unknown)}; supported: patch_embed.proj.*, pos_embed, cls_token, "
+                        f"blocks.N.{{{', '.join(_BLOCK_PARTS)}}}, norm.*, head.* (dropped). Register tokens, "
+                        "LayerScale, norm_pre, fc_norm and q/k norms are not supported")
+    missing = sorted(_TOP - set(state))
+    depth = max(blocks) + 1 if blocks else 0
+    for i in range(depth):
+        gone = set(_BLOCK_PARTS) - _OPTIONAL_BLOCK_PARTS - blocks.get(i, set())
+        missing += [f"blocks.{i}.{p}" for p in sorted(gone)]
+    if missing or depth == 0:
+        raise UserError(f"{source} is not a complete timm ViT: missing keys {_names(missing or ['blocks.0.*'])}")
+    has_qkv_bias = {"attn.qkv.bias" in blocks[i] for i in range(depth)}
+    if len(has_qkv_bias) != 1:
+        raise UserError(f"{source}: only some blocks have attn.qkv.bias; all or none must")
+
+    pw = state["patch_embed.proj.weight"]
+    if pw.ndim != 4 or pw.shape[2] != pw.shape[3]:
+        raise UserError(f"{source}: patch_embed.proj.weight has shape {tuple(pw.shape)}; expected "
+                        "(width, channels, P, P) with a square patch")
+    dim, in_chans, patch = pw.shape[0], pw.shape[1], pw.shape[2]
+    mlp_dim = state["blocks.0.mlp.fc1.weight"].shape[0]
+    expected = {"patch_embed.proj.bias": (dim,), "norm.weight": (dim,), "norm.bias": (dim,)}
+    for i in range(depth):
+        b = f"blocks.{i}."
+        expected.update({
+            b + "norm1.weight": (dim,), b + "norm1.bias": (dim,), b + "norm2.weight": (dim,),
+            b + "norm2.bias": (dim,), b + "attn.qkv.weight": (3 * dim, dim), b + "attn.proj.weight": (dim, dim),
+            b + "attn.proj.bias": (dim,), b + "mlp.fc1.weight": (mlp_dim, dim), b + "mlp.fc1.bias": (mlp_dim,),
+            b + "mlp.fc2.weight": (dim, mlp_dim), b + "mlp.fc2.bias": (dim,)})
+        if has_qkv_bias == {True}:
+            expected[b + "attn.qkv.bias"] = (3 * dim,)
+    class_token = "cls_token" in state
+    if class_token:
+        expected["cls_token"] = (1, 1, dim)
+    wrong = [f"{k} {tuple(state[k].shape)} (expected {v})" for k, v in expected.items()
+             if tuple(state[k].shape) != v]
+    if wrong:
+        raise UserError(f"{source}: tensors whose shapes do not fit a width-{dim} ViT: {_names(wrong)}")
+
+    pos = state["pos_embed"]
+    if pos.ndim != 3 or pos.shape[0] != 1 or pos.shape[2] != dim:
+        raise UserError(f"{source}: pos_embed has shape {tuple(pos.shape)}; expected (1, tokens, {dim})")
+    rows = pos.shape[1]
+    cls_has_pos = False
+    if grid is None:
+        side = math.isqrt(rows)
+        if class_token and side * side != rows and math.isqrt(rows - 1) ** 2 == rows - 1:
+            side, cls_has_pos = math.isqrt(rows - 1), True
+        if side * side not in (rows, rows - int(cls_has_pos)) or side == 0:
+            raise UserError(f"{source}: pos_embed has {rows} rows, not a square grid"
+                            f"{' (+1 CLS row)' if class_token else ''}; pass the grid (rows, cols) explicitly")
+        grid = (side, side)
+    else:
+        grid = (int(grid[0]), int(grid[1]))
+        n = grid[0] * grid[1]
+        cls_has_pos = class_token and rows == n + 1
+        if rows != n + int(cls_has_pos):
+            raise UserError(f"{source}: pos_embed has {rows} rows but grid {grid} needs {n}"
+                            f"{' or ' + str(n + 1) + ' (with a CLS row)' if class_token else ''}")
+    if heads is None:
+        if dim not in STANDARD_HEADS:
+            raise UserError(f"{source}: width {dim} is not a standard ViT width "
+                            f"({', '.join(map(str, STANDARD_HEADS))}); give the number of attention heads")
+        heads = STANDARD_HEADS[dim]
+    if dim % heads:
+        raise UserError(f"{source}: width {dim} is not divisible by {heads} attention heads")
+    return ImageViTSpec(depth=depth, dim=dim, mlp_dim=mlp_dim, heads=heads, patch=patch, grid=grid,
+                        class_token=class_token, cls_has_pos=cls_has_pos,
+                        qkv_bias=has_qkv_bias == {True}, in_chans=in_chans)
+
+
+def timm_to_tubevit(state: dict[str, torch.Tensor], spec: ImageViTSpec,
+                    image_tube: int) -> dict[str, torch.Tensor]:
+    """The image ViT's tensors under TubeViT names (call `inspect_timm` first for `spec`).
+
+    `image_tube` is the index of the TubeViT's 2D tube in `tokenizer.tubes`.
+    """
+    state = _strip_prefix(state)
+    out: dict[str, torch.Tensor] = {}
+    t = f"tokenizer.tubes.{image_tube}."
+    out[t + "weight"] = state["patch_embed.proj.weight"].unsqueeze(2)         # (D, C, 1, P, P)
+    out[t + "bias"] = state["patch_embed.proj.bias"]                          # (D,)
+    pos = state["pos_embed"]                                                   # (1, [1+]n, D)
+    if spec.class_token:
+        out["pos_embed.cls_token"] = state["cls_token"]                       # (1, 1, D)
+        out["pos_embed.cls_pos"] = pos[:, :1] if spec.cls_has_pos else torch.zeros_like(pos[:, :1])
+        pos = pos[:, 1:] if spec.cls_has_pos else pos
+    out["pos_embed.grid"] = pos                                                # (1, n, D)
+    for key, value in state.items():
+        if key.startswith("blocks.") or key.startswith("norm."):
+            out[key] = value
+    return out
+
+
+def _names(keys: list[str], limit: int = 8) -> str:
+    keys = sorted(keys)
+    more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
