@@ -126,7 +126,7 @@ def _raw_decode(job) -> int:
         for frame in c.decode(s):
             t = frame.time
             while j < len(wanted) and t >= wanted[j] / fps - 0.5 / fps:
-                _REFORMATTER.reformat(frame, format="rgb24").to_ndarray()
+                _REFORMATTER.reformat(frame, format="rgb24", threads=1).to_ndarray()
                 j += 1
                 got += 1
             if j == len(wanted):

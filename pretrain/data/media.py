@@ -7,6 +7,7 @@ a clip needs are converted to RGB, and the conversion does the resize in the sam
 from __future__ import annotations
 
 import io
+import os
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -137,21 +138,21 @@ def decode_frames(data: bytes, indices: Sequence[int], fps: float,
         container.close()
 
 
-_reformatter = None
+_reformatter: tuple[int, object] | None = None  # (pid, VideoReformatter)
 
 
 def _rgb(frame, width, height) -> np.ndarray:
+    """RGB uint8 (H, W, 3), scaled to (width, height) when given, in one swscale pass."""
     global _reformatter
-    if width is None:
-        return frame.to_ndarray(format="rgb24")
-    # One reformatter for the process: `frame.reformat` builds a new swscale context (scaling
+    # One reformatter per process: `frame.reformat` builds a new swscale context (scaling
     # filters included) for every frame object, which costs more than the scaling itself.
-    if _reformatter is None:
+    # Keyed by pid: a context inherited through fork (loader workers) can deadlock.
+    if _reformatter is None or _reformatter[0] != os.getpid():
         from av.video.reformatter import VideoReformatter
 
-        _reformatter = VideoReformatter()
-    return _reformatter.reformat(frame, width=width, height=height, format="rgb24",
-                                 interpolation="BILINEAR").to_ndarray()
+        _reformatter = (os.getpid(), VideoReformatter())
+    return _reformatter[1].reformat(frame, width=width, height=height, format="rgb24",
+                                    interpolation="BILINEAR", threads=1).to_ndarray()
 
 
 def probe_image(data: bytes) -> tuple[int, int, str]:

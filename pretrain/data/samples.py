@@ -66,8 +66,8 @@ def train_clip(raw: dict, spec: ClipSpec, rng: random.Random) -> torch.Tensor:
     sw, sh, x0, y0 = T.scaled_frame_size(box, w, h, spec.size)
     clip = _gather(raw, indices, (sw, sh))[:, y0:y0 + spec.size, x0:x0 + spec.size]  # (T,S,S,3)
     if spec.hflip and rng.random() < 0.5:
-        clip = clip[:, :, ::-1]
-    return T.normalize_clip(np.ascontiguousarray(clip))  # (3, T, S, S)
+        clip = np.ascontiguousarray(clip[:, :, ::-1])  # torch takes no negative strides
+    return T.normalize_clip(clip)  # (3, T, S, S)
 
 
 def eval_clip(raw: dict, spec: ClipSpec) -> torch.Tensor:
@@ -83,7 +83,7 @@ def eval_clip(raw: dict, spec: ClipSpec) -> torch.Tensor:
     for tv in range(len(per_view)):
         for x0, y0 in T.spatial_offsets(spec.spatial_views, w, h, spec.size):
             crop = frames[tv, :, y0:y0 + spec.size, x0:x0 + spec.size]
-            views.append(T.normalize_clip(np.ascontiguousarray(crop)))
+            views.append(T.normalize_clip(crop))
     return torch.stack(views)  # (V, 3, T, S, S)
 
 

@@ -96,17 +96,22 @@ def spatial_offsets(views: int, width: int, height: int, size: int) -> list[tupl
     return out
 
 
-_MEAN = torch.tensor(MEAN).view(3, 1, 1, 1) * 255
-_STD = torch.tensor(STD).view(3, 1, 1, 1) * 255
+_SCALE = 1.0 / (255.0 * torch.tensor(STD))         # x_norm = pixel * scale + shift
+_SHIFT = -torch.tensor(MEAN) / torch.tensor(STD)
 
 
 def normalize_clip(frames: np.ndarray) -> torch.Tensor:
-    """uint8 (T, H, W, 3) -> float32 (3, T, H, W), ImageNet mean/std normalised."""
-    x = torch.from_numpy(frames).permute(3, 0, 1, 2).float()  # (3, T, H, W)
-    return (x - _MEAN) / _STD
+    """uint8 (T, H, W, 3), any positive strides -> float32 (3, T, H, W), ImageNet mean/std
+    normalised. One pass to float (the layout change happens in the copy), then in place."""
+    src = torch.from_numpy(frames).permute(3, 0, 1, 2)  # (3, T, H, W) view
+    x = torch.empty(src.shape, dtype=torch.float32)
+    x.copy_(src)
+    return x.mul_(_SCALE.view(3, 1, 1, 1)).add_(_SHIFT.view(3, 1, 1, 1))
 
 
 def normalize_image(img: np.ndarray) -> torch.Tensor:
     """uint8 (H, W, 3) -> float32 (3, H, W), ImageNet mean/std normalised."""
-    x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float()  # (3, H, W)
-    return (x - _MEAN[:, :, :, 0]) / _STD[:, :, :, 0]
+    src = torch.from_numpy(img).permute(2, 0, 1)  # (3, H, W) view
+    x = torch.empty(src.shape, dtype=torch.float32)
+    x.copy_(src)
+    return x.mul_(_SCALE.view(3, 1, 1)).add_(_SHIFT.view(3, 1, 1))

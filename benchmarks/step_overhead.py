@@ -1,0 +1,131 @@
+"""Step overhead of the whole training system against a bare PyTorch loop.
+
+    python benchmarks/step_overhead.py --json [--steps 120] [key=value ...]
+
+System: `configs/smoke.yaml` through the real path (embedded Ray, 2 Ray Train workers,
+DeepSpeed ZeRO-2 on gloo, the streaming joint loader decoding mp4/png shards, MLflow
+tracking to a local sqlite store), 1 torch thread per worker. Throughput is the mean
+perf/samples_per_sec over the log windows after the first (warm-up, JIT, worker start).
+
+Bare: one process with the same thread budget (2 torch threads), the same model and
+global batch (2 x per-rank batch), plain torch.optim.AdamW + the same schedule, over
+pre-decoded tensors held in memory (the same joint modality sequence), no Ray, no
+DeepSpeed, no loader, no logging.
+
+JSON fields: system_samples_per_sec, bare_samples_per_sec, ratio = system / bare (higher
+is better; goal >= 0.9), data_wait_share and log_share (share of the system's step time
+spent waiting for the loader and in the log-point work on rank 0), steps, config.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def system(cfg, log_every: int) -> dict:
+    from orchestration.driver import run_job
+
+    windows = []
+    summary = run_job(cfg, config_name="bench-step-overhead",
+                      on_progress=lambda item: windows.append(item) if "train/loss" in item else None)
+    steady = windows[1:] or windows
+    mean = lambda k: sum(w[k] for w in steady) / len(steady)  # noqa: E731
+    return {"samples_per_sec": mean("perf/samples_per_sec"),
+            "data_wait_share": mean("perf/data_wait_share"),
+            "log_share": mean("perf/log_share"), "windows": len(windows),
+            "mlflow_run_id": summary["mlflow_run_id"]}
+
+
+def bare(cfg, steps: int, warmup: int) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    from pretrain.data.loader import JointLoader
+    from pretrain.train import data_io
+    from pretrain.train.optim import build_optimizer, build_scheduler
+    from pretrain.train.worker import build_model
+
+    torch.set_num_threads(2)
+    info = data_io.DataInfo.from_config(cfg.data)
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg, info.num_classes)
+    t = cfg.train
+    opt = build_optimizer(model, lr=t.lr, weight_decay=t.weight_decay, betas=tuple(t.betas), eps=t.eps)
+    sched = build_scheduler(opt, lr=t.lr, min_lr=t.min_lr, warmup_steps=t.warmup_steps,
+                            total_steps=steps)
+    # Pre-decode the global batches: the two ranks' batches of each step, concatenated.
+    loaders = [JointLoader(cfg.data, rank=r, world_size=2, seed=t.seed) for r in range(2)]
+    pool = []
+    for _ in range(min(steps, 64)):
+        b0, b1 = next(loaders[0]), next(loaders[1])
+        pool.append((b0.dataset, torch.cat([b0.x, b1.x]), torch.cat([b0.y, b1.y])))
+    for ld in loaders:
+        ld.close()
+    model.train()
+    samples, t0 = 0, None
+    for step in range(steps):
+        if step == warmup:
+            t0, samples = time.perf_counter(), 0
+        dataset, x, y = pool[step % len(pool)]
+        loss = F.cross_entropy(model(x, dataset=dataset), y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        samples += len(y)
+    return {"samples_per_sec": samples / (time.perf_counter() - t0)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+    from orchestration.commands.run import absolute_paths, ensure_data
+    from pretrain.train.config import load_config
+
+    work = tempfile.mkdtemp(prefix="bench-overhead-")
+    log_every = 20
+    cfg = load_config(ROOT / "configs" / "smoke.yaml", [
+        f"train.steps={args.steps}", f"train.log_every={log_every}", "train.eval_at_end=false",
+        "resources.threads_per_worker=1", f"tracking.tracking_uri=sqlite:///{work}/mlflow.db",
+        "checkpoint.uri=null", *args.overrides])
+    os.chdir(ROOT)
+    absolute_paths(cfg)
+    ensure_data(cfg)
+    sys_fig = system(cfg, log_every)
+    bare_fig = bare(cfg, args.steps, warmup=log_every)
+    out = {
+        "system_samples_per_sec": sys_fig["samples_per_sec"],
+        "bare_samples_per_sec": bare_fig["samples_per_sec"],
+        "ratio": sys_fig["samples_per_sec"] / bare_fig["samples_per_sec"],
+        "data_wait_share": sys_fig["data_wait_share"],
+        "log_share": sys_fig["log_share"],
+        "steps": args.steps,
+        "workers": cfg.resources.workers,
+        "zero_stage": cfg.train.zero_stage,
+        "config": "configs/smoke.yaml",
+    }
+    if args.json:
+        print(json.dumps(out))
+    else:
+        for k, v in out.items():
+            print(f"{k:24s} {v}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

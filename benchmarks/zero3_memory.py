@@ -1,0 +1,194 @@
+"""Per-worker peak memory of one training step of a bootstrapped TubeViT: ZeRO-3 on 2 CPU
+workers vs one unsharded worker, against the plan (pretrain/model/memory.py).
+
+    python benchmarks/zero3_memory.py --json                       # bootstrapped ViT-H/14
+    python benchmarks/zero3_memory.py --model tubevit-b --json     # a smaller stand-in
+
+The model is what `pretrain bootstrap` makes of a ViT-H/14 image ViT with TubeViT-B's tubes
+(random weights: memory does not depend on them): learned 16x16 position table, CLS token,
+gate at block `--gate-layer` (default depth - 8), frozen prefix as in configs/bootstrap-h.yaml.
+Each run is a fresh process tree that goes through the training code itself
+(pretrain.train.worker.build_model -> init_from_file, engine.build_engine, train_micro_step),
+fp32 on CPU (gloo), one micro-batch of `--micro-batch` clips of `--frames` x `--size`^2:
+
+- unsharded: 1 worker, ZeRO stage 0 (the whole model, its gradients and Adam state in one
+  process);
+- sharded: 2 workers, ZeRO-3 (built partitioned with zero.Init, loaded one tensor at a time).
+
+Peak RSS per worker = the process's ru_maxrss (high-water mark, includes the runtime).
+`ratio` = unsharded peak / max sharded per-worker peak (higher is better; goal >= 1.6).
+The plan's figures use the measured runtime baseline (RSS after imports and process-group
+setup) as its overhead and count only the touched part of DeepSpeed's reduce bucket, as RSS
+does.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.multiprocessing as mp
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# image ViT each TubeViT size stands in for: (depth, dim, mlp, heads, patch)
+IMAGE_VITS = {
+    "tubevit-ti": (12, 192, 768, 3, 16),
+    "tubevit-s": (12, 384, 1536, 6, 16),
+    "tubevit-b": (12, 768, 3072, 12, 16),
+    "tubevit-l": (24, 1024, 4096, 16, 16),
+    "tubevit-h": (32, 1280, 5120, 16, 14),    # ViT-H/14
+}
+NUM_CLASSES = {"kinetics400": 400}
+
+
+def bootstrapped_config(name: str, gate_layer: int | None, image_size: int = 224):
+    from pretrain.model import create_model
+    from pretrain.model.bootstrap import bootstrap_config
+    from pretrain.model.foreign import ImageViTSpec
+
+    depth, dim, mlp, heads, patch = IMAGE_VITS[name]
+    spec = ImageViTSpec(depth=depth, dim=dim, mlp_dim=mlp, heads=heads, patch=patch,
+                        grid=(image_size // patch, image_size // patch), class_token=True,
+                        cls_has_pos=True, qkv_bias=True, in_chans=3)
+    with torch.device("meta"):
+        small = create_model("tubevit-b", num_classes=NUM_CLASSES, skip_unfit_tubes=True)
+    return bootstrap_config(spec, small, depth - 8 if gate_layer is None else gate_layer, NUM_CLASSES)
+
+
+def _make_file(_rank: int, name: str, gate_layer: int | None, path: str) -> None:
+    """Write a bootstrapped model file (random weights) without extra in-memory copies."""
+    from safetensors.torch import save_file
+
+    from pretrain.model import TubeViT
+    from pretrain.model.io import FORMAT, FORMAT_VERSION
+
+    torch.set_num_threads(1)
+    config = bootstrapped_config(name, gate_layer)
+    torch.manual_seed(0)
+    model = TubeViT(config)
+    save_file(model.state_dict(), path, metadata={"format": FORMAT, "format_version": FORMAT_VERSION,
+                                                  "config": config.to_json()})
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _worker(rank: int, world: int, port: int, stage: int, args: dict, path: str, out: str) -> None:
+    os.environ.update(DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0")
+    torch.set_num_threads(1)
+    import deepspeed  # noqa: F401  (imported before the baseline, as in a training worker)
+    import torch.distributed as dist
+
+    from pretrain.train.config import ExperimentConfig, from_dict
+    from pretrain.train.engine import build_engine
+    from pretrain.train.worker import build_model, train_micro_step
+
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    baseline = _rss_bytes()
+    cfg = from_dict(ExperimentConfig, {
+        "data": {"video_uri": "unused", "image_uri": "unused", "batch_size": args["micro_batch"]},
+        "train": {"steps": 1, "zero_stage": stage, "precision": "fp32", "lr": 1e-5},
+        "bootstrap": {"init_from": path, "freeze": "prefix"}})
+    t0 = time.perf_counter()
+    model = build_model(cfg, NUM_CLASSES)
+    engine, _, _ = build_engine(model, cfg, world)
+    built = time.perf_counter() - t0
+    g = torch.Generator().manual_seed(rank)
+    batch = type("Batch", (), {})()
+    batch.modality, batch.dataset = "video", "kinetics400"
+    batch.x = torch.randn(args["micro_batch"], 3, args["frames"], args["size"], args["size"], generator=g)
+    batch.y = torch.randint(0, 400, (args["micro_batch"],), generator=g)
+    t0 = time.perf_counter()
+    loss = train_micro_step(engine, batch, torch.device("cpu"), torch.float32).item()
+    step = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    with open(f"{out}.{rank}", "w") as f:
+        json.dump({"rank": rank, "peak_rss_bytes": peak, "baseline_rss_bytes": baseline, "loss": loss,
+                   "build_s": round(built, 2), "step_s": round(step, 2)}, f)
+    dist.destroy_process_group()
+
+
+def measure(world: int, stage: int, args: dict, path: str, tmp: str) -> list[dict]:
+    out = os.path.join(tmp, f"run-{world}-{stage}")
+    mp.start_processes(_worker, args=(world, _free_port(), stage, args, path, out), nprocs=world,
+                       join=True, start_method="spawn")
+    return [json.load(open(f"{out}.{r}")) for r in range(world)]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="tubevit-h", choices=sorted(IMAGE_VITS))
+    p.add_argument("--gate-layer", type=int, default=None, help="default: depth - 8 (train the last 8 blocks)")
+    p.add_argument("--frames", type=int, default=32)
+    p.add_argument("--size", type=int, default=112)
+    p.add_argument("--micro-batch", type=int, default=1)
+    p.add_argument("--json", action="store_true")
+    a = p.parse_args(argv)
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    from pretrain.model import TubeViT
+    from pretrain.model.memory import GIB, plan_memory
+
+    args = {"frames": a.frames, "size": a.size, "micro_batch": a.micro_batch}
+    config = bootstrapped_config(a.model, a.gate_layer)
+    with torch.device("meta"):
+        meta_model = TubeViT(config)
+    with tempfile.TemporaryDirectory(prefix="zero3-mem-") as tmp:
+        path = os.path.join(tmp, "bootstrapped.safetensors")
+        mp.start_processes(_make_file, args=(a.model, a.gate_layer, path), nprocs=1, join=True,
+                           start_method="spawn")
+        unsharded = measure(1, 0, args, path, tmp)
+        sharded = measure(2, 3, args, path, tmp)
+
+    def plan(workers, stage, baseline):
+        return plan_memory(meta_model, (a.frames, a.size, a.size), micro_batch=a.micro_batch, workers=workers,
+                           zero_stage=stage, precision="fp32", gate_layer=config.gate_layer,
+                           touched_only=True, overhead_gib=baseline / GIB)["gib"]
+
+    gib = lambda b: round(b / GIB, 3)  # noqa: E731
+    u_peak = unsharded[0]["peak_rss_bytes"]
+    s_peak = max(r["peak_rss_bytes"] for r in sharded)
+    result = {
+        "model": f"bootstrapped {a.model} (image ViT depth/dim/patch {IMAGE_VITS[a.model][0]}/"
+                 f"{IMAGE_VITS[a.model][1]}/{IMAGE_VITS[a.model][4]}, TubeViT-B tubes)",
+        "gate_layer": config.gate_layer,
+        "params": sum(p.numel() for p in meta_model.parameters()),
+        "clip": [a.frames, a.size, a.size], "micro_batch": a.micro_batch, "precision": "fp32",
+        "unsharded_peak_gib": gib(u_peak),
+        "sharded_peak_gib_per_worker": [gib(r["peak_rss_bytes"]) for r in sharded],
+        "baseline_rss_gib": {"unsharded": gib(unsharded[0]["baseline_rss_bytes"]),
+                             "sharded": [gib(r["baseline_rss_bytes"]) for r in sharded]},
+        "plan_unsharded_gib": plan(1, 0, unsharded[0]["baseline_rss_bytes"]),
+        "plan_sharded_gib": plan(2, 3, max(r["baseline_rss_bytes"] for r in sharded)),
+        "loss": {"unsharded": unsharded[0]["loss"], "sharded": sharded[0]["loss"]},
+        "step_s": {"unsharded": unsharded[0]["step_s"], "sharded": max(r["step_s"] for r in sharded)},
+        "ratio": round(u_peak / s_peak, 3),
+    }
+    result["plan_ratio"] = round(result["plan_unsharded_gib"]["total"] / result["plan_sharded_gib"]["total"], 3)
+    if a.json:
+        print(json.dumps(result))
+    else:
+        for k, v in result.items():
+            print(f"{k}: {v}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

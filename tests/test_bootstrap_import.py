@@ -1,0 +1,239 @@
+"""Image ViT import (timm layout) and the image-to-video bootstrap, against timm itself.
+
+Tiny random timm ViTs stand in for ViT-B/L/H (never downloaded): patch 16 and 14, with and
+without a CLS token (and its position), any width/depth; saved as safetensors and .pth.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+timm = pytest.importorskip("timm")
+
+from orchestration.cli import main  # noqa: E402
+from pretrain.errors import UserError  # noqa: E402
+from pretrain.model import count_flops, create_model, load_model, read_metadata, save_model  # noqa: E402
+from pretrain.model.bootstrap import (  # noqa: E402
+    BootstrapConfig, apply_freeze, bootstrap, init_from_file, map_tube_width, width_projection)
+from pretrain.model.foreign import inspect_timm, read_state_dict  # noqa: E402
+from pretrain.train.optim import build_optimizer  # noqa: E402
+
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one intra-op thread is faster, and far faster when the cores are shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+SMALL_TUBES = [
+    {"kernel": [1, 8, 8], "stride": [8, 8, 8]},                                   # image tube
+    {"kernel": [4, 8, 8], "stride": [4, 8, 8]},                                   # 3D
+    {"kernel": [8, 4, 4], "stride": [8, 16, 16], "offset": [0, 4, 4], "s2d_axis": "h", "s2d_factor": 2},
+]
+
+
+def small_tubevit(dim=48):
+    torch.manual_seed(1)
+    return create_model("tubevit-ti", depth=2, dim=dim, heads=2, mlp_dim=96, tubes=SMALL_TUBES,
+                        num_classes={"vid": 4, "img": 3}).eval()
+
+
+def timm_vit(patch=16, img=64, dim=192, depth=3, heads=3, **kw):
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(img_size=img, patch_size=patch, embed_dim=dim, depth=depth, num_heads=heads,
+                            mlp_ratio=4.0, num_classes=0, **kw).eval()
+    with torch.no_grad():   # timm inits cls/pos tiny; make them matter in the comparison
+        vit.pos_embed.normal_(0, 0.5)
+        if vit.cls_token is not None:
+            vit.cls_token.normal_(0, 0.5)
+    return vit
+
+
+VARIANTS = {
+    "p16-cls": dict(patch=16, img=64),
+    "p14-cls": dict(patch=14, img=56, dim=64, heads=4),
+    "p16-no-cls": dict(patch=16, img=64, class_token=False, global_pool="avg", fc_norm=False),
+    "p16-cls-no-embed-class": dict(patch=16, img=64, no_embed_class=True),
+}
+
+
+@pytest.mark.parametrize("variant,fmt", [(v, "safetensors") for v in VARIANTS] + [("p14-cls", "pth")])
+def test_images_equal_timm_at_init_and_video_works(tmp_path, variant, fmt):
+    kw = VARIANTS[variant]
+    vit = timm_vit(**kw)
+    path = str(tmp_path / f"vit.{fmt}")
+    if fmt == "safetensors":
+        save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, path)
+    else:
+        torch.save({"model": vit.state_dict()}, path)
+    model, meta = bootstrap(read_state_dict(path), small_tubevit(), gate_layer=1,
+                            heads=kw.get("heads"), source=path)
+    model.eval()
+    assert model.config.patch_size == kw["patch"] and model.config.class_token == (kw.get("class_token", True))
+    images = torch.randn(2, 3, kw["img"], kw["img"])
+    with torch.no_grad():
+        ours, theirs = model.forward_features(images), vit.forward_features(images)
+    assert ours.shape == theirs.shape
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    # video at once: the small model's 3D tubes + the image ViT's 2D tube, all heads
+    video = torch.randn(2, 3, 8, kw["img"], kw["img"])
+    feats = model.forward_features(video)
+    n_video = count_flops(model, (8, kw["img"], kw["img"]))["tokens"]
+    assert feats.shape == (2, n_video, model.config.dim) and torch.isfinite(feats).all()
+    logits = model(video, dataset="vid")
+    logits.sum().backward()
+    assert logits.shape == (2, 4) and model.blocks[-1].mlp.fc2.weight.grad is not None
+    assert meta["gate_layer"] == "1" and "block-orthogonal" in meta["width_map"]
+
+
+def test_gate_formula_at_layer_s():
+    """z_S = MLP(LN(y_S)) + y_S + tanh(alpha) z_0 with S the 0-based block index."""
+    model, _ = bootstrap(timm_vit().state_dict(), small_tubevit(), gate_layer=1)
+    model.eval()
+    with torch.no_grad():
+        model.gate.alpha.fill_(0.7)
+        x = torch.randn(1, 3, 64, 64)
+        z0 = model.pos_embed(model.tokenizer(x), tuple(x.shape), model.tokenizer.grids(tuple(x.shape)))
+        z = z0
+        for i, blk in enumerate(model.blocks):
+            y = z + blk.attn(blk.norm1(z))
+            z = blk.mlp(blk.norm2(y)) + y + (torch.tanh(torch.tensor(0.7)) * z0 if i == 1 else 0)
+        torch.testing.assert_close(model.forward_features(x), model.norm(z))
+
+
+def test_other_image_sizes_read_the_table_bilinearly():
+    model, _ = bootstrap(timm_vit().state_dict(), small_tubevit(), gate_layer=1)
+    model.eval()
+    feats = model.forward_features(torch.randn(1, 3, 96, 128))           # 6x8 patches vs a 4x4 table
+    assert feats.shape == (1, 1 + 48, 192) and torch.isfinite(feats).all()
+
+
+def test_width_map_is_a_deterministic_isometry():
+    q = width_projection(48, 192, seed=0)
+    assert q.shape == (192, 48)
+    torch.testing.assert_close(q.T @ q, torch.eye(48, dtype=torch.float64))
+    assert torch.equal(q, width_projection(48, 192, seed=0)) and not torch.equal(q, width_projection(48, 192, seed=1))
+    assert width_projection(192, 48, 0).shape == (48, 192)   # narrowing: orthonormal rows
+    small = small_tubevit()
+    big, _ = bootstrap(timm_vit().state_dict(), small, gate_layer=1)
+    again, _ = bootstrap(timm_vit().state_dict(), small, gate_layer=1)
+    clip = torch.randn(1, 3, 8, 64, 64)
+    for i in (1, 2):   # plain and space-to-depth tubes: every token keeps its norm and inner products
+        grid = small.tokenizer.grids(tuple(clip.shape))[i]
+        with torch.no_grad():
+            a = small.tokenizer.tubes[i](clip, grid)                      # (1, n, 48)
+            b = big.tokenizer.tubes[i](clip, grid)                        # (1, n, 192)
+        torch.testing.assert_close(b @ b.transpose(1, 2), a @ a.transpose(1, 2), rtol=1e-4, atol=1e-4)
+        assert torch.equal(big.tokenizer.tubes[i].weight, again.tokenizer.tubes[i].weight)
+    w, bias = map_tube_width(torch.randn(24, 3, 2, 2, 2), torch.randn(48), 2, 192, 0)
+    assert w.shape == (96, 3, 2, 2, 2) and bias.shape == (192,)
+    with pytest.raises(UserError, match="not divisible"):
+        map_tube_width(torch.randn(24, 3, 2, 2, 2), torch.randn(48), 2, 191, 0)
+
+
+def test_freeze_and_one_step_changes_only_trainable():
+    model, _ = bootstrap(timm_vit(depth=4).state_dict(), small_tubevit(), gate_layer=2)
+    trainable = set(apply_freeze(model))
+    assert "blocks.2.attn.qkv.weight" in trainable and "gate.alpha" in trainable
+    assert "heads.vid.weight" in trainable and "pool.query" in trainable and "norm.weight" in trainable
+    assert not any(n.startswith(("tokenizer.", "pos_embed.", "blocks.0.", "blocks.1.")) for n in trainable)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = build_optimizer(model, lr=1e-2, weight_decay=0.1, betas=(0.9, 0.999), eps=1e-8)
+    model.train()
+    loss = torch.nn.functional.cross_entropy(model(torch.randn(2, 3, 8, 64, 64), dataset="vid"),
+                                             torch.tensor([0, 1]))
+    loss.backward()
+    opt.step()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == trainable - {"heads.img.weight", "heads.img.bias"}   # the idle head has no grad
+
+
+def test_unknown_and_mismatching_layouts_name_the_keys():
+    state = timm_vit().state_dict()
+    with pytest.raises(UserError, match=r"blocks\.0\.ls1\.gamma.*reg_token"):
+        inspect_timm({**state, "blocks.0.ls1.gamma": torch.ones(192), "reg_token": torch.zeros(1, 4, 192)})
+    broken = dict(state)
+    del broken["blocks.1.mlp.fc2.weight"], broken["norm.weight"]
+    with pytest.raises(UserError, match=r"missing keys blocks\.1\.mlp\.fc2\.weight, norm\.weight"):
+        inspect_timm(broken)
+    with pytest.raises(UserError, match=r"blocks\.2\.attn\.proj\.weight \(192, 100\)"):
+        inspect_timm({**state, "blocks.2.attn.proj.weight": torch.zeros(192, 100)})
+    with pytest.raises(UserError, match="not a square grid"):
+        inspect_timm({**state, "pos_embed": torch.zeros(1, 20, 192)})
+    with pytest.raises(UserError, match="give the number of attention heads"):
+        inspect_timm(timm_vit(dim=64, heads=4).state_dict())
+    with pytest.raises(UserError, match="gate layer 3 is not a block"):
+        bootstrap(state, small_tubevit(), gate_layer=3)
+
+
+def test_prefixed_and_wrapped_checkpoints(tmp_path):
+    vit = timm_vit()
+    torch.save({"state_dict": {"module." + k: v for k, v in vit.state_dict().items()}}, tmp_path / "w.pth")
+    spec = inspect_timm(read_state_dict(str(tmp_path / "w.pth")))
+    assert (spec.depth, spec.dim, spec.patch, spec.grid, spec.class_token) == (3, 192, 16, (4, 4), True)
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="junk.pth"):
+        read_state_dict(str(tmp_path / "junk.pth"))
+    with pytest.raises(UserError, match="does not exist"):
+        read_state_dict(str(tmp_path / "nope.safetensors"))
+
+
+def test_cli_bootstrap_writes_a_self_describing_file(tmp_path, capsys):
+    vit = timm_vit()
+    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(tmp_path / "vit.safetensors"))
+    save_model(small_tubevit(), str(tmp_path / "small.safetensors"))
+    out = str(tmp_path / "boot.safetensors")
+    assert main(["bootstrap", "--image-checkpoint", str(tmp_path / "vit.safetensors"),
+                 "--tubes-from", str(tmp_path / "small.safetensors"), "--gate-layer", "2",
+                 "--out", out, "--num-classes", "k=5", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["trained_blocks"] == 1 and summary["datasets"] == {"k": 5}
+    assert 0 < summary["trainable_params"] < summary["params"]
+    meta = read_metadata(out)
+    assert meta["width_map"] == "block-orthogonal d=48 -> D=192" and meta["gate_layer"] == "2"
+    model = load_model(out).eval()
+    config = json.loads(meta["config"])
+    assert config["pos_embed"] == "learned" and config["pos_grid"] == [4, 4] and config["class_token"]
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_features(x), vit.forward_features(x), rtol=1e-5, atol=1e-5)
+    assert main(["bootstrap", "--image-checkpoint", str(tmp_path / "vit.safetensors"),
+                 "--tubes-from", str(tmp_path / "small.safetensors"), "--gate-layer", "9", "--out", out]) == 2
+    assert "gate layer 9" in capsys.readouterr().err
+
+
+def test_init_from_file_heads_gate_and_freeze(tmp_path):
+    model, meta = bootstrap(timm_vit(depth=4).state_dict(), small_tubevit(), gate_layer=2)
+    path = str(tmp_path / "boot.safetensors")
+    save_model(model, path, meta)
+    # new datasets: matching head kept, others fresh; the gate can move while alpha is 0
+    got = init_from_file(BootstrapConfig(init_from=path, gate_layer=3), {"vid": 4, "new": 7})
+    assert got.config.gate_layer == 3 and set(got.datasets) == {"vid", "new"}
+    assert torch.equal(got.heads["vid"].weight, model.heads["vid"].weight)
+    assert torch.equal(got.blocks[1].mlp.fc1.weight, model.blocks[1].mlp.fc1.weight)
+    trainable = {n for n, p in got.named_parameters() if p.requires_grad}
+    assert "blocks.2.norm1.weight" not in trainable and "blocks.3.norm1.weight" in trainable
+    none = init_from_file(BootstrapConfig(init_from=path, freeze="none"))
+    assert all(p.requires_grad for p in none.parameters())
+    with torch.no_grad():
+        model.gate.alpha.fill_(0.3)
+    save_model(model, path, meta)
+    with pytest.raises(UserError, match="alpha is already"):
+        init_from_file(BootstrapConfig(init_from=path, gate_layer=1))
+
+
+def test_old_zero_dim_gate_alpha_still_loads():
+    model = create_model("tubevit-ti", depth=2, dim=48, heads=2, mlp_dim=96, tubes=SMALL_TUBES, gate_layer=1)
+    state = model.state_dict()
+    state["gate.alpha"] = torch.tensor(0.5)
+    model.load_state_dict(state)
+    assert model.gate.alpha.shape == (1,) and model.gate.alpha.item() == 0.5
