@@ -15,7 +15,8 @@ fp32 on CPU (gloo), one micro-batch of `--micro-batch` clips of `--frames` x `--
   process);
 - sharded: 2 workers, ZeRO-3 (built partitioned with zero.Init, loaded one tensor at a time).
 
-Peak RSS per worker = the process's ru_maxrss (high-water mark, includes the runtime).
+Peak RSS per worker = the process's ru_maxrss (high-water mark, includes the runtime), with
+glibc told to return freed large buffers (MALLOC_MMAP_THRESHOLD_, see main()).
 `ratio` = unsharded peak / max sharded per-worker peak (higher is better; goal >= 1.6).
 The plan's figures use the measured runtime baseline (RSS after imports and process-group
 setup) as its overhead and count only the touched part of DeepSpeed's reduce bucket, as RSS
@@ -143,6 +144,11 @@ def main(argv=None) -> int:
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     os.environ["DS_ACCELERATOR"] = "cpu"
+    # glibc's dynamic mmap threshold keeps freed large buffers (ZeRO-3 gathers and frees every
+    # layer's parameters) in the heap, so RSS would count memory that is no longer in use.
+    # A fixed threshold returns them to the OS; set for both runs, before the workers start.
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
+    os.environ.setdefault("MALLOC_TRIM_THRESHOLD_", "131072")
     from pretrain.model import TubeViT
     from pretrain.model.memory import GIB, plan_memory
 

@@ -122,8 +122,6 @@ class DataConfig:
         if self.video_uri is None and self.image_uri is None:
             raise UserError("data: neither data.video_uri nor data.image_uri is set; set at least "
                             "one to a folder written by `pretrain prepare`")
-        if self.video_uri is None and self.video_ratio > 0 and self.image_uri is not None:
-            pass  # images only: the ratio is irrelevant, the mixer yields image batches
         if self.cache_limit is not None:
             parse_bytes(self.cache_limit)
         if self.synthetic.prepare_if_missing and not self.synthetic.root:

@@ -147,12 +147,14 @@ def _rgb(frame, width, height) -> np.ndarray:
     # One reformatter per process: `frame.reformat` builds a new swscale context (scaling
     # filters included) for every frame object, which costs more than the scaling itself.
     # Keyed by pid: a context inherited through fork (loader workers) can deadlock.
+    # FAST_BILINEAR costs half of BILINEAR; it skips the pre-filter, so strong down-scaling
+    # aliases a little, which random-crop training tolerates.
     if _reformatter is None or _reformatter[0] != os.getpid():
         from av.video.reformatter import VideoReformatter
 
         _reformatter = (os.getpid(), VideoReformatter())
     return _reformatter[1].reformat(frame, width=width, height=height, format="rgb24",
-                                    interpolation="BILINEAR", threads=1).to_ndarray()
+                                    interpolation="FAST_BILINEAR", threads=1).to_ndarray()
 
 
 def probe_image(data: bytes) -> tuple[int, int, str]:
