@@ -13,7 +13,10 @@ fp32 on CPU (gloo), one micro-batch of `--micro-batch` clips of `--frames` x `--
 
 - unsharded: 1 worker, ZeRO stage 0 (the whole model, its gradients and Adam state in one
   process);
-- sharded: 2 workers, ZeRO-3 (built partitioned with zero.Init, loaded one tensor at a time).
+- sharded: 2 workers, ZeRO-3 (built partitioned with zero.Init, loaded one tensor at a time);
+- with --zero3-single also ZeRO-3 on 1 worker: DeepSpeed's ZeRO machinery (fp32 master
+  copy, flat gradient partition, reduce bucket) without anything to shard over, which
+  isolates what sharding itself saves (`ratio_vs_zero3_1worker`).
 
 Peak RSS per worker = the process's ru_maxrss (high-water mark, includes the runtime), with
 glibc told to return freed large buffers (MALLOC_MMAP_THRESHOLD_, see main()).
@@ -141,6 +144,8 @@ def main(argv=None) -> int:
     p.add_argument("--frames", type=int, default=32)
     p.add_argument("--size", type=int, default=112)
     p.add_argument("--micro-batch", type=int, default=1)
+    p.add_argument("--zero3-single", action="store_true",
+                   help="also run ZeRO-3 on one worker (the same code path with nothing to shard over)")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     os.environ["DS_ACCELERATOR"] = "cpu"
@@ -162,6 +167,7 @@ def main(argv=None) -> int:
                            start_method="spawn")
         unsharded = measure(1, 0, args, path, tmp)
         sharded = measure(2, 3, args, path, tmp)
+        zero3_alone = measure(1, 3, args, path, tmp) if a.zero3_single else None
 
     def plan(workers, stage, baseline):
         return plan_memory(meta_model, (a.frames, a.size, a.size), micro_batch=a.micro_batch, workers=workers,
@@ -187,6 +193,12 @@ def main(argv=None) -> int:
         "step_s": {"unsharded": unsharded[0]["step_s"], "sharded": max(r["step_s"] for r in sharded)},
         "ratio": round(u_peak / s_peak, 3),
     }
+    if zero3_alone:   # same DeepSpeed ZeRO-3 code path, nothing to shard over: sharding's own effect
+        result["zero3_1worker_peak_gib"] = gib(zero3_alone[0]["peak_rss_bytes"])
+        result["ratio_vs_zero3_1worker"] = round(zero3_alone[0]["peak_rss_bytes"] / s_peak, 3)
+        result["plan_zero3_1worker_gib"] = plan(1, 3, zero3_alone[0]["baseline_rss_bytes"])
+    result["plan_sharded_total_gib_by_workers"] = {
+        n: plan(n, 3, max(r["baseline_rss_bytes"] for r in sharded))["total"] for n in (2, 4, 8, 16)}
     result["plan_ratio"] = round(result["plan_unsharded_gib"]["total"] / result["plan_sharded_gib"]["total"], 3)
     if a.json:
         print(json.dumps(result))

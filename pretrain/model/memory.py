@@ -11,9 +11,12 @@ compute dtype: 2 for bf16/fp16, 4 for fp32; P = all parameters, P_t = trainable 
     activations  saved for backward, below
     working      stage 3 only: gathered full parameters of the block being computed and the
                  one prefetched, 2 * b * (largest block)
+    temporaries  stage >= 1: the optimizer step works on one flat fp32 partition, and AdamW's
+                 update makes one temporary of that size, 4 * P_t / N
     buffers      the gradient reduce bucket, b * min(bucket, P_t) (DeepSpeed allocates
                  `reduce_bucket_size` = 5e8 elements; on a GPU that whole buffer is
-                 reserved: `touched_only=False` counts it whole)
+                 reserved: `touched_only=False` counts it whole); none for a single
+                 stage-0 worker (nothing to reduce)
     overhead     a fixed allowance for the runtime (CUDA context / Python + torch + DeepSpeed)
 
 Activations saved per trained transformer block, per sample, N tokens, width d, MLP width m
@@ -87,11 +90,12 @@ def plan_memory(model: nn.Module, size: tuple[int, ...], *, micro_batch: int, wo
     optimizer = k_optim * trainable / (N if zero_stage >= 1 else 1)
     largest_block = max((sum(_numel(p) for p in blk.parameters()) for blk in model.blocks), default=0)
     working = 2 * b * largest_block if zero_stage >= 3 and N > 1 else 0
+    temporaries = 4 * trainable / N if zero_stage >= 1 else 0
     bucket = min(reduce_bucket, trainable) if touched_only else reduce_bucket
-    buffers = b * bucket if trainable else 0
+    buffers = b * bucket if trainable and (zero_stage > 0 or N > 1) else 0
     overhead = overhead_gib * GIB
     parts = {"params": params, "grads": grads, "optimizer": optimizer, "activations": activations,
-             "working": working, "buffers": buffers, "overhead": overhead}
+             "working": working, "temporaries": temporaries, "buffers": buffers, "overhead": overhead}
     total_bytes = sum(parts.values())
     return {
         "workers": N, "zero_stage": zero_stage, "micro_batch": micro_batch, "precision": precision,

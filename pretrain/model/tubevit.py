@@ -17,7 +17,13 @@ Gated skip for image-to-video bootstrapping (tubevit.md section 7): with
 `gate_layer = s` (0-based index into `model.blocks`) the output of `blocks[s]` gets
 `tanh(gate.alpha) * z_0` added, where z_0 is the block stack's input (tube tokens + position
 embedding, after the input dropout). alpha starts at 0, so the gate changes nothing until it
-trains. Freezing `tokenizer` and `blocks[:s]` is the bootstrap's business, not the model's.
+trains. Freezing `tokenizer` and `blocks[:s]` is the bootstrap's business, not the model's
+(pretrain/model/bootstrap.py; the paper's 1-based "layer 26 of 32" is s = 25).
+
+Bootstrapped image ViTs keep their own learned positions: `pos_embed="learned"` with
+`pos_grid` (and `class_token` when the image ViT has a CLS token, which then leads the token
+sequence of forward_features as in timm); see posembed.LearnedPositionEmbedding. The default
+`pos_embed="fixed"` is the paper's sin/cos embedding.
 """
 from __future__ import annotations
 

@@ -35,7 +35,8 @@ from pretrain.train.engine import build_engine, device_for_rank
 from pretrain.train.evaluate import evaluate
 from pretrain.train.hooks import CheckpointHook, make_checkpoint_hook
 from pretrain.train.metrics import Window, accelerator_peak
-from pretrain.train.tracking import MetricLogger, NullLogger, resolve_tracking_uri, start_run
+from pretrain.train.tracking import (MetricLogger, NullLogger, end_run, resolve_tracking_uri,
+                                     start_run)
 
 Report = Callable[[dict[str, Any]], None]
 
@@ -117,9 +118,11 @@ def train(config: ExperimentConfig | dict, *, report: Report | None = None,
     tracking_uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
     run_id = cfg.tracking.run_id or extra.get("mlflow_run_id")
     logger: MetricLogger | NullLogger = NullLogger()
+    own_run = False
     if cfg.tracking.enabled:
         if rank == 0 and not run_id:   # standalone: no driver made the run
             run_id = start_run(cfg, tracking_uri, run_name=cfg.tracking.run_name)
+            own_run = True
         if rank == 0:
             logger = MetricLogger(tracking_uri, run_id, cfg.tracking.flush_every_s)
 
@@ -177,6 +180,8 @@ def train(config: ExperimentConfig | dict, *, report: Report | None = None,
             report({"step": step, **ev})
     checkpoint = hook.finish(step, engine, loader, extra_state)
     logger.close()
+    if own_run:
+        end_run(tracking_uri, run_id)
     if hasattr(loader, "close"):
         loader.close()
     summary = {
