@@ -57,6 +57,11 @@ class ModelConfig:
     tubes: str | list[dict[str, Any]] | None = _f(
         None, "tube set name (paper, paper-no-s2d, paper-2, paper-1, charades) or a list of "
         "{kernel, stride, offset, s2d_axis, s2d_factor}; null = the model's default")
+    kernel_mode: Literal["separate", "interpolated"] = _f(
+        "separate", "one kernel per tube, or one learned 8x8x8 kernel resized to every tube")
+    skip_unfit_tubes: bool = _f(
+        False, "give 0 tokens for a tube that does not fit the clip instead of an error "
+        "(e.g. the paper's tubes on 16-frame clips)")
     drop_path_rate: float = _f(0.0, "stochastic depth rate", min=0.0, max=1.0)
     init_from: str | None = _f(None, "start from this model file (safetensors, see load_model)")
 
@@ -72,6 +77,8 @@ class ModelConfig:
         if self.tubes is not None:
             out["tubes"] = self.tubes
         out["drop_path_rate"] = self.drop_path_rate
+        out["kernel_mode"] = self.kernel_mode
+        out["skip_unfit_tubes"] = self.skip_unfit_tubes
         return out
 
 
