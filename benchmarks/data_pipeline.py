@@ -7,8 +7,10 @@ Makes `--videos` h264 mp4s (`--res` px square, `--frames` frames at 25 fps, a ke
 of processes (`--workers`, default: all cores):
 
 - loader_clips_per_s: `JointLoader` (video only, T=16 frames, stride 2, 112 px random resized
-  crops, normalised float tensors, batch 8, one loader worker per core) in steady state
-  (the first batch, i.e. worker start-up, excluded), from the local folder.
+  crops and flips, uint8 (B, 3, T, H, W) batches in shared memory as the trainer receives
+  them, batch 8, one loader worker per core) in steady state (the first batch, i.e. worker
+  start-up, excluded), from the local folder. Normalisation is not in it: the trainer does
+  it on its device (`transforms.normalize`), so it is part of the step, not the loader.
 - ceiling_clips_per_s: the same clips (same samples, same temporal starts) decoded with bare
   PyAV in a loop, one process per core: open, seek, decode, convert the clip's frames to RGB
   arrays at full size (with one reused swscale context per process, the fast way). No shards,

@@ -45,6 +45,10 @@ class CheckpointConfig:
     preempt_grace_s: float = field(default=120.0, metadata={
         "help": "On SIGTERM: time allowed to write a final checkpoint and finish uploads "
                 "before exiting.", "min": 0.0})
+    stop_after_step: int = field(default=0, metadata={
+        "help": "Stop after this step as if preempted (final checkpoint, clean exit) and "
+                "leave the rest for a later resume; trains a run in slices. 0: run to "
+                "train.steps.", "min": 0})
     resume: bool = field(default=True, metadata={
         "help": "Resume from the newest committed checkpoint under `uri` if there is one."})
     verify_checksums: bool = field(default=True, metadata={

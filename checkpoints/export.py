@@ -8,7 +8,9 @@ and each parameter is assembled on its own from the slices the ranks hold:
 - ZeRO-1/2: per parameter group, the ranks' flat fp32 partitions concatenated in rank order
   hold the parameters back to back (in `param_shapes` order).
 - ZeRO-3: each parameter is split into world-size equal slices (the last one padded); rank
-  r's flat fp32 groups hold its slice of every parameter back to back.
+  r's flat fp32 groups hold its slice of every parameter back to back. Frozen parameters
+  are not in the optimizer: their slices sit in each rank's model-state file
+  (`frozen_param_fragments`).
 - ZeRO-0: the module state dict in mp_rank_00_model_states.pt is already whole.
 
 Buffers come from the module state dict. The result is written with
@@ -77,6 +79,12 @@ def consolidate(folder: str) -> dict[str, torch.Tensor]:
             pieces = [_read_range(flats[r], offset, part) for r in range(world)]
             out[name] = torch.cat(pieces)[:numel].view(*shape)                  # (*shape)
             offset += part
+        # Frozen parameters (requires_grad=False) have no optimizer state: every rank's
+        # model-state file holds its equal slice of each one, in the same order.
+        for name, shape in (models[0].get("frozen_param_shapes") or {}).items():
+            numel = math.prod(shape)
+            frags = [m["frozen_param_fragments"][name].reshape(-1) for m in models]
+            out[name] = torch.cat(frags)[:numel].float().view(*shape)              # (*shape)
         module = models[0]["module"]
     else:
         model_file = os.path.join(folder, "mp_rank_00_model_states.pt")

@@ -11,16 +11,27 @@
   never waited on by training); the driver polls it and prints progress lines.
 - The summary (final metrics, run id, last checkpoint) also travels through the sink: Ray
   Train V2 hands back only metrics attached to Ray checkpoints, and ours are not Ray's.
+- Resume: when checkpoint.uri holds a committed checkpoint, the driver checks it against
+  this config's model (a mismatch is a UserError before any worker starts) and continues
+  the MLflow run recorded in it; the workers load it (pretrain.train.hooks). Ray Train's
+  own checkpoints are not used: after a worker failure (FailureConfig) the restarted group
+  resumes from our newest committed checkpoint the same way.
+- Stop: SIGTERM to this process (Ray Jobs' `stop`, a preempted node) sets a flag in the
+  sink actor, which every worker polls without blocking each step; a worker that gets
+  SIGTERM itself sets its own flag. The ranks agree on a step, write a final checkpoint
+  and return, so fit() returns normally and the summary says "stopped".
 """
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import tempfile
 import threading
 import time
 from typing import Any, Callable
 
+from pretrain.errors import UserError
 from pretrain.train.config import ExperimentConfig, to_dict
 from pretrain.train.tracking import end_run, resolve_tracking_uri, start_run
 
@@ -33,12 +44,43 @@ def _train_loop_per_worker(config: dict) -> None:
 
     sink = config.pop("_sink")
     rank = ray.train.get_context().get_world_rank()
+    # The training function runs in a thread of the worker actor; signal handlers can only
+    # be set from its main thread, which is idle while training runs: ask it to do so.
+    try:
+        me = ray.get_runtime_context().current_actor
+        ray.get(me.execute.remote(_install_worker_sigterm), timeout=60)
+    except Exception as exc:  # training still works; only worker SIGTERM is not graceful
+        print(f"warning: no graceful SIGTERM handling in worker {rank}: {exc}", file=sys.stderr)
 
     def report(item: dict) -> None:
         if rank == 0:
             sink.put.remote(item)  # fire-and-forget: no round trip on the training path
 
-    train(config, report=report, progress=False)
+    train(config, report=report, progress=False, should_stop=_DriverStop(sink))
+
+
+def _install_worker_sigterm() -> bool:
+    from pretrain.train.preempt import install_sigterm_handler
+
+    return install_sigterm_handler()
+
+
+class _DriverStop:
+    """The driver's stop flag, polled without waiting: at most one request in flight."""
+
+    def __init__(self, sink):
+        self.sink, self.ref, self.stop = sink, None, False
+
+    def __call__(self) -> bool:
+        import ray
+
+        if not self.stop:
+            if self.ref is None:
+                self.ref = self.sink.stop_requested.remote()
+            ready, _ = ray.wait([self.ref], timeout=0)
+            if ready:
+                self.stop, self.ref = bool(ray.get(self.ref)), None
+        return self.stop
 
 
 def _sink_actor():
@@ -48,6 +90,13 @@ def _sink_actor():
     class Sink:
         def __init__(self):
             self.items: list = []
+            self.stop = False
+
+        def request_stop(self):
+            self.stop = True
+
+        def stop_requested(self):
+            return self.stop
 
         def put(self, item):
             self.items.append(item)
@@ -97,11 +146,21 @@ def run_job(cfg: ExperimentConfig, config_name: str = "run",
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    term = threading.Event()
+    previous = _on_sigterm(term)
     tracking_uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
+    resume = resume_point(cfg)
     if cfg.tracking.enabled:
         cfg.tracking.tracking_uri = tracking_uri
+        if resume is not None and not cfg.tracking.run_id:
+            cfg.tracking.run_id = _continued_run(resume, tracking_uri)
         cfg.tracking.run_id = start_run(cfg, tracking_uri, run_name=config_name)
+    if resume is not None:
+        print(f"resuming from {resume.uri} (step {resume.step}"
+              + (f", MLflow run {cfg.tracking.run_id}" if cfg.tracking.run_id else "") + ")",
+              file=sys.stderr, flush=True)
     started = init_ray(cfg)
+    _on_sigterm(term)   # ray.init replaces the SIGTERM handler with its own
     sink = _sink_actor().remote()
     status = "FAILED"
     summary: dict[str, Any] | None = None
@@ -109,8 +168,12 @@ def run_job(cfg: ExperimentConfig, config_name: str = "run",
 
     def poll() -> None:
         nonlocal summary
+        asked = False
         while True:
             done = stop.is_set()
+            if term.is_set() and not asked:
+                sink.request_stop.remote()
+                asked = True
             for item in ray.get(sink.drain.remote()):
                 if "summary" in item:
                     summary = item["summary"]
@@ -118,7 +181,7 @@ def run_job(cfg: ExperimentConfig, config_name: str = "run",
                     on_progress(item)
             if done:
                 return
-            stop.wait(1.0)
+            stop.wait(0.25 if not asked else 1.0)
 
     poller = threading.Thread(target=poll, name="progress", daemon=True)
     poller.start()
@@ -138,11 +201,19 @@ def run_job(cfg: ExperimentConfig, config_name: str = "run",
             run_config=RunConfig(name=f"{config_name}-{int(time.time())}", storage_path=storage,
                                  failure_config=FailureConfig(max_failures=r.max_failures)),
         )
-        trainer.fit()
+        try:
+            trainer.fit()
+        except Exception as exc:
+            user = _user_error_in(exc)
+            if user is not None:
+                raise UserError(str(user)) from None
+            raise
         status = "FINISHED"
     finally:
         stop.set()
         poller.join(30)
+        if summary is not None and summary.get("stopped"):
+            status = "KILLED"   # interrupted; a resume sets it RUNNING again
         if cfg.tracking.enabled and cfg.tracking.run_id:
             try:
                 end_run(tracking_uri, cfg.tracking.run_id, status)
@@ -150,6 +221,89 @@ def run_job(cfg: ExperimentConfig, config_name: str = "run",
                 print(f"warning: could not mark MLflow run finished: {exc}", file=sys.stderr)
         if started:
             ray.shutdown()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     if summary is None:
         raise RuntimeError("training finished but rank 0 sent no summary")
     return summary
+
+
+def _on_sigterm(term: threading.Event):
+    """Route SIGTERM to `term` (main thread only); returns the handler it replaced."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame) -> None:
+        if not term.is_set():
+            print("SIGTERM received: the workers stop at the next step and write a final "
+                  "checkpoint", file=sys.stderr, flush=True)
+        term.set()
+
+    return signal.signal(signal.SIGTERM, handler)
+
+
+def resume_point(cfg: ExperimentConfig):
+    """The committed checkpoint this run will resume from (CheckpointInfo), or None.
+
+    Checked here, before Ray starts, against the model this config builds: resuming into a
+    different architecture is a UserError listing the differing keys."""
+    if not cfg.checkpoint.uri or not cfg.checkpoint.resume:
+        return None
+    from checkpoints.discovery import latest_committed
+    from checkpoints.restore import check_compatible
+
+    info = latest_committed(cfg.checkpoint.uri)
+    if info is None:
+        return None
+    current = expected_model_config(cfg)
+    if current is not None:
+        check_compatible(info.manifest.model_config, current, info.uri)
+    return info
+
+
+def expected_model_config(cfg: ExperimentConfig) -> dict[str, Any] | None:
+    """The architecture config the workers will build (on the meta device: no memory).
+    None for models that come from a file (the workers check those when they load)."""
+    if cfg.model.init_from or cfg.bootstrap.init_from:
+        return None
+    import torch
+
+    from checkpoints.manager import model_config_of
+    from pretrain.model import create_model
+    from pretrain.train.data_io import DataInfo
+
+    num_classes = DataInfo.from_config(cfg.data).num_classes
+    with torch.device("meta"):
+        model = create_model(cfg.model.name, num_classes=num_classes, **cfg.model.overrides())
+    return model_config_of(model)
+
+
+def _continued_run(info, tracking_uri: str) -> str | None:
+    """The MLflow run recorded in checkpoint `info`, if this tracking server has it."""
+    from mlflow.tracking import MlflowClient
+
+    run_id = info.manifest.mlflow_run_id
+    if not run_id:
+        return None
+    try:
+        MlflowClient(tracking_uri=tracking_uri).get_run(run_id)
+    except Exception:
+        print(f"warning: checkpoint {info.uri} belongs to MLflow run {run_id}, which "
+              f"{tracking_uri} does not have; logging to a new run", file=sys.stderr)
+        return None
+    return run_id
+
+
+def _user_error_in(exc: BaseException) -> BaseException | None:
+    """A UserError raised in a worker, found inside Ray Train's failure wrappers."""
+    seen, todo = set(), [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, UserError):
+            return e
+        todo += [e.__cause__, e.__context__, getattr(e, "cause", None)]
+        todo += list((getattr(e, "worker_failures", None) or {}).values())
+    return None

@@ -125,10 +125,8 @@ def _run(cmd: list[str], cwd: Path, env: dict, timeout: float = 240) -> str:
 @pytest.mark.slow
 @pytest.mark.timeout(420)
 def test_small_tubevit_to_bootstrapped_vit_trains_through_pretrain_run(tmp_path):
-    from checkpoints.export import consolidate
-    from pretrain.model import model_config, save_state_dict
-    from pretrain.train.config import load_config
-    from pretrain.train.data_io import DataInfo
+    from pretrain.model import load_model
+    from pretrain.model.bootstrap import frozen_prefix
 
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(DS_ACCELERATOR="cpu", RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=str(REPO))
@@ -147,12 +145,9 @@ def test_small_tubevit_to_bootstrapped_vit_trains_through_pretrain_run(tmp_path)
     wenv = dict(env, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     summary = json.loads(_run([py, "-m", "pretrain.train.worker", str(REPO / "configs/smoke.yaml"), *small_args],
                               tmp_path, wenv).strip().splitlines()[-1])
-    # 2. its model file. `pretrain export` needs the committed manifests the checkpoints package
-    # writes; the training loop's default hook saves plain DeepSpeed folders, so consolidate one.
-    cfg = load_config(REPO / "configs/smoke.yaml", small_args)
-    small_cfg = model_config(cfg.model.name, num_classes=DataInfo.from_config(cfg.data).num_classes,
-                             **cfg.model.overrides())
-    save_state_dict(consolidate(summary["checkpoint"]), small_cfg, str(tmp_path / "small.safetensors"))
+    # 2. its model file, from the committed checkpoint
+    _run([py, "-m", "orchestration.cli", "export", summary["checkpoint"], "--out", "small.safetensors"],
+         tmp_path, env)
 
     # 3. a larger "image ViT" (width 128 vs 96, 6 blocks, patch 8 at 32 px) and the bootstrap
     torch.save(tiny_vit(dim=128, depth=6).state_dict(), tmp_path / "vit.pth")
@@ -172,3 +167,13 @@ def test_small_tubevit_to_bootstrapped_vit_trains_through_pretrain_run(tmp_path)
     assert result["steps"] == 4 and result["world_size"] == 2 and result["checkpoint"]
     assert math.isfinite(result["metrics"]["train/loss"])
     assert 0.0 <= result["metrics"]["eval/video_top1"] <= 1.0
+
+    # 5. export the ZeRO-3 checkpoint: frozen parameters (not in the optimizer's shards) come
+    # back unchanged from the bootstrap file, trained ones changed
+    _run([py, "-m", "orchestration.cli", "export", result["checkpoint"], "--out", "trained.safetensors"],
+         tmp_path, env)
+    trained, boot_model = load_model(str(tmp_path / "trained.safetensors")), load_model(str(tmp_path / "boot.safetensors"))
+    before = boot_model.state_dict()
+    frozen = [n for n in before if frozen_prefix(n, 4)]
+    assert frozen and all(torch.equal(trained.state_dict()[n], before[n]) for n in frozen)
+    assert not torch.equal(trained.state_dict()["blocks.5.mlp.fc1.weight"], before["blocks.5.mlp.fc1.weight"])

@@ -59,10 +59,12 @@ def test_real_videos_give_clips_of_the_configured_shape(data_root):
         seen = set()
         for _, b in zip(range(4), loader):  # 8 videos / 4 = 2 batches per epoch: two epochs
             assert b.modality == "video" and b.dataset == "video"
-            assert b.x.shape == (4, 3, 16, 40, 40) and b.x.dtype == torch.float32
+            assert b.x.shape == (4, 3, 16, 40, 40) and b.x.dtype == torch.uint8
             assert b.y.dtype == torch.long and b.y.min() >= 0 and b.y.max() < 4
-            # ImageNet-normalised uint8 pixels lie in [-2.12, 2.64]
-            assert b.x.min() >= -2.2 and b.x.max() <= 2.7 and b.x.std() > 0.05
+            # the trainer's normalisation: ImageNet-normalised pixels lie in [-2.12, 2.64]
+            x = b.normalized("cpu").x
+            assert x.dtype == torch.float32 and x.shape == b.x.shape
+            assert x.min() >= -2.2 and x.max() <= 2.7 and x.std() > 0.05
             seen.update(b.sample_ids.tolist())
         assert seen == set(range(8)) and loader.skipped_samples == 0
     finally:
@@ -83,6 +85,63 @@ def test_eval_views_and_images(data_root):
     ei = EvalLoader(cfg, "image")
     bi = next(iter(ei))
     assert bi.x.shape == (3, 3, 32, 32) and bi.views == 1
+
+
+def test_normalize_matches_the_float_reference_on_both_layouts():
+    from pretrain.data.transforms import MEAN, STD, normalize
+
+    g = torch.Generator().manual_seed(0)
+    for shape in ((2, 3, 4, 5, 6), (2, 3, 5, 6)):
+        x = torch.randint(0, 256, shape, dtype=torch.uint8, generator=g)
+        view = (1, 3) + (1,) * (len(shape) - 2)
+        ref = (x.double() / 255 - torch.tensor(MEAN, dtype=torch.double).view(view)) \
+            / torch.tensor(STD, dtype=torch.double).view(view)
+        out = normalize(x, "cpu")
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out.double(), ref, rtol=0, atol=1e-5)
+        half = normalize(x, "cpu", torch.bfloat16)
+        assert half.dtype == torch.bfloat16
+        torch.testing.assert_close(half.double(), ref, rtol=1e-2, atol=1e-2)
+        # an already-normalised float batch is only moved and cast, not normalised twice
+        assert torch.equal(normalize(out, "cpu"), out)
+
+
+def test_training_side_gets_normalised_batches_with_the_loaders_state(data_root):
+    from pretrain.train import data_io
+
+    cfg = _cfg(data_root, num_workers=0)
+    raw = JointLoader(cfg, seed=4)
+    wrapped = data_io.train_loader(cfg, 0, 1, 4, device=torch.device("cpu"))
+    try:
+        for _ in range(3):
+            a, b = next(raw), next(wrapped)
+            assert a.x.dtype == torch.uint8 and b.x.dtype == torch.float32
+            assert torch.equal(a.sample_ids, b.sample_ids) and torch.equal(a.y, b.y)
+            torch.testing.assert_close(b.x, a.normalized("cpu").x)
+        assert wrapped.state_dict() == raw.state_dict()
+        assert wrapped.skipped_samples == 0 and wrapped.heads == raw.heads
+    finally:
+        raw.close()
+        wrapped.close()
+
+
+def test_loader_processes_fit_the_cores():
+    from pretrain.data.loader import plan_workers
+
+    both = {"video": 0.8, "image": 0.2}
+    # room enough: as configured
+    assert plan_workers(2, both, local_world_size=1, cores=16) == {"video": 2, "image": 2}
+    # 2 ranks on 2 cores: one process per rank, for the modality drawn most
+    assert plan_workers(1, both, local_world_size=2, cores=2) == {"video": 1, "image": 0}
+    assert plan_workers(8, {"video": 0.3, "image": 0.7}, 2, 2) == {"video": 0, "image": 1}
+    # 8 ranks on 64 cores asking for 8 + 8 each: 8 per rank, split by share
+    assert plan_workers(8, {"video": 0.5, "image": 0.5}, 8, 64) == {"video": 4, "image": 4}
+    assert plan_workers(8, both, 8, 64) == {"video": 6, "image": 2}
+    assert plan_workers(4, {"video": 1.0}, 4, 8) == {"video": 2}
+    assert plan_workers(0, both, 2, 2) == {"video": 0, "image": 0}
+    for ranks, cores in ((1, 2), (2, 2), (4, 6), (8, 96)):
+        got = plan_workers(8, both, ranks, cores)
+        assert sum(got.values()) <= max(1, cores // ranks) and max(got.values()) >= 1
 
 
 def test_eval_ranks_split_the_set_and_pad_equally():

@@ -2,7 +2,10 @@
 
 Starts an embedded local Ray on 127.0.0.1 (or joins RAY_ADDRESS), prepares the synthetic
 demo data if the config asks for it and it is missing, trains with DeepSpeed on Ray Train
-workers, logs to MLflow, and ends with a summary. Progress lines go to stderr; the summary
+workers, logs to MLflow, and ends with a summary. With committed checkpoints under
+checkpoint.uri it resumes from the newest (same MLflow run; another worker count or ZeRO
+stage is resharded automatically). SIGTERM stops it at the next step with a final
+checkpoint (exit 0, summary "stopped": true). Progress lines go to stderr; the summary
 to stdout (with --json: one JSON object on the last stdout line).
 """
 from __future__ import annotations
@@ -88,7 +91,10 @@ def absolute_paths(cfg) -> None:
 
 def _print_summary(s: dict, cfg) -> None:
     m = s.get("metrics", {})
-    lines = [f"finished {s.get('steps')} steps on {s.get('world_size')} workers in {_fmt(s.get('wall_s', 0))}"]
+    what = "stopped early after step" if s.get("stopped") else "finished"
+    lines = [f"{what} {s.get('steps')}/{cfg.train.steps} steps on {s.get('world_size')} workers "
+             f"in {_fmt(s.get('wall_s', 0))}"
+             + (f" (resumed from step {s['resumed_from_step']})" if s.get("resumed_from_step") else "")]
     for key in ("train/loss", "eval/video_top1", "eval/image_top1", "perf/samples_per_sec",
                 "perf/tokens_per_sec", "perf/step_time_s", "perf/mfu", "data/skipped_samples"):
         if key in m:

@@ -86,7 +86,10 @@ class DataConfig:
     eval_batch_size: int = field(default=4, metadata={
         "help": "clips (each with all its views) or images per eval batch per rank", "min": 1})
     num_workers: int = field(default=2, metadata={
-        "help": "decoding processes per rank and modality (0 decodes in the training process)",
+        "help": "decoding processes per rank and modality (0 decodes in the training "
+                "process). Capped so that all local ranks' loader processes fit the machine's "
+                "cores: each rank then gets cores // local ranks, split by the modalities' "
+                "step shares (a modality left with 0 decodes in the training process)",
         "min": 0})
     video_crop_scale: float = field(default=0.4, metadata={
         "help": "smallest area share of a random spatial crop of a training clip", "min": 0.01,

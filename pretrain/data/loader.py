@@ -54,7 +54,10 @@ except (ImportError, AttributeError):
 class Batch:
     """One modality's micro batch.
 
-    x: video (B, 3, T, H, W) or image (B, 3, H, W), float32, ImageNet mean/std normalised.
+    x: video (B, 3, T, H, W) or image (B, 3, H, W), uint8 RGB pixels (0-255), not yet
+       normalised: the trainer calls `pretrain.data.transforms.normalize(x, device, dtype)`
+       (float conversion and ImageNet mean/std on its device). `Batch.normalized(device,
+       dtype)` does that for the whole batch.
        Eval video batches hold all views: (B * views, 3, T, H, W), the views of a clip
        consecutive; average logits with `logits.view(B, views, -1).mean(1)`.
     y: (B,) class indices into the dataset's label map.
@@ -78,6 +81,14 @@ class Batch:
     def to(self, device, non_blocking: bool = False) -> "Batch":
         return Batch(self.modality, self.dataset, self.x.to(device, non_blocking=non_blocking),
                      self.y.to(device, non_blocking=non_blocking), self.sample_ids, self.views,
+                     None if self.valid is None else self.valid.to(device), self.skipped)
+
+    def normalized(self, device, dtype: torch.dtype = torch.float32) -> "Batch":
+        """This batch on `device` with x as normalised `dtype` model input (y moved too)."""
+        from pretrain.data.transforms import normalize
+
+        return Batch(self.modality, self.dataset, normalize(self.x, device, dtype),
+                     self.y.to(device, non_blocking=True), self.sample_ids, self.views,
                      None if self.valid is None else self.valid.to(device), self.skipped)
 
 
@@ -144,6 +155,40 @@ def _collate(samples: list[dict]) -> dict:
     }
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on (the affinity mask, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def plan_workers(num_workers: int, shares: dict[str, float], local_world_size: int,
+                 cores: int) -> dict[str, int]:
+    """Decode processes per modality for one rank.
+
+    `num_workers` per modality is the request. When all ranks' loader processes on this
+    machine would outnumber its cores, each rank gets cores // local_world_size (at least 1)
+    split by the modalities' step shares, largest share first: decoding more processes than
+    cores only makes them fight the training processes for the same cores. A modality left
+    with 0 decodes in the training process (cheap for a rarely drawn modality).
+    """
+    want = {m: num_workers for m in shares}
+    budget = max(1, cores // max(1, local_world_size))
+    if num_workers == 0 or sum(want.values()) <= budget:
+        return want
+    total = sum(shares.values()) or 1.0
+    exact = {m: budget * shares[m] / total for m in shares}
+    out = {m: min(num_workers, int(exact[m])) for m in shares}
+    # Hand out what flooring left, to the largest remainders (ties: larger share first).
+    for m in sorted(shares, key=lambda m: (exact[m] - int(exact[m]), shares[m]), reverse=True):
+        if sum(out.values()) >= budget:
+            break
+        if out[m] < num_workers:
+            out[m] += 1
+    return out
+
+
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # one decoding process per core; no intra-op threads on top
 
@@ -196,7 +241,8 @@ class _ModalityStream:
     """One modality's endless sequence of training batches with an exact position."""
 
     def __init__(self, modality: str, uri: str, info: dict, cfg: DataConfig, batch_size: int,
-                 world_size: int, nodes: int, local_rank: int, seed: int, ncn: int) -> None:
+                 world_size: int, nodes: int, local_rank: int, seed: int, ncn: int,
+                 workers: int) -> None:
         self.modality, self.uri = modality, uri
         self.batch_size, self.world_size = batch_size, world_size
         self.dataset_name = info["name"]
@@ -214,7 +260,7 @@ class _ModalityStream:
             shuffle_algo="py1e", shuffle_block_size=max(4_000_000 // ncn, 1 << 18),
             num_canonical_nodes=ncn, batch_size=batch_size, cache_limit=_cache_limit(cfg),
             predownload=max(8 * batch_size, 64))
-        workers = cfg.num_workers
+        self.workers = workers
         self.loader = DataLoader(
             self.ds, batch_size=batch_size, num_workers=workers, collate_fn=_collate,
             drop_last=True, persistent_workers=workers > 0, worker_init_fn=_worker_init,
@@ -311,14 +357,25 @@ class JointLoader:
         self.skipped_samples = 0
         self.skip_reasons: list[str] = []  # the most recent few, for logs
         self.streams: dict[str, _ModalityStream] = {}
+        active = {}
         for modality, uri, bs in (("video", cfg.video_uri, cfg.batch_size),
                                   ("image", cfg.image_uri, cfg.image_micro_batch)):
             if uri is None or (modality == "video" and cfg.video_ratio == 0 and cfg.image_uri) \
                     or (modality == "image" and cfg.video_ratio == 1 and cfg.video_uri):
                 continue
+            active[modality] = (uri, bs)
+        shares = {m: (cfg.video_ratio if m == "video" else 1 - cfg.video_ratio)
+                  if len(active) > 1 else 1.0 for m in active}
+        self.workers = plan_workers(cfg.num_workers, shares, local_world_size, usable_cores())
+        if self.workers != {m: cfg.num_workers for m in active} and rank == 0:
+            log.info("data.num_workers=%d per modality would put more loader processes than "
+                     "cores (%d) on this machine with %d local ranks; using %s per rank",
+                     cfg.num_workers, usable_cores(), local_world_size, self.workers)
+        for modality, (uri, bs) in active.items():
             info = _describe(cfg, modality, uri)
             self.streams[modality] = _ModalityStream(modality, uri, info, cfg, bs, world_size,
-                                                     nodes, local_rank, self.seed, ncn)
+                                                     nodes, local_rank, self.seed, ncn,
+                                                     self.workers[modality])
 
     @property
     def heads(self) -> dict[str, int]:
@@ -419,8 +476,9 @@ class _EvalView(Dataset):
             shape = ((self.spec.temporal_views * self.spec.spatial_views, 3, self.spec.frames,
                       self.spec.size, self.spec.size) if self.modality == "video"
                      else (3, self.image_size, self.image_size))
-            return {"x": torch.zeros(shape), "y": int(raw["label"]), "id": sample_id,
-                    "valid": False, "skip": f"{raw.get('key', sample_id)}: {exc}"}
+            return {"x": torch.zeros(shape, dtype=torch.uint8), "y": int(raw["label"]),
+                    "id": sample_id, "valid": False,
+                    "skip": f"{raw.get('key', sample_id)}: {exc}"}
         return {"x": x, "y": int(raw["label"]), "id": sample_id, "valid": valid}
 
 
@@ -443,7 +501,8 @@ class EvalLoader:
         uri = uri or getattr(cfg, f"{modality}_eval_uri")
         if uri is None:
             raise UserError(f"no eval data for {modality}: set data.{modality}_eval_uri")
-        local_rank, _ = _set_world_env(rank, world_size, local_rank, local_world_size)
+        local_rank, local_world_size = _set_world_env(rank, world_size, local_rank,
+                                                      local_world_size)
         info = _describe(cfg, modality, uri)
         self.modality, self.uri, self.dataset_name = modality, uri, info["name"]
         self.num_samples = info["num_samples"]
@@ -456,7 +515,10 @@ class EvalLoader:
                               cache_limit=_cache_limit(cfg))
         self.view = _EvalView(self.ds, modality, spec, cfg.image_size, rank, world_size)
         self.loader = DataLoader(self.view, batch_size=cfg.eval_batch_size, shuffle=False,
-                                 num_workers=cfg.num_workers, collate_fn=_collate_eval,
+                                 num_workers=plan_workers(cfg.num_workers, {modality: 1.0},
+                                                          local_world_size,
+                                                          usable_cores())[modality],
+                                 collate_fn=_collate_eval,
                                  worker_init_fn=_worker_init)
 
     def __len__(self) -> int:

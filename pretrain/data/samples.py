@@ -1,5 +1,8 @@
 """Turning one stored sample into a training or eval tensor (runs in loader workers).
 
+Outputs are uint8 pixels, channels first ((3, T, S, S) clips, (3, S, S) images); the
+trainer normalises them on its device (`transforms.normalize`).
+
 Augmentation randomness is seeded by (seed, epoch, sample id), not by worker state, so the
 same sample gets the same crop whatever the number of workers or ranks, and a resumed run
 reproduces the uninterrupted one exactly.
@@ -49,12 +52,14 @@ def _gather(raw: dict, indices: list[int], out_size: tuple[int, int] | None) -> 
     """uint8 (len(indices), H, W, 3), decoding each distinct frame once."""
     unique = sorted(set(indices))
     frames = decode_frames(raw["video"], unique, float(raw["fps"]), out_size)
+    if len(unique) == len(indices) and unique == list(indices):
+        return np.stack(frames)
     pos = {i: k for k, i in enumerate(unique)}
     return np.stack([frames[pos[i]] for i in indices])
 
 
 def train_clip(raw: dict, spec: ClipSpec, rng: random.Random) -> torch.Tensor:
-    """Random temporal crop, random resized crop, optional flip -> float (3, T, S, S)."""
+    """Random temporal crop, random resized crop, optional flip -> uint8 (3, T, S, S)."""
     n = int(raw["num_frames"])
     if n <= 0:
         raise BadMedia("stored frame count is 0")
@@ -64,14 +69,13 @@ def train_clip(raw: dict, spec: ClipSpec, rng: random.Random) -> torch.Tensor:
     w, h = int(raw["width"]), int(raw["height"])
     box = T.random_resized_box(rng, w, h, spec.crop_scale)
     sw, sh, x0, y0 = T.scaled_frame_size(box, w, h, spec.size)
-    clip = _gather(raw, indices, (sw, sh))[:, y0:y0 + spec.size, x0:x0 + spec.size]  # (T,S,S,3)
-    if spec.hflip and rng.random() < 0.5:
-        clip = np.ascontiguousarray(clip[:, :, ::-1])  # torch takes no negative strides
-    return T.normalize_clip(clip)  # (3, T, S, S)
+    frames = _gather(raw, indices, (sw, sh))  # (T, sh, sw, 3)
+    flip = spec.hflip and rng.random() < 0.5
+    return T.clip_tensor(frames, x0, y0, spec.size, flip)  # (3, T, S, S) uint8
 
 
 def eval_clip(raw: dict, spec: ClipSpec) -> torch.Tensor:
-    """All views of one clip: float (Vt * Vs, 3, T, S, S), temporal view major."""
+    """All views of one clip: uint8 (Vt * Vs, 3, T, S, S), temporal view major."""
     n = int(raw["num_frames"])
     step = T.frame_step(float(raw["fps"]), spec.fps, spec.stride)
     starts = T.eval_starts(spec.temporal_views, spec.frames, step, n)
@@ -79,19 +83,20 @@ def eval_clip(raw: dict, spec: ClipSpec) -> torch.Tensor:
     w, h = T.short_side_size(int(raw["width"]), int(raw["height"]), spec.size)
     frames = _gather(raw, [i for v in per_view for i in v], (w, h))  # (Vt*T, h, w, 3)
     frames = frames.reshape(len(per_view), spec.frames, h, w, 3)
-    views = []
+    offsets = T.spatial_offsets(spec.spatial_views, w, h, spec.size)
+    out = np.empty((len(per_view) * len(offsets), 3, spec.frames, spec.size, spec.size),
+                   dtype=np.uint8)  # (V, 3, T, S, S)
     for tv in range(len(per_view)):
-        for x0, y0 in T.spatial_offsets(spec.spatial_views, w, h, spec.size):
-            crop = frames[tv, :, y0:y0 + spec.size, x0:x0 + spec.size]
-            views.append(T.normalize_clip(crop))
-    return torch.stack(views)  # (V, 3, T, S, S)
+        for sv, (x0, y0) in enumerate(offsets):
+            T.clip_tensor(frames[tv], x0, y0, spec.size, out=out[tv * len(offsets) + sv])
+    return torch.from_numpy(out)
 
 
 _randaugment_cache: dict = {}
 
 
 def train_image(raw: dict, spec: ImageSpec, rng: random.Random) -> torch.Tensor:
-    """Random resized crop, optional flip and RandAugment -> float (3, S, S)."""
+    """Random resized crop, optional flip and RandAugment -> uint8 (3, S, S)."""
     from PIL import Image
 
     img = decode_image(raw["image"])
@@ -101,7 +106,7 @@ def train_image(raw: dict, spec: ImageSpec, rng: random.Random) -> torch.Tensor:
         img = img.transpose(Image.FLIP_LEFT_RIGHT)
     if spec.randaugment:
         img = _randaugment(img, spec.randaugment, rng)
-    return T.normalize_image(np.array(img))
+    return T.image_tensor(np.asarray(img))
 
 
 def _randaugment(img, params: tuple[int, int], rng: random.Random):
@@ -120,7 +125,7 @@ def _randaugment(img, params: tuple[int, int], rng: random.Random):
 
 
 def eval_image(raw: dict, size: int) -> torch.Tensor:
-    """Resize the short side to size / 0.875, centre crop size x size -> float (3, S, S)."""
+    """Resize the short side to size / 0.875, centre crop size x size -> uint8 (3, S, S)."""
     from PIL import Image
 
     img = decode_image(raw["image"])
@@ -128,4 +133,4 @@ def eval_image(raw: dict, size: int) -> torch.Tensor:
     img = img.resize((w, h), Image.BILINEAR)
     x0, y0 = (w - size) // 2, (h - size) // 2
     img = img.crop((x0, y0, x0 + size, y0 + size))
-    return T.normalize_image(np.array(img))
+    return T.image_tensor(np.asarray(img))

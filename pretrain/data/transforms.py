@@ -3,6 +3,10 @@
 Frame indices are chosen from the stored metadata (fps, frame count) so that decoding only
 touches the frames a clip needs. Videos shorter than a clip's span loop from their start
 (frame index modulo the frame count), so every clip has exactly T frames.
+
+Loader workers stop at uint8 pixels (`clip_tensor`, `image_tensor`): batches cross
+processes and the host-device link at a quarter of float32's size, and workers do no float
+work. The training side calls `normalize(x, device, dtype)` when it moves a batch.
 """
 from __future__ import annotations
 
@@ -96,22 +100,50 @@ def spatial_offsets(views: int, width: int, height: int, size: int) -> list[tupl
     return out
 
 
-_SCALE = 1.0 / (255.0 * torch.tensor(STD))         # x_norm = pixel * scale + shift
-_SHIFT = -torch.tensor(MEAN) / torch.tensor(STD)
+def clip_tensor(frames: np.ndarray, x0: int, y0: int, size: int, flip: bool = False,
+                out: np.ndarray | None = None) -> torch.Tensor:
+    """uint8 (T, H, W, 3) frames -> uint8 (3, T, size, size): the size x size window at
+    (x0, y0), mirrored when `flip`. Crop, flip and the layout change are one strided copy;
+    pixels stay uint8 (the trainer normalises on its device, see `normalize`)."""
+    if out is None:
+        out = np.empty((3, frames.shape[0], size, size), dtype=np.uint8)
+    window = frames[:, y0:y0 + size, x0:x0 + size]  # (T, S, S, 3) view
+    if flip:
+        window = window[:, :, ::-1]
+    np.copyto(out, window.transpose(3, 0, 1, 2))  # (3, T, S, S)
+    return torch.from_numpy(out)
 
 
-def normalize_clip(frames: np.ndarray) -> torch.Tensor:
-    """uint8 (T, H, W, 3), any positive strides -> float32 (3, T, H, W), ImageNet mean/std
-    normalised. One pass to float (the layout change happens in the copy), then in place."""
-    src = torch.from_numpy(frames).permute(3, 0, 1, 2)  # (3, T, H, W) view
-    x = torch.empty(src.shape, dtype=torch.float32)
-    x.copy_(src)
-    return x.mul_(_SCALE.view(3, 1, 1, 1)).add_(_SHIFT.view(3, 1, 1, 1))
+def image_tensor(img: np.ndarray) -> torch.Tensor:
+    """uint8 (H, W, 3) -> uint8 (3, H, W), contiguous."""
+    return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))
 
 
-def normalize_image(img: np.ndarray) -> torch.Tensor:
-    """uint8 (H, W, 3) -> float32 (3, H, W), ImageNet mean/std normalised."""
-    src = torch.from_numpy(img).permute(2, 0, 1)  # (3, H, W) view
-    x = torch.empty(src.shape, dtype=torch.float32)
-    x.copy_(src)
-    return x.mul_(_SCALE.view(3, 1, 1)).add_(_SHIFT.view(3, 1, 1))
+_MEAN = torch.tensor(MEAN)
+_STD = torch.tensor(STD)
+_AFFINE: dict = {}  # (device, dtype) -> (scale, shift) per channel, x_norm = pixel * scale + shift
+
+
+def normalize(x: torch.Tensor, device: torch.device | str | None = None,
+              dtype: torch.dtype = torch.float32, non_blocking: bool = True) -> torch.Tensor:
+    """Loader pixels -> model input, on `device`: uint8 (B, 3, T, H, W) or (B, 3, H, W) ->
+    `dtype`, ImageNet mean/std normalised.
+
+    The uint8 tensor crosses to the device first (4x fewer bytes than float32), then the
+    conversion and the affine run there. The affine is computed in float32 and cast to
+    `dtype` at the end, so bf16/fp16 inputs round once. A floating-point `x` is taken as
+    already normalised and only moved and cast (so callers may pass either).
+    """
+    device = torch.device(device) if device is not None else x.device
+    x = x.to(device, non_blocking=non_blocking)
+    if x.is_floating_point():
+        return x.to(dtype)
+    key = (device, x.dim())
+    affine = _AFFINE.get(key)
+    if affine is None:
+        shape = (1, 3) + (1,) * (x.dim() - 2)  # broadcast over batch, time and space
+        scale = (1.0 / (255.0 * _STD)).view(shape).to(device)
+        shift = (-_MEAN / _STD).view(shape).to(device)
+        affine = _AFFINE[key] = (scale, shift)
+    out = torch.addcmul(affine[1], x.to(torch.float32), affine[0])  # one pass after the cast
+    return out if dtype == torch.float32 else out.to(dtype)

@@ -52,12 +52,47 @@ def sample_costs(model, info: DataInfo) -> dict[str, tuple[int, float]]:
     return out
 
 
-def train_loader(data: DataConfig, rank: int, world: int, seed: int):
-    """Endless iterator of Batch(modality, dataset, x, y), one modality per batch, the same
-    modality sequence on every rank; has state_dict()/load_state_dict()."""
-    from pretrain.data.loader import JointLoader
+def to_device(batch, device: torch.device, dtype: torch.dtype = torch.float32):
+    """The loader's batch as model input: x uint8 pixels -> normalised `dtype` on `device`
+    (the conversion runs on the device; a quarter of float32's bytes cross to it), y moved."""
+    return batch.normalized(device, dtype)
 
-    return JointLoader(data, rank=rank, world_size=world, seed=seed)
+
+class DeviceBatches:
+    """The joint loader, yielding batches already moved and normalised (`to_device`).
+
+    Everything else (state_dict, load_state_dict, close, skipped_samples, heads, ...) is the
+    wrapped loader's. It reads no batch ahead, so its state is exactly the loader's state
+    after the last batch returned (checkpoints stay exact).
+    """
+
+    def __init__(self, loader, device: torch.device, dtype: torch.dtype) -> None:
+        self.loader, self.device, self.dtype = loader, device, dtype
+
+    def __iter__(self) -> "DeviceBatches":
+        return self
+
+    def __next__(self):
+        return to_device(next(self.loader), self.device, self.dtype)
+
+    def __getattr__(self, name: str):
+        if name == "loader":  # not set yet (unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.loader, name)
+
+
+def train_loader(data: DataConfig, rank: int, world: int, seed: int, *,
+                 device: torch.device | None = None, dtype: torch.dtype = torch.float32):
+    """Endless iterator of Batch(modality, dataset, x, y), one modality per batch, the same
+    modality sequence on every rank; has state_dict()/load_state_dict().
+
+    x arrives normalised, as `dtype` on `device` (default: this rank's device, float32; the
+    loop's own `.to(device, dtype)` is then a no-op or a cast on the device)."""
+    from pretrain.data.loader import JointLoader
+    from pretrain.train.engine import device_for_rank
+
+    loader = JointLoader(data, rank=rank, world_size=world, seed=seed)
+    return DeviceBatches(loader, device if device is not None else device_for_rank(), dtype)
 
 
 def eval_sets(data: DataConfig) -> dict[str, str]:

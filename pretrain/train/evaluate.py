@@ -35,7 +35,7 @@ def evaluate(engine, cfg: ExperimentConfig, rank: int, world: int, device: torch
 def _top1(engine, loader, device, dtype, world: int) -> tuple[float, float]:
     stats = torch.zeros(2, dtype=torch.float64)   # correct, counted
     for batch in loader:
-        x = batch.x.to(device, dtype=dtype)                              # (B*V, 3, T, H, W) | (B, 3, H, W)
+        x = data_io.to_device(batch, device, dtype).x                    # (B*V, 3, T, H, W) | (B, 3, H, W)
         logits = engine(x, dataset=batch.dataset).float()                # (B*V, C)
         probs = logits.softmax(-1).view(len(batch.y), batch.views, -1).mean(1)  # (B, C)
         hit = (probs.argmax(-1).cpu() == batch.y)                        # (B,)

@@ -35,6 +35,7 @@ from pretrain.train.engine import build_engine, device_for_rank
 from pretrain.train.evaluate import evaluate
 from pretrain.train.hooks import CheckpointHook, make_checkpoint_hook
 from pretrain.train.metrics import Window, accelerator_peak
+from pretrain.train.preempt import StopAgreement, install_sigterm_handler, training
 from pretrain.train.tracking import (MetricLogger, NullLogger, end_run, resolve_tracking_uri,
                                      start_run)
 
@@ -88,15 +89,25 @@ def train_micro_step(engine, batch, device: torch.device, dtype: torch.dtype) ->
 
 
 def train(config: ExperimentConfig | dict, *, report: Report | None = None,
-          hook: CheckpointHook | None = None, progress: bool = True) -> dict[str, Any]:
+          hook: CheckpointHook | None = None, progress: bool = True,
+          should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
     """Train per `config`; returns the summary (final metrics, run id, last checkpoint).
 
     `report(dict)` (optional) is called on rank 0 at log points, after evaluations and once
     at the end with {"summary": ...}: the Ray driver forwards these to its console. `hook`
     overrides the checkpoint hook from `make_checkpoint_hook`; `progress=False` silences
-    rank 0's own console lines (the driver prints them instead).
+    rank 0's own console lines (the driver prints them instead). `should_stop()` (optional,
+    cheap, polled every step on every rank) asks for an early stop; so do SIGTERM (see
+    pretrain.train.preempt) and checkpoint.stop_after_step. An early stop happens at the
+    same step on every rank, writes a final checkpoint and sets summary["stopped"].
     """
     cfg = config if isinstance(config, ExperimentConfig) else from_dict(ExperimentConfig, config)
+    with training():   # SIGTERM from here on: stop at the next step, final checkpoint
+        return _train(cfg, report, hook, progress, should_stop)
+
+
+def _train(cfg: ExperimentConfig, report: Report | None, hook: CheckpointHook | None,
+           progress: bool, should_stop: Callable[[], bool] | None) -> dict[str, Any]:
     threads = cfg.resources.threads_per_worker or max(1, int(cfg.resources.cpus_per_worker))
     torch.set_num_threads(threads)
     rank, world = init_distributed(cfg)
@@ -114,6 +125,10 @@ def train(config: ExperimentConfig | dict, *, report: Report | None = None,
     hook = hook or make_checkpoint_hook(cfg, rank, world)
     start_step, extra = hook.maybe_resume(engine, loader)
     window = Window.from_carry(extra.get("loss_window"))
+    if start_step and rank == 0:
+        print(f"resumed from {hook.last_committed} at step {start_step}", file=sys.stderr,
+              flush=True)
+    stopper = StopAgreement(world, should_stop, cfg.checkpoint.stop_after_step)
 
     tracking_uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
     run_id = cfg.tracking.run_id or extra.get("mlflow_run_id")
@@ -125,6 +140,8 @@ def train(config: ExperimentConfig | dict, *, report: Report | None = None,
             own_run = True
         if rank == 0:
             logger = MetricLogger(tracking_uri, run_id, cfg.tracking.flush_every_s)
+            if not own_run:   # a continued run: never log a step twice
+                logger = SkipLogged(logger, last_logged_step(tracking_uri, run_id))
 
     def extra_state() -> dict[str, Any]:   # collective: called by the hook on every rank
         return {"loss_window": window.carry(world), "mlflow_run_id": run_id}
@@ -136,6 +153,7 @@ def train(config: ExperimentConfig | dict, *, report: Report | None = None,
     report = report if rank == 0 else None
     batches = iter(loader)
     step = start_step
+    stopped = False
     engine.train()
     t_job = time.perf_counter()
     for step in range(start_step + 1, cfg.train.steps + 1):
@@ -171,7 +189,13 @@ def train(config: ExperimentConfig | dict, *, report: Report | None = None,
             engine.train()
             window.start += time.perf_counter() - t0   # eval time is not training throughput
         hook.maybe_save(step, engine, loader, extra_state)
-    if cfg.train.eval_at_end:
+        if step < cfg.train.steps and stopper(step):
+            stopped = True
+            if rank == 0:
+                print(f"stopping at step {step}/{cfg.train.steps}: writing a final checkpoint",
+                      file=sys.stderr, flush=True)
+            break
+    if cfg.train.eval_at_end and not stopped:
         ev = evaluate(engine, cfg, rank, world, device, dtype, eval_loaders)
         logger.log(ev, step)
         last.update(ev)
@@ -189,6 +213,8 @@ def train(config: ExperimentConfig | dict, *, report: Report | None = None,
         "tracking_uri": tracking_uri if cfg.tracking.enabled else None,
         "checkpoint": checkpoint,
         "steps": step,
+        "stopped": stopped,
+        "resumed_from_step": start_step or None,
         "world_size": world,
         "wall_s": time.perf_counter() - t_job,
         "metrics": {k: v for k, v in last.items()},
@@ -197,6 +223,37 @@ def train(config: ExperimentConfig | dict, *, report: Report | None = None,
     if report:
         report({"summary": summary})
     return summary
+
+
+def last_logged_step(tracking_uri: str, run_id: str) -> int:
+    """The highest step of train/loss already in the run (-1: none): a run restarted after
+    a crash re-trains the steps since its last checkpoint, and must not log them again."""
+    from mlflow.tracking import MlflowClient
+
+    try:
+        history = MlflowClient(tracking_uri=tracking_uri).get_metric_history(run_id, "train/loss")
+    except Exception as exc:  # tracking trouble must not stop training
+        print(f"warning: could not read MLflow run {run_id} ({exc})", file=sys.stderr)
+        return -1
+    return max((m.step for m in history), default=-1)
+
+
+class SkipLogged:
+    """A metric logger that drops steps at or below `done` (already in the run)."""
+
+    def __init__(self, inner: MetricLogger, done: int):
+        self.inner, self.done = inner, done
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if step > self.done:
+            self.inner.log(metrics, step)
+
+    def close(self, timeout: float = 60.0) -> None:
+        self.inner.close(timeout)
+
+    @property
+    def send_time_s(self) -> float:
+        return self.inner.send_time_s
 
 
 class Progress:
@@ -244,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         cfg = load_config(argv[0], argv[1:])
+        install_sigterm_handler()   # torchrun forwards SIGTERM to its ranks
         summary = train(cfg)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

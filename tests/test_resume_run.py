@@ -1,0 +1,234 @@
+"""Resume at the level of `pretrain run`: real embedded Ray, 2 DeepSpeed workers on gloo, the
+smoke model on tiny synthetic data, MLflow in a sqlite file.
+
+- stop-and-resume is invisible: 6 steps straight vs stop after 3 (checkpoint.stop_after_step,
+  the same clean stop SIGTERM takes) + resume to 6 -> bit-identical train/loss at every
+  step, one MLflow run continued without duplicate steps;
+- resume on 1 worker at ZeRO-3 from a 2-worker ZeRO-2 checkpoint (automatic resharding);
+- a checkpoint from another model is a one-paragraph error, exit 2, before Ray starts;
+- SIGTERM to the `pretrain run` process, and SIGTERM to one Ray worker: final committed
+  checkpoint, exit 0;
+- a Ray worker killed with SIGKILL mid-run, checkpoints in gs:// (GCS emulator): Ray Train
+  restarts the group (FailureConfig), it resumes from the newest committed checkpoint and
+  finishes, logging no step twice.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = str(ROOT / "configs" / "smoke.yaml")
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("resume-data") / "synthetic"
+
+
+def overrides(data: Path, steps: int, every: int, *extra: str) -> list[str]:
+    return [f"train.steps={steps}", "train.warmup_steps=1", f"checkpoint.every_steps={every}",
+            "train.log_every=1", "train.progress_every_s=0", "train.eval_at_end=false",
+            f"data.synthetic.root={data}", "data.synthetic.videos=64", "data.synthetic.images=32",
+            f"data.video_uri={data}/video/train", f"data.video_eval_uri={data}/video/val",
+            f"data.image_uri={data}/image/train", f"data.image_eval_uri={data}/image/val",
+            "tracking.flush_every_s=0.5", *extra]
+
+
+class Run:
+    """`pretrain run SMOKE ... --json` as a subprocess; output in files (no pipe stalls)."""
+
+    def __init__(self, cwd: Path, *args: str, env: dict | None = None):
+        cwd.mkdir(parents=True, exist_ok=True)
+        self.out, self.err = cwd / f"out-{time.monotonic_ns()}.txt", cwd / f"err-{time.monotonic_ns()}.txt"
+        full = dict(os.environ, DS_ACCELERATOR="cpu", RAY_USAGE_STATS_ENABLED="0", **(env or {}))
+        full.pop("RAY_ADDRESS", None)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "orchestration.cli", "run", SMOKE, *args, "--json"],
+            cwd=cwd, env=full, stdout=self.out.open("w"), stderr=self.err.open("w"))
+
+    def stderr(self) -> str:
+        return self.err.read_text(errors="replace")
+
+    def wait_for(self, text: str, timeout: float = 240) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.stderr():
+            assert self.proc.poll() is None, f"exited {self.proc.returncode}:\n{self.stderr()[-4000:]}"
+            assert time.monotonic() < deadline, f"no {text!r} in:\n{self.stderr()[-4000:]}"
+            time.sleep(0.2)
+
+    def finish(self, code: int = 0, timeout: float = 400) -> dict:
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise
+        assert rc == code, self.stderr()[-6000:]
+        if code != 0:
+            return {}
+        return json.loads(self.out.read_text().strip().splitlines()[-1])
+
+    def train_workers(self) -> list[int]:
+        """Pids of the RayTrainWorker processes under this run (embedded Ray: its descendants)."""
+        children: dict[int, list[int]] = {}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                pid, rest = stat.read_text().split(" ", 1)
+                ppid = int(rest.rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(pid))
+        found, todo = [], [self.proc.pid]
+        while todo:
+            pid = todo.pop()
+            for child in children.get(pid, []):
+                try:
+                    cmd = Path(f"/proc/{child}/cmdline").read_bytes()
+                except OSError:
+                    continue
+                if cmd.startswith(b"ray::RayTrainWorker"):
+                    found.append(child)   # not its children: data-loader forks share the title
+                else:
+                    todo.append(child)
+        return sorted(found)
+
+    def __del__(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+
+
+def history(tracking_uri: str, run_id: str, key: str = "train/loss") -> list[tuple[int, float]]:
+    from mlflow.tracking import MlflowClient
+
+    return sorted((m.step, m.value) for m in
+                  MlflowClient(tracking_uri).get_metric_history(run_id, key))
+
+
+def committed(uri: str):
+    from checkpoints.discovery import latest_committed
+
+    return latest_committed(uri)
+
+
+@pytest.fixture(scope="module")
+def stopped_at_3(tmp_path_factory, data_root):
+    """A 6-step run stopped cleanly after step 3: (its folder, checkpoint root, summary)."""
+    where = tmp_path_factory.mktemp("stopped")
+    ckpt = where / "ckpt"
+    run = Run(where, *overrides(data_root, 6, 100, f"checkpoint.uri={ckpt}",
+                                f"tracking.tracking_uri=sqlite:///{where}/mlflow.db",
+                                "checkpoint.stop_after_step=3"))
+    return where, ckpt, run.finish()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_stop_and_resume_is_invisible(tmp_path, data_root, stopped_at_3):
+    where, ckpt, first = stopped_at_3
+    assert first["stopped"] and first["steps"] == 3
+    assert first["checkpoint"] == f"{ckpt}/step_00000003"
+    tracking = f"sqlite:///{where}/mlflow.db"
+    from mlflow.tracking import MlflowClient
+    assert MlflowClient(tracking).get_run(first["mlflow_run_id"]).info.status == "KILLED"
+
+    straight = Run(tmp_path / "a", *overrides(data_root, 6, 100, f"checkpoint.uri={tmp_path}/a/ckpt",
+                                              f"tracking.tracking_uri=sqlite:///{tmp_path}/a/mlflow.db")).finish()
+    resumed = Run(where, *overrides(data_root, 6, 100, f"checkpoint.uri={ckpt}",
+                                    f"tracking.tracking_uri={tracking}")).finish()
+    assert resumed["resumed_from_step"] == 3 and resumed["steps"] == 6 and not resumed["stopped"]
+    # the same numbers, bit for bit, at every step and at the end
+    assert resumed["metrics"]["train/loss"] == straight["metrics"]["train/loss"]
+    a = history(f"sqlite:///{tmp_path}/a/mlflow.db", straight["mlflow_run_id"])
+    b = history(tracking, resumed["mlflow_run_id"])
+    assert [s for s, _ in a] == [1, 2, 3, 4, 5, 6]
+    assert b == a   # one run continued: steps 1-3 from the first part, 4-6 from the resume
+    assert resumed["mlflow_run_id"] == first["mlflow_run_id"]
+    assert MlflowClient(tracking).get_run(first["mlflow_run_id"]).info.status == "FINISHED"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_resume_on_one_worker_at_zero3(tmp_path, data_root, stopped_at_3):
+    _, ckpt, _ = stopped_at_3
+    copy = tmp_path / "ckpt"
+    shutil.copytree(ckpt / "step_00000003", copy / "step_00000003")
+    run = Run(tmp_path, *overrides(data_root, 6, 100, f"checkpoint.uri={copy}",
+                                   f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+                                   "resources.workers=1", "train.zero_stage=3"))
+    out = run.finish()
+    assert out["resumed_from_step"] == 3 and out["steps"] == 6 and out["world_size"] == 1
+    assert 0.5 < out["metrics"]["train/loss"] < 3.0
+    # this tracking server never saw the checkpoint's run: a new one, said so
+    assert "logging to a new run" in run.stderr()
+    info = committed(str(copy))
+    assert info.step == 6 and info.world_size == 1 and info.zero_stage == 3
+
+
+@pytest.mark.slow
+def test_checkpoint_of_another_model_is_a_clear_error(tmp_path, data_root, stopped_at_3):
+    _, ckpt, _ = stopped_at_3
+    run = Run(tmp_path, *overrides(data_root, 6, 100, f"checkpoint.uri={ckpt}",
+                                   f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+                                   "model.depth=2"))
+    run.finish(code=2, timeout=120)
+    err = run.stderr()
+    assert "differing model config keys" in err and "depth" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("target", ["driver", "worker"])
+def test_sigterm_writes_a_final_checkpoint_and_exits_cleanly(tmp_path, data_root, target):
+    ckpt = tmp_path / "ckpt"
+    # no periodic checkpoint: the one we find is the final one
+    run = Run(tmp_path, *overrides(data_root, 400, 1000, f"checkpoint.uri={ckpt}",
+                                   f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+                                   "checkpoint.preempt_grace_s=60"))
+    run.wait_for("step 3/400")
+    if target == "driver":
+        run.proc.send_signal(signal.SIGTERM)
+    else:
+        workers = run.train_workers()
+        assert len(workers) == 2
+        os.kill(workers[-1], signal.SIGTERM)
+    t0 = time.monotonic()
+    out = run.finish(timeout=120)
+    assert time.monotonic() - t0 < 60          # within checkpoint.preempt_grace_s
+    assert out["stopped"] and 3 <= out["steps"] < 400
+    info = committed(str(ckpt))
+    assert info is not None and info.step == out["steps"]
+    assert out["checkpoint"] == info.uri
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_killed_worker_restarts_from_the_newest_checkpoint_on_gcs(tmp_path, data_root, gcs_bucket):
+    uri = f"{gcs_bucket}/run"
+    tracking = f"sqlite:///{tmp_path}/mlflow.db"
+    # stop_after_step bounds the run's length whatever the restart costs
+    run = Run(tmp_path, *overrides(data_root, 400, 2, f"checkpoint.uri={uri}",
+                                   f"tracking.tracking_uri={tracking}", "resources.max_failures=1",
+                                   "checkpoint.stop_after_step=60"))
+    run.wait_for("step 1/400")
+    deadline = time.monotonic() + 120
+    while (committed(uri) is None or committed(uri).step < 4) and time.monotonic() < deadline:
+        assert run.proc.poll() is None, run.stderr()[-4000:]
+        time.sleep(0.3)
+    workers = run.train_workers()
+    assert len(workers) == 2
+    os.kill(workers[0], signal.SIGKILL)
+    out = run.finish()
+    assert out["steps"] == 60 and out["stopped"]
+    assert out["resumed_from_step"] and out["resumed_from_step"] >= 4
+    assert f"resumed from {uri}/step_" in run.stderr()
+    assert committed(uri).step == 60
+    steps = [s for s, _ in history(tracking, out["mlflow_run_id"])]
+    assert steps == list(range(1, 61))   # re-trained steps were not logged twice
