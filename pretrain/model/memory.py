@@ -13,8 +13,9 @@ compute dtype: 2 for bf16/fp16, 4 for fp32; P = all parameters, P_t = trainable 
                  one prefetched, 2 * b * (largest block)
     temporaries  stage >= 1: the optimizer step works on one flat fp32 partition, and AdamW's
                  update makes one temporary of that size, 4 * P_t / N
-    buffers      the gradient reduce bucket, b * min(bucket, P_t) (DeepSpeed allocates
-                 `reduce_bucket_size` = 5e8 elements; on a GPU that whole buffer is
+    buffers      the gradient reduce bucket, b * min(bucket, P_t) (our engine sets
+                 `reduce_bucket_size` = train.zero_bucket_elements, 5e7 by default, where
+                 DeepSpeed's own default is 5e8; on a GPU that whole buffer is
                  reserved: `touched_only=False` counts it whole); none for a single
                  stage-0 worker (nothing to reduce)
     overhead     a fixed allowance for the runtime (CUDA context / Python + torch + DeepSpeed)
@@ -48,7 +49,7 @@ def _numel(p) -> int:
 
 def plan_memory(model: nn.Module, size: tuple[int, ...], *, micro_batch: int, workers: int = 1,
                 zero_stage: int = 0, precision: str = "bf16", activation_checkpointing: bool = False,
-                gate_layer: int | None = None, reduce_bucket: int = 500_000_000,
+                gate_layer: int | None = None, reduce_bucket: int = 50_000_000,
                 touched_only: bool = True, overhead_gib: float = 1.0) -> dict:
     """Per-worker memory estimate in bytes (and GiB) for a TubeViT on a clip/image `size`.
 

@@ -96,6 +96,9 @@ class TrainConfig:
                              "biases and norms)", min=0.0)
     betas: list[float] = _f(help="AdamW betas", factory=lambda: [0.9, 0.999])
     eps: float = _f(1e-8, "AdamW epsilon", min=0.0)
+    zero_bucket_elements: int = _f(
+        50_000_000, "ZeRO communication bucket size in elements (reduce, all-gather, stage-3 "
+        "prefetch); DeepSpeed's own 5e8 costs 2 GB of fp32 buffer per worker", min=1_000_000)
     cpu_offload: bool = _f(False, "ZeRO-3 only: keep parameters and optimizer state in CPU memory")
     activation_checkpointing: bool = _f(False, "recompute block activations in backward")
     seed: int = _f(0, "seed for model init, data order and the image/video mix", min=0)

@@ -39,16 +39,19 @@ def deepspeed_config(cfg: ExperimentConfig, world_size: int) -> dict[str, Any]:
             # Joint training: the head of the other dataset (and, on image steps, the 3-D
             # tubes) get no gradient; ZeRO must fill zeros instead of waiting for them.
             "ignore_unused_parameters": True,
+            "reduce_bucket_size": t.zero_bucket_elements,
         },
     }
     if t.zero_stage in (1, 2):
         ds["zero_optimization"].update({"overlap_comm": False, "contiguous_gradients": True,
-                                        "reduce_scatter": True})
+                                        "reduce_scatter": True,
+                                        "allgather_bucket_size": t.zero_bucket_elements})
     if t.zero_stage == 3:
         ds["zero_optimization"].update({
             "overlap_comm": False,
             "contiguous_gradients": True,
             "stage3_gather_16bit_weights_on_model_save": False,
+            "stage3_prefetch_bucket_size": t.zero_bucket_elements,
         })
         if t.cpu_offload:
             ds["zero_optimization"]["offload_param"] = {"device": "cpu", "pin_memory": cfg.resources.use_gpu}
