@@ -7,7 +7,7 @@ DeepSpeed ZeRO-2 on gloo, the streaming joint loader decoding mp4/png shards, ML
 tracking to a local sqlite store), 1 torch thread per worker. Throughput is the mean
 perf/samples_per_sec over the log windows after the first (warm-up, JIT, worker start).
 
-Bare (run before and after the system, mean of both: the machine may be shared): one
+Bare (run before and after the system, the faster of both: the machine may be shared): one
 process with the same thread budget (2 torch threads), the same model and
 global batch (2 x per-rank batch), plain torch.optim.AdamW + the same schedule, over
 pre-decoded tensors held in memory, already normalised float32 on the device (the same
@@ -110,11 +110,13 @@ def main() -> int:
     os.chdir(ROOT)
     absolute_paths(cfg)
     ensure_data(cfg)
-    # The machine may be shared: bracket the system run with two bare runs, use their mean.
+    # The machine may be shared: bracket the system run with two bare runs.
     bare_before = bare(cfg, args.steps, warmup=log_every)
     sys_fig = system(cfg, log_every)
     bare_after = bare(cfg, args.steps, warmup=log_every)
-    bare_fig = {"samples_per_sec": (bare_before["samples_per_sec"] + bare_after["samples_per_sec"]) / 2}
+    # The faster of the two: other load only ever slows a run down, so the best bare run is
+    # the fair (hardest) baseline; both raw figures are reported.
+    bare_fig = {"samples_per_sec": max(bare_before["samples_per_sec"], bare_after["samples_per_sec"])}
     out = {
         "system_samples_per_sec": sys_fig["samples_per_sec"],
         "bare_samples_per_sec": bare_fig["samples_per_sec"],

@@ -28,6 +28,7 @@ import os
 import re
 import secrets
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -41,6 +42,7 @@ ENTRYPOINT = "python -m orchestration.job_entry"
 CONFIG_ENV = "PRETRAIN_JOB_CONFIG"      # the resolved config, YAML
 NAME_ENV = "PRETRAIN_JOB_NAME"
 CWD_ENV = "PRETRAIN_JOB_CWD"            # loopback clusters: run where the user submitted from
+AGENT_WAIT_S = 60                       # submit retries while a fresh head's job agent starts
 STOP_MARGIN_S = 30                      # Ray's SIGKILL comes this long after the run's own grace
 
 # What the job's working_dir upload leaves out (on top of .gitignore, which Ray honours):
@@ -284,9 +286,17 @@ class JobsClient:
         while f"{name}-{attempt}" in taken:  # an id someone else chose; ids are forever
             attempt += 1
         meta = {**metadata, META_NAME: name, META_ATTEMPT: str(attempt)}
-        with self._errors():
-            return self._client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env,
-                                           submission_id=f"{name}-{attempt}", metadata=meta)
+        deadline = time.monotonic() + AGENT_WAIT_S
+        while True:
+            try:
+                with self._errors():
+                    return self._client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env,
+                                                   submission_id=f"{name}-{attempt}", metadata=meta)
+            except RuntimeError as exc:
+                # A head that just started answers before its job agent is up.
+                if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(1.0)
 
 
 @contextlib.contextmanager
