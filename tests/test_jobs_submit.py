@@ -264,13 +264,21 @@ def two_node_cluster(tmp_path_factory):
     exe = shutil.which("ray", path=str(BIN)) or "ray"
     port, dport = free_port(), free_port()
     common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "2", "--disable-usage-stats"]
+
+    def own_ports() -> list[str]:
+        # Two nodes on one address: each agent needs its own ports (the defaults collide,
+        # and the head then finds no job agent to run a submission).
+        return ["--dashboard-agent-listen-port", str(free_port()),
+                "--dashboard-agent-grpc-port", str(free_port()),
+                "--metrics-export-port", str(free_port()),
+                "--runtime-env-agent-port", str(free_port())]
     try:
         subprocess.run([exe, "start", "--head", "--port", str(port), "--dashboard-host",
                         "127.0.0.1", "--dashboard-port", str(dport), "--temp-dir", str(temp),
-                        "--include-dashboard", "true", *common],
+                        "--include-dashboard", "true", *common, *own_ports()],
                        check=True, env=env, capture_output=True)
         subprocess.run([exe, "start", "--address", f"127.0.0.1:{port}", "--temp-dir", str(temp),
-                        "--resources", '{"second_node": 1}', *common],
+                        "--resources", '{"second_node": 1}', *common, *own_ports()],
                        check=True, env=env, capture_output=True)
         dashboard = f"http://127.0.0.1:{dport}"
         wait_http(dashboard + "/api/version", 60)
