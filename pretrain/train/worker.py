@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from pretrain.train import data_io
 from pretrain.train.config import ExperimentConfig, from_dict, load_config
-from pretrain.train.engine import build_engine, device_for_rank
+from pretrain.train.engine import autocast_dtype, build_engine, device_for_rank
 from pretrain.train.evaluate import evaluate
 from pretrain.train.hooks import CheckpointHook, make_checkpoint_hook
 from pretrain.train.metrics import Window, accelerator_peak
@@ -117,11 +117,11 @@ def _train(cfg: ExperimentConfig, report: Report | None, hook: CheckpointHook | 
     info = data_io.DataInfo.from_config(cfg.data)
     model = build_model(cfg, info.num_classes)
     engine, _, scheduler = build_engine(model, cfg, world)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.train.precision]
+    dtype = autocast_dtype(cfg)
     per_sample = data_io.sample_costs(model, info)   # modality -> (tokens, train FLOPs)
     _, peak = accelerator_peak(cfg.resources.accelerator, cfg.train.precision)
 
-    loader = data_io.train_loader(cfg.data, rank, world, cfg.train.seed)
+    loader = data_io.train_loader(cfg.data, rank, world, cfg.train.seed, device=device, dtype=dtype)
     hook = hook or make_checkpoint_hook(cfg, rank, world)
     start_step, extra = hook.maybe_resume(engine, loader)
     window = Window.from_carry(extra.get("loss_window"))
