@@ -3,6 +3,14 @@
 Video clips are decoded straight from the encoded bytes stored in the shards. Only the frames
 a clip needs are converted to RGB, and the conversion does the resize in the same swscale pass
 (`VideoFrame.reformat`), which is much cheaper than converting at full size and resizing after.
+
+Determinism: `decode_frames` pixels depend only on (bytes, indices, fps, out_size), not on
+the process, on earlier calls, or on timing: decoding is single-threaded and the one swscale
+context per process runs with one thread and is reconfigured for each size (checked by
+tests/test_data_determinism.py). They are bit-identical on the same CPU family and FFmpeg
+build; FAST_BILINEAR's SIMD paths are not bit-exact across CPU families. Equal pixels from
+two copies of a dataset also need equal bytes: see pretrain/data/synthetic.py for how
+synthetic data is made reproducible.
 """
 from __future__ import annotations
 

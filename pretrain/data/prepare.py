@@ -34,10 +34,12 @@ from pretrain.errors import UserError
 
 @dataclass(frozen=True)
 class Item:
-    """One input: where it is and its class name."""
+    """One input: where it is, its class name, and the key stored with the sample (default:
+    the path; a caller writing from a temporary folder passes a stable one)."""
 
     path: str
     label: str
+    key: str | None = None
 
 
 @dataclass
@@ -312,7 +314,8 @@ def _write_mds(modality: str, usable: list[tuple[Item, dict]], index_of: dict[st
             except OSError as exc:
                 skipped.append(Skipped(it.path, f"changed while preparing: {exc}"))
                 continue
-            sample = {modality: data, "label": index_of[it.label], "key": it.path, **meta}
+            sample = {modality: data, "label": index_of[it.label], "key": it.key or it.path,
+                      **meta}
             writer.write(sample)
             written += 1
     return len([n for n in os.listdir(mds_dir) if n.endswith(".mds")]), written

@@ -11,6 +11,19 @@ Images: one static shape on a noisy background; the class is the kind of shape (
 square, triangle, cross), colours and sizes random (chance 25%).
 
 Layout under ROOT: video/train, video/val, image/train, image/val (each a prepared dataset).
+
+Determinism: `prepare_synthetic` with the same arguments writes byte-identical shards, so a
+copy prepared in a bucket and one prepared on local disk give the same pixels for the same
+sample ids (and a resumed run sees the pixels the interrupted one saw). What that takes:
+- per-sample generators seeded by (seed, modality, split, index), never by worker order;
+- videos encoded by FFmpeg's own MPEG-4 Part 2 encoder (`SYNTHETIC_CODEC`), single-threaded,
+  with the bitexact flags, from YUV frames converted on one thread. Not libx264: the x264
+  bundled with PyAV 18 (core 165) can encode the same frames into different bitstreams from
+  one call to the next (on an AVX-512 host, depending on the heap state left by earlier
+  work; it changes the decoded pixels by up to ~20 levels), so two prepares of the same seed
+  occasionally differed in a few clips;
+- sample keys relative to the generated folder (not the random scratch path);
+- PNG images from Pillow (deterministic for the same pixels).
 """
 from __future__ import annotations
 
@@ -87,19 +100,40 @@ def _static_shape_image(rng: np.random.Generator, cls: str, size: int) -> np.nda
     return img.astype(np.uint8)
 
 
+SYNTHETIC_CODEC = "mpeg4"  # bit-reproducible, unlike libx264 (see the module docstring)
+_MPEG4_QSCALE = 2  # MPEG-4 quantiser scale 2: near-lossless, the shapes keep crisp edges
+
+
 def encode_mp4(frames: np.ndarray, fps: int, codec: str = "libx264") -> bytes:
-    """Encode uint8 (T, H, W, 3) frames as an mp4 (H and W even for yuv420p)."""
+    """Encode uint8 (T, H, W, 3) frames as an mp4 (H and W even for yuv420p).
+
+    Encoding is single-threaded with the bitexact flags (no timing-dependent threading, no
+    library version strings in the file). With codec="mpeg4" the bytes are a function of
+    the frames alone; libx264 is not reproducible call to call (module docstring).
+    """
     import av
+    from av.video.reformatter import VideoReformatter
 
     buf = io.BytesIO()
-    with av.open(buf, mode="w", format="mp4") as container:
+    with av.open(buf, mode="w", format="mp4", options={"fflags": "+bitexact"}) as container:
         stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "yuv420p"
+        stream.codec_context.thread_count = 1
+        options = {"flags": "+bitexact"}
         if codec == "libx264":
-            stream.options = {"preset": "veryfast", "crf": "18"}
+            options.update(preset="veryfast", crf="18")
+        elif codec == "mpeg4":
+            options.update(flags="+bitexact+qscale",
+                           global_quality=str(_MPEG4_QSCALE * 118))  # FF_QP2LAMBDA = 118
+        stream.options = options
+        # Convert to yuv420p here, on one thread: left to PyAV, the conversion inside
+        # encode() would use swscale's automatic thread count.
+        to_yuv = VideoReformatter()
         for f in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+            rgb = av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")
+            yuv = to_yuv.reformat(rgb, format="yuv420p", threads=1)
+            for packet in stream.encode(yuv):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
@@ -111,7 +145,7 @@ def _make_one(args) -> str:
     rng = np.random.default_rng([seed, 0 if kind == "video" else 1, 0 if split == "train" else 1, i])
     if kind == "video":
         cls = VIDEO_CLASSES[i % len(VIDEO_CLASSES)]
-        data = encode_mp4(_moving_shape_clip(rng, cls, frames, size), fps)
+        data = encode_mp4(_moving_shape_clip(rng, cls, frames, size), fps, SYNTHETIC_CODEC)
         path = os.path.join(folder, f"{i:06d}_{cls}.mp4")
     else:
         from PIL import Image
@@ -150,7 +184,9 @@ def prepare_synthetic(out_uri: str, videos: int, images: int, seed: int = 0, *, 
                 os.makedirs(folder, exist_ok=True)
                 args = [(kind, split, i, seed, frames, size, fps, folder) for i in range(n)]
                 paths = _map(_make_one, args, workers)
-                items = [Item(p, classes[i % len(classes)]) for i, p in enumerate(paths)]
+                # Keys relative to the scratch folder: the same dataset gets the same bytes.
+                items = [Item(p, classes[i % len(classes)], key=os.path.relpath(p, scratch))
+                         for i, p in enumerate(paths)]
                 results[f"{kind}/{split}"] = prepare(
                     kind, items, storage.join(out_uri, kind, split), dataset=dataset,
                     labels=classes, workers=workers, progress=progress,
