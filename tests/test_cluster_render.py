@@ -188,7 +188,7 @@ def test_shapes_that_do_not_fit_are_user_errors():
     with pytest.raises(UserError, match="cpus_per_worker"):
         render_job("gke-8xa100", str(GPU_CONFIG), 8, overrides=["resources.cpus_per_worker=100"])
     with pytest.raises(UserError, match="relative local path"):
-        render_job("local", str(CPU_CONFIG), 2)  # checkpoints/smoke: nothing could resume
+        render_job("local", str(CPU_CONFIG), 2)  # runs/smoke/checkpoints: nothing could resume
 
 
 def test_cli_list_and_render(tmp_path, capsys):

@@ -202,7 +202,7 @@ def test_smoke_job_runs_to_succeeded(head, smoke_data, tmp_path, monkeypatch):
     assert code == 0, err
     sub = last_json(out)
     assert sub["job_id"] == "smoke-ok-1"
-    assert sub["checkpoint_uri"] == str(tmp_path / "checkpoints" / "smoke" / "smoke-ok")
+    assert sub["checkpoint_uri"] == str(tmp_path / "runs" / "smoke" / "checkpoints" / "smoke-ok")
     code, out, _ = run_cli("logs", "smoke-ok", "--follow", "--address", head)
     st = wait_for(head, "smoke-ok")
     assert st["status"] == "SUCCEEDED", logs_tail(head, "smoke-ok")
