@@ -3,12 +3,10 @@ ZeRO-3, the real synthetic data, a real MLflow server.
 
 Checks: the --json summary (last stdout line), one MLflow run with the resolved config as
 params + config.yaml, every promised metric present, train/loss falls between the first and
-the last log point. Steps are reduced by overrides to keep CI time down (the ZeRO-2 run is
-long enough for the loss to leave chance, ln 4 = 1.386; the ZeRO-3 run checks the plumbing).
-
-The full smoke config's accuracy bar (video top-1 >= 0.8, chance 0.25) takes ~1600 steps,
-about 5 minutes on 2 cores, beyond the CI budget: `test_smoke_config_learns_motion` runs
-it when PRETRAIN_FULL_SMOKE=1.
+the last log point. The ZeRO-2 run is the smoke config exactly as a user runs it (2400
+steps, ~5 minutes on 2 cores) and must learn the motion task: video top-1 >= 0.8 on the
+held-out clips (chance 0.25, 4 directions). The ZeRO-3 run is shortened by overrides and
+checks the plumbing.
 """
 from __future__ import annotations
 
@@ -38,7 +36,7 @@ def run_smoke(tmp_path: Path, tracking_uri: str, *overrides: str) -> dict:
              (("video", "video", "train"), ("video_eval", "video", "val"),
               ("image", "image", "train"), ("image_eval", "image", "val"))),
            *overrides, "--json"]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=840)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "step " in proc.stderr and "samples/s" in proc.stderr and "eta" in proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -72,7 +70,7 @@ def check_run(summary: dict, tracking_uri: str, zero_stage: int, loss_falls: boo
 
 @pytest.mark.slow
 @pytest.mark.timeout(700)
-@pytest.mark.parametrize("stage,steps", [(2, 700), (3, 30)])
+@pytest.mark.parametrize("stage,steps", [(3, 30)])
 def test_smoke_end_to_end_under_ray(tmp_path, mlflow_server, stage, steps):
     summary = run_smoke(tmp_path, mlflow_server, f"train.zero_stage={stage}",
                         f"train.steps={steps}", f"train.log_every={max(10, steps // 7)}",
@@ -84,8 +82,6 @@ def test_smoke_end_to_end_under_ray(tmp_path, mlflow_server, stage, steps):
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-@pytest.mark.skipif(os.environ.get("PRETRAIN_FULL_SMOKE") != "1",
-                    reason="full smoke run (~5 min); set PRETRAIN_FULL_SMOKE=1")
 def test_smoke_config_learns_motion(tmp_path, mlflow_server):
     summary = run_smoke(tmp_path, mlflow_server)
     check_run(summary, mlflow_server, 2)

@@ -151,6 +151,15 @@ def _train(cfg: ExperimentConfig, report: Report | None, hook: CheckpointHook | 
     progress = Progress(rank if progress else -1, cfg.train.steps, start_step,
                         cfg.train.progress_every_s)
     report = report if rank == 0 else None
+
+    def evaluate_and_log(step: int) -> None:   # collective: every rank runs the eval loaders
+        ev = evaluate(engine, cfg, rank, world, device, dtype, eval_loaders)
+        logger.log(ev, step)
+        last.update(ev)
+        progress.line(step, ev)
+        if report:
+            report({"step": step, **ev})
+
     batches = iter(loader)
     step = start_step
     stopped = False
@@ -180,12 +189,7 @@ def _train(cfg: ExperimentConfig, report: Report | None, hook: CheckpointHook | 
             window.log_s += time.perf_counter() - t0
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != cfg.train.steps:
             t0 = time.perf_counter()
-            ev = evaluate(engine, cfg, rank, world, device, dtype, eval_loaders)
-            logger.log(ev, step)
-            last.update(ev)
-            progress.line(step, ev)
-            if report:
-                report({"step": step, **ev})
+            evaluate_and_log(step)
             engine.train()
             window.start += time.perf_counter() - t0   # eval time is not training throughput
         hook.maybe_save(step, engine, loader, extra_state)
@@ -196,12 +200,7 @@ def _train(cfg: ExperimentConfig, report: Report | None, hook: CheckpointHook | 
                       file=sys.stderr, flush=True)
             break
     if cfg.train.eval_at_end and not stopped:
-        ev = evaluate(engine, cfg, rank, world, device, dtype, eval_loaders)
-        logger.log(ev, step)
-        last.update(ev)
-        progress.line(step, ev)
-        if report:
-            report({"step": step, **ev})
+        evaluate_and_log(step)
     checkpoint = hook.finish(step, engine, loader, extra_state)
     logger.close()
     if own_run:
