@@ -15,7 +15,7 @@ import os
 import random
 import time
 import uuid
-from typing import Callable, TypeVar
+from typing import BinaryIO, Callable, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -92,19 +92,30 @@ def sha256_file(path: str) -> str:
     return h.hexdigest()
 
 
+def _replace_local(path: str, write: Callable[[BinaryIO], None]) -> None:
+    """Write a local file through a temporary name, then rename it into place: a reader sees
+    the whole file or none of it, and a failed write leaves nothing behind."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def put_file(fs: fsspec.AbstractFileSystem, local: str, remote: str) -> None:
     """Copy one local file to remote; a reader never sees a torn file on a local target."""
     if is_local(fs):
-        os.makedirs(os.path.dirname(remote), exist_ok=True)
-        tmp = f"{remote}.tmp-{uuid.uuid4().hex[:8]}"
-        try:
-            with open(local, "rb") as src, open(tmp, "wb") as dst:
+        def copy(dst: BinaryIO) -> None:
+            with open(local, "rb") as src:
                 while chunk := src.read(_CHUNK):
                     dst.write(chunk)
-            os.replace(tmp, remote)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        _replace_local(remote, copy)
     else:
         # Object stores publish an object only when its upload completes.
         fs.put_file(local, remote)
@@ -124,13 +135,7 @@ def get_file(fs: fsspec.AbstractFileSystem, remote: str, local: str) -> str:
 def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     """Write a small object so that readers see all of it or nothing."""
     if is_local(fs):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        _replace_local(path, lambda f: f.write(data))
     else:
         fs.pipe_file(path, data)
 
