@@ -238,3 +238,55 @@ def test_synthetic_made_when_missing(tmp_path):
     info = ensure_datasets(cfg)
     assert info["video"]["num_samples"] == 8 and info["video_eval"]["num_samples"] == 4
     assert np.isfinite(info["video"]["num_classes"])
+
+
+_MANY_LOADERS = r'''
+import os, resource, sys
+resource.setrlimit(resource.RLIMIT_NOFILE, (int(sys.argv[2]), resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+from pretrain.data.config import DataConfig
+from pretrain.data.loader import EvalLoader, JointLoader
+root = sys.argv[1]
+cfg = DataConfig(video_uri=f"{root}/syn/video/train", image_uri=f"{root}/syn/image/train",
+                 video_eval_uri=f"{root}/syn/video/val", frames=4, size=32, image_size=32,
+                 frame_stride=2, batch_size=4, num_workers=int(sys.argv[3]),
+                 cache_dir=f"{root}/cache", eval_temporal_views=1, eval_spatial_views=1)
+counts = []
+for i in range(int(sys.argv[4])):
+    joint = JointLoader(cfg, seed=i)
+    for _, batch in zip(range(3), joint):
+        pass
+    ev = EvalLoader(cfg, "video")
+    list(ev)
+    joint.close()
+    ev.close()
+    counts.append(len(os.listdir("/proc/self/fd")))
+print(counts)
+'''
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_loaders_built_again_and_again_leak_no_descriptors_or_shared_memory(data_root, workers,
+                                                                             tmp_path):
+    """Streaming holds every shared-memory block it opens until exit (its issue #457): a
+    process that builds loaders repeatedly ran out of descriptors under `ulimit -n 1024`.
+    Here 12 rounds of joint + eval loaders run under a limit of 128 descriptors, the count
+    stays flat, and closed loaders leave nothing in /dev/shm."""
+    import subprocess
+    import sys
+
+    # Streaming's block names in /dev/shm; ours are the ones that appear during the run.
+    def blocks():
+        return {n for n in os.listdir("/dev/shm") if n[:6].isdigit()}
+
+    before = blocks()
+    script = tmp_path / "many_loaders.py"
+    script.write_text(_MANY_LOADERS)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    out = subprocess.run([sys.executable, str(script), str(data_root), "128", str(workers), "12"],
+                         capture_output=True, text=True, timeout=300, env=env,
+                         cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert out.returncode == 0, out.stderr[-3000:]
+    counts = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(counts) == 12 and counts[-1] <= counts[0] + 2, counts
+    assert blocks() - before == set()

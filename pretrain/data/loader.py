@@ -31,7 +31,7 @@ import torch
 from streaming import StreamingDataset
 from torch.utils.data import DataLoader, Dataset
 
-from pretrain.data import shards, storage
+from pretrain.data import shards, shared_memory, storage
 from pretrain.data.config import DataConfig, parse_bytes
 from pretrain.data.media import BadMedia
 from pretrain.data.remote import cache_dir_for, make_stream
@@ -40,6 +40,7 @@ from pretrain.data.samples import (ClipSpec, ImageSpec, eval_clip, eval_image, s
 from pretrain.errors import UserError
 
 log = logging.getLogger(__name__)
+shared_memory.install()   # streaming's blocks closed when unused, not held until exit
 
 # Errors that mean "this sample's bytes are bad", as opposed to bugs, which must surface.
 try:
@@ -324,6 +325,7 @@ class _ModalityStream:
         if it is not None and hasattr(it, "_shutdown_workers"):
             it._shutdown_workers()
         self.loader._iterator = None
+        shared_memory.release(self.ds)
 
 
 def _describe(cfg: DataConfig, modality: str, uri: str) -> dict:
@@ -526,6 +528,9 @@ class EvalLoader:
 
     def __len__(self) -> int:
         return len(self.loader)
+
+    def close(self) -> None:
+        shared_memory.release(self.ds)
 
     def __iter__(self) -> Iterator[Batch]:
         for raw in self.loader:

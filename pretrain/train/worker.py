@@ -205,8 +205,9 @@ def _train(cfg: ExperimentConfig, report: Report | None, hook: CheckpointHook | 
     logger.close()
     if own_run:
         end_run(tracking_uri, run_id)
-    if hasattr(loader, "close"):
-        loader.close()
+    for ld in [loader, *eval_loaders.values()]:
+        if hasattr(ld, "close"):
+            ld.close()
     summary = {
         "mlflow_run_id": run_id,
         "tracking_uri": tracking_uri if cfg.tracking.enabled else None,

@@ -1,0 +1,110 @@
+"""Lifetime of mosaicml-streaming's shared-memory blocks in our processes.
+
+Streaming (0.13) registers every `SharedMemory` it opens with `atexit`, which keeps the
+object, its file descriptor and its mapping alive until the process exits. Each new
+StreamingDataset first probes every existing block prefix on the node (live or left behind
+by killed processes), and each probe is such an object, so a process that builds loaders
+repeatedly, or runs on a node with many stale prefixes, collects descriptors until it hits
+`EMFILE` ("Too many open files"; streaming issue #457). Blocks of processes that die without
+running `atexit` (SIGKILL, Ray tearing down its workers) stay in /dev/shm and make every
+later probe longer.
+
+`install()` changes two things, nothing else:
+- a block whose Python object is no longer referenced is closed by the garbage collector
+  (the builtin SharedMemory's own finaliser), instead of being held until exit; the block's
+  *name* stays until exit, exactly as before, so other processes attaching by name (the
+  loader workers reading the resume state) are not affected;
+- names this process created are unlinked at its exit (what streaming's handler did).
+
+`release(dataset)` is the explicit end of one dataset: the loaders' `close()` calls it, so
+a run that ends normally leaves nothing in /dev/shm even when its process is then killed.
+"""
+from __future__ import annotations
+
+import atexit
+import functools
+import os
+from multiprocessing.shared_memory import SharedMemory as _Block
+
+from streaming.base.shared.memory import SharedMemory
+
+# name -> pid of the process that created it (forked loader workers inherit this table; only
+# the creating process unlinks).
+_created: dict[str, int] = {}
+
+
+def install() -> None:
+    """Patch streaming's SharedMemory once per process (idempotent)."""
+    if getattr(SharedMemory, "_tubevit_weak_cleanup", False):
+        return
+    original = SharedMemory.__init__
+
+    @functools.wraps(original)
+    def __init__(self, name=None, create=None, size=0, auto_cleanup=True):
+        original(self, name, create, size, auto_cleanup=False)
+        if auto_cleanup:
+            for block in self.created_shms:
+                _created[block.name] = os.getpid()
+
+    SharedMemory.__init__ = __init__
+    SharedMemory._tubevit_weak_cleanup = True
+    atexit.register(_unlink_created)
+
+
+def _unlink_created() -> None:
+    me = os.getpid()
+    for name, pid in list(_created.items()):
+        if pid == me:
+            _unlink(name)
+
+
+def _unlink(name: str) -> None:
+    _created.pop(name, None)
+    try:
+        block = _Block(name, create=False)
+    except (FileNotFoundError, OSError):
+        return
+    try:
+        block.close()
+        block.unlink()
+    except (FileNotFoundError, OSError, BufferError):
+        pass
+
+
+def _held_by(dataset) -> list[SharedMemory]:
+    """The SharedMemory wrappers a StreamingDataset keeps (directly or in its shared arrays,
+    scalars and barrier)."""
+    held = []
+    for value in vars(dataset).values():
+        for obj in (value, getattr(value, "arr", None), getattr(value, "_arr", None)):
+            shm = obj if isinstance(obj, SharedMemory) else getattr(obj, "shm", None)
+            if isinstance(shm, SharedMemory) and shm not in held:
+                held.append(shm)
+    return held
+
+
+def release(dataset) -> None:
+    """Close this process's handles on `dataset`'s blocks and unlink the ones it created.
+
+    Call it when the dataset is done on this process (all ranks of the node are finished
+    with it); it is safe to call twice."""
+    iteration = getattr(dataset, "_iterator", None)
+    if iteration is not None:   # an epoch read in this process: its threads use the blocks
+        iteration.exit()
+    for shm in _held_by(dataset):
+        for block in shm.opened_shms:
+            _close(block)
+        for block in shm.created_shms:
+            _close(block)
+            _created.pop(block.name, None)
+            try:
+                block.unlink()
+            except FileNotFoundError:
+                pass
+
+
+def _close(block: _Block) -> None:
+    try:
+        block.close()
+    except BufferError:  # a numpy view still exports the buffer; the GC closes it later
+        pass
