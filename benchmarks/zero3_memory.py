@@ -1,4 +1,4 @@
-"""Per-worker peak memory of one training step of a bootstrapped TubeViT: ZeRO-3 on 2 CPU
+"""Per-worker peak memory of training steps of a bootstrapped TubeViT: ZeRO-3 on 2 CPU
 workers vs one unsharded worker, against the plan (pretrain/model/memory.py).
 
     python benchmarks/zero3_memory.py --json                       # bootstrapped ViT-H/14
@@ -9,7 +9,9 @@ The model is what `pretrain bootstrap` makes of a ViT-H/14 image ViT with TubeVi
 gate at block `--gate-layer` (default depth - 8), frozen prefix as in configs/bootstrap-h.yaml.
 Each run is a fresh process tree that goes through the training code itself
 (pretrain.train.worker.build_model -> init_from_file, engine.build_engine, train_micro_step),
-fp32 on CPU (gloo), one micro-batch of `--micro-batch` clips of `--frames` x `--size`^2:
+fp32 on CPU (gloo), `--steps` training steps (default 2: the first records ZeRO-3's module
+trace, the second is the steady state that prefetches by it) on micro-batches of
+`--micro-batch` clips of `--frames` x `--size`^2; `step_s` is the fastest step:
 
 - unsharded: 1 worker, ZeRO stage 0 (the whole model, its gradients and Adam state in one
   process);
@@ -18,9 +20,13 @@ fp32 on CPU (gloo), one micro-batch of `--micro-batch` clips of `--frames` x `--
   copy, flat gradient partition, reduce bucket) without anything to shard over, which
   isolates what sharding itself saves (`ratio_vs_zero3_1worker`).
 
-Peak RSS per worker = the process's ru_maxrss (high-water mark, includes the runtime), with
-glibc told to return freed large buffers (MALLOC_MMAP_THRESHOLD_, see main()).
-`ratio` = unsharded peak / max sharded per-worker peak (higher is better; goal >= 1.6).
+Precision: bf16 by default, as configs/bootstrap-h.yaml trains (`--precision fp32` for the
+other). Peak RSS per worker = the process's resident high-water mark (VmHWM, includes the
+runtime) over building and training, with glibc told to return freed large buffers
+(MALLOC_MMAP_THRESHOLD_, see main()). `ratio` = unsharded peak / max sharded per-worker peak
+(higher is better; goal >= 1.6). `training_steps_peak_gib` / `ratio_training_steps` count
+only the training steps (the high-water mark restarts once the engine is built): building
+an unsharded bf16 model makes it in fp32 first, a spike the steps never see again.
 The plan's figures use the measured runtime baseline (RSS after imports and process-group
 setup) as its overhead and count only the touched part of DeepSpeed's reduce bucket, as RSS
 does.
@@ -86,6 +92,25 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _peak_rss_bytes() -> int:
+    """VmHWM: the process's resident high-water mark since start or the last reset."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _reset_peak_rss() -> bool:
+    """Restart the high-water mark at the current RSS (Linux: clear_refs 5)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def _worker(rank: int, world: int, port: int, stage: int, args: dict, path: str, out: str) -> None:
     os.environ.update(DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                       RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0")
@@ -101,23 +126,32 @@ def _worker(rank: int, world: int, port: int, stage: int, args: dict, path: str,
     baseline = _rss_bytes()
     cfg = from_dict(ExperimentConfig, {
         "data": {"video_uri": "unused", "image_uri": "unused", "batch_size": args["micro_batch"]},
-        "train": {"steps": 1, "zero_stage": stage, "precision": "fp32", "lr": 1e-5},
+        "train": {"steps": args["steps"], "zero_stage": stage, "precision": args["precision"],
+                  "lr": 1e-5},
         "bootstrap": {"init_from": path, "freeze": "prefix"}})
     t0 = time.perf_counter()
     model = build_model(cfg, NUM_CLASSES)
     engine, _, _ = build_engine(model, cfg, world)
     built = time.perf_counter() - t0
+    build_peak = _peak_rss_bytes()
+    reset = _reset_peak_rss()   # from here on: the training steps' own peak
     g = torch.Generator().manual_seed(rank)
     batch = type("Batch", (), {})()
     batch.modality, batch.dataset = "video", "kinetics400"
     batch.x = torch.randn(args["micro_batch"], 3, args["frames"], args["size"], args["size"], generator=g)
     batch.y = torch.randint(0, 400, (args["micro_batch"],), generator=g)
-    t0 = time.perf_counter()
-    loss = train_micro_step(engine, batch, torch.device("cpu"), torch.float32).item()
-    step = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    dtype = torch.bfloat16 if args["precision"] == "bf16" else torch.float32
+    losses, times = [], []
+    for _ in range(args["steps"]):   # step 1 on: DeepSpeed prefetches by the recorded trace
+        t0 = time.perf_counter()
+        losses.append(train_micro_step(engine, batch, torch.device("cpu"), dtype).item())
+        times.append(time.perf_counter() - t0)
+    loss, step = losses[0], min(times)
+    step_peak = _peak_rss_bytes() if reset else None
     with open(f"{out}.{rank}", "w") as f:
-        json.dump({"rank": rank, "peak_rss_bytes": peak, "baseline_rss_bytes": baseline, "loss": loss,
+        json.dump({"rank": rank, "peak_rss_bytes": max(build_peak, step_peak or 0),
+                   "build_peak_rss_bytes": build_peak, "step_peak_rss_bytes": step_peak,
+                   "baseline_rss_bytes": baseline, "loss": loss,
                    "build_s": round(built, 2), "step_s": round(step, 2)}, f)
     dist.destroy_process_group()
 
@@ -144,6 +178,11 @@ def main(argv=None) -> int:
     p.add_argument("--frames", type=int, default=32)
     p.add_argument("--size", type=int, default=112)
     p.add_argument("--micro-batch", type=int, default=1)
+    p.add_argument("--steps", type=int, default=2,
+                   help="training steps per run; the peak covers all of them (the first step "
+                        "records ZeRO-3's module trace, later ones prefetch by it)")
+    p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"],
+                   help="training precision (bf16: configs/bootstrap-h.yaml's)")
     p.add_argument("--zero3-single", action="store_true",
                    help="also run ZeRO-3 on one worker (the same code path with nothing to shard over)")
     p.add_argument("--json", action="store_true")
@@ -157,7 +196,8 @@ def main(argv=None) -> int:
     from pretrain.model import TubeViT
     from pretrain.model.memory import GIB, plan_memory
 
-    args = {"frames": a.frames, "size": a.size, "micro_batch": a.micro_batch}
+    args = {"frames": a.frames, "size": a.size, "micro_batch": a.micro_batch, "steps": a.steps,
+            "precision": a.precision}
     config = bootstrapped_config(a.model, a.gate_layer)
     with torch.device("meta"):
         meta_model = TubeViT(config)
@@ -171,7 +211,7 @@ def main(argv=None) -> int:
 
     def plan(workers, stage, baseline):
         return plan_memory(meta_model, (a.frames, a.size, a.size), micro_batch=a.micro_batch, workers=workers,
-                           zero_stage=stage, precision="fp32", gate_layer=config.gate_layer,
+                           zero_stage=stage, precision=a.precision, gate_layer=config.gate_layer,
                            touched_only=True, overhead_gib=baseline / GIB)["gib"]
 
     gib = lambda b: round(b / GIB, 3)  # noqa: E731
@@ -182,9 +222,13 @@ def main(argv=None) -> int:
                  f"{IMAGE_VITS[a.model][1]}/{IMAGE_VITS[a.model][4]}, TubeViT-B tubes)",
         "gate_layer": config.gate_layer,
         "params": sum(p.numel() for p in meta_model.parameters()),
-        "clip": [a.frames, a.size, a.size], "micro_batch": a.micro_batch, "precision": "fp32",
+        "clip": [a.frames, a.size, a.size], "micro_batch": a.micro_batch, "precision": a.precision,
+        "steps": a.steps,
         "unsharded_peak_gib": gib(u_peak),
         "sharded_peak_gib_per_worker": [gib(r["peak_rss_bytes"]) for r in sharded],
+        "training_steps_peak_gib": {
+            "unsharded": gib(unsharded[0]["step_peak_rss_bytes"] or 0),
+            "sharded": [gib(r["step_peak_rss_bytes"] or 0) for r in sharded]},
         "baseline_rss_gib": {"unsharded": gib(unsharded[0]["baseline_rss_bytes"]),
                              "sharded": [gib(r["baseline_rss_bytes"]) for r in sharded]},
         "plan_unsharded_gib": plan(1, 0, unsharded[0]["baseline_rss_bytes"]),
@@ -193,6 +237,9 @@ def main(argv=None) -> int:
         "step_s": {"unsharded": unsharded[0]["step_s"], "sharded": max(r["step_s"] for r in sharded)},
         "ratio": round(u_peak / s_peak, 3),
     }
+    if unsharded[0]["step_peak_rss_bytes"]:   # the same, counting only the training steps
+        result["ratio_training_steps"] = round(
+            unsharded[0]["step_peak_rss_bytes"] / max(r["step_peak_rss_bytes"] for r in sharded), 3)
     if zero3_alone:   # same DeepSpeed ZeRO-3 code path, nothing to shard over: sharding's own effect
         result["zero3_1worker_peak_gib"] = gib(zero3_alone[0]["peak_rss_bytes"])
         result["ratio_vs_zero3_1worker"] = round(zero3_alone[0]["peak_rss_bytes"] / s_peak, 3)

@@ -76,6 +76,10 @@ def inspect(fs, folder: str, verify_checksums: bool = False) -> CheckpointInfo:
                                "still in progress"], size)
     try:
         manifest = Manifest.from_json(fs.cat_file(join(folder, MANIFEST)))
+    except FileNotFoundError:   # listed a moment ago: retention (another process) deletes it
+        return CheckpointInfo(step, uri, False, None,
+                              [f"{MANIFEST} vanished while being read: the checkpoint is being "
+                               "deleted by retention"], size)
     except ValueError as exc:
         return CheckpointInfo(step, uri, False, None, [f"corrupt {MANIFEST}: {exc}"], size)
     problems = []

@@ -197,6 +197,30 @@ def test_damaged_newest_falls_back_with_a_warning(tmp_path, caplog, damage, mess
     assert message in caplog.text and str(newest) in caplog.text
 
 
+def test_checkpoint_deleted_while_being_listed_is_skipped_not_an_error(tmp_path, monkeypatch):
+    """Retention in one process may delete a checkpoint between another process listing its
+    folder and reading its manifest; the reader must see it as gone, not crash (seen in the
+    killed-worker test: a save failed reading an old step's COMMIT.json)."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    uri = str(tmp_path / "ck")
+    ups = uploaders(uri, 1)
+    save_step(ups, tmp_path, 1)
+    save_step(ups, tmp_path, 2)
+    real_cat = LocalFileSystem.cat_file
+
+    def cat_file(self, path, *args, **kwargs):
+        if step_dir(1) in str(path) and str(path).endswith(MANIFEST):
+            raise FileNotFoundError(path)   # deleted just after the listing saw it
+        return real_cat(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(LocalFileSystem, "cat_file", cat_file)
+    infos = list_checkpoints(uri)
+    assert [(i.step, i.loadable) for i in infos] == [(1, False), (2, True)]
+    assert "deleted by retention" in infos[0].problems[0]
+    assert latest_committed(uri).step == 2
+
+
 def test_checksum_mismatch_found_when_asked_and_on_download(tmp_path, caplog):
     uri = str(tmp_path / "ck")
     ups = uploaders(uri, 1)

@@ -50,6 +50,14 @@ def test_deepspeed_config_follows_train_section():
     off = deepspeed_config(cfg(zero_stage=3, cpu_offload=True), 2)["zero_optimization"]
     assert off["offload_param"]["device"] == "cpu" and off["offload_optimizer"]["device"] == "cpu"
     assert "bf16" not in deepspeed_config(cfg(precision="fp32"), 1)
+    # ZeRO-3's working set is bounded by our settings, not DeepSpeed's 1e9-element defaults
+    # (which kept every gathered block whole until its backward and stepped Adam on the
+    # whole partition at once).
+    z3 = deepspeed_config(cfg(zero_stage=3, zero_bucket_elements=20_000_000,
+                              zero3_sub_group_elements=5_000_000), 2)["zero_optimization"]
+    assert z3["stage3_max_live_parameters"] == z3["stage3_max_reuse_distance"] == 20_000_000
+    assert z3["stage3_prefetch_bucket_size"] == z3["reduce_bucket_size"] == 20_000_000
+    assert z3["sub_group_size"] == 5_000_000
 
 
 def test_mfu_peak_only_for_known_accelerators():

@@ -92,15 +92,16 @@ def release(dataset) -> None:
     if iteration is not None:   # an epoch read in this process: its threads use the blocks
         iteration.exit()
     for shm in _held_by(dataset):
-        for block in shm.opened_shms:
+        for block in shm.opened_shms + shm.created_shms:
             _close(block)
-        for block in shm.created_shms:
-            _close(block)
-            _created.pop(block.name, None)
-            try:
-                block.unlink()
-            except FileNotFoundError:
-                pass
+    # Every block this process made under the dataset's prefix, including ones whose objects
+    # are gone (each epoch start replaces the resume-state block's object).
+    prefix = getattr(dataset, "_shm_prefix_int", None)
+    if prefix is not None:
+        me = os.getpid()
+        for name, pid in list(_created.items()):
+            if pid == me and name.lstrip("/").startswith(f"{prefix:06}_"):
+                _unlink(name)
 
 
 def _close(block: _Block) -> None:

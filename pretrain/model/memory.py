@@ -12,7 +12,9 @@ compute dtype: 2 for bf16/fp16, 4 for fp32; P = all parameters, P_t = trainable 
     working      stage 3 only: gathered full parameters of the block being computed and the
                  one prefetched, 2 * b * (largest block)
     temporaries  stage >= 1: the optimizer step works on one flat fp32 partition, and AdamW's
-                 update makes one temporary of that size, 4 * P_t / N
+                 update makes one temporary of that size, 4 * P_t / N; at stage 3 the
+                 partition is stepped in sub-groups (train.zero3_sub_group_elements, 1e7),
+                 4 * min(P_t / N, sub-group)
     buffers      the gradient reduce bucket, b * min(bucket, P_t) (our engine sets
                  `reduce_bucket_size` = train.zero_bucket_elements, 5e7 by default, where
                  DeepSpeed's own default is 5e8; on a GPU that whole buffer is
@@ -50,6 +52,7 @@ def _numel(p) -> int:
 def plan_memory(model: nn.Module, size: tuple[int, ...], *, micro_batch: int, workers: int = 1,
                 zero_stage: int = 0, precision: str = "bf16", activation_checkpointing: bool = False,
                 gate_layer: int | None = None, reduce_bucket: int = 50_000_000,
+                sub_group: int = 10_000_000,
                 touched_only: bool = True, overhead_gib: float = 1.0) -> dict:
     """Per-worker memory estimate in bytes (and GiB) for a TubeViT on a clip/image `size`.
 
@@ -91,7 +94,8 @@ def plan_memory(model: nn.Module, size: tuple[int, ...], *, micro_batch: int, wo
     optimizer = k_optim * trainable / (N if zero_stage >= 1 else 1)
     largest_block = max((sum(_numel(p) for p in blk.parameters()) for blk in model.blocks), default=0)
     working = 2 * b * largest_block if zero_stage >= 3 and N > 1 else 0
-    temporaries = 4 * trainable / N if zero_stage >= 1 else 0
+    partition = trainable / N
+    temporaries = 4 * (min(partition, sub_group) if zero_stage >= 3 else partition) if zero_stage >= 1 else 0
     bucket = min(reduce_bucket, trainable) if touched_only else reduce_bucket
     buffers = b * bucket if trainable and (zero_stage > 0 or N > 1) else 0
     overhead = overhead_gib * GIB

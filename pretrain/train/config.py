@@ -99,6 +99,10 @@ class TrainConfig:
     zero_bucket_elements: int = _f(
         50_000_000, "ZeRO communication bucket size in elements (reduce, all-gather, stage-3 "
         "prefetch); DeepSpeed's own 5e8 costs 2 GB of fp32 buffer per worker", min=1_000_000)
+    zero3_sub_group_elements: int = _f(
+        10_000_000, "ZeRO-3: the optimizer steps its partition in sub-groups of this many "
+        "elements; Adam's temporaries and the flattened gradient are at most this size "
+        "(DeepSpeed's 1e9 default made them the whole partition)", min=100_000)
     cpu_offload: bool = _f(False, "ZeRO-3 only: keep parameters and optimizer state in CPU memory")
     activation_checkpointing: bool = _f(False, "recompute block activations in backward")
     seed: int = _f(0, "seed for model init, data order and the image/video mix", min=0)

@@ -52,6 +52,14 @@ def deepspeed_config(cfg: ExperimentConfig, world_size: int) -> dict[str, Any]:
             "contiguous_gradients": True,
             "stage3_gather_16bit_weights_on_model_save": False,
             "stage3_prefetch_bucket_size": t.zero_bucket_elements,
+            # DeepSpeed keeps a gathered parameter whole while it is reused within the next
+            # `max_reuse_distance` elements of the module trace and up to `max_live_parameters`
+            # elements in all; its 1e9 defaults exceed a whole ViT-H, so from the second step
+            # on (when the trace is known) every block gathered in forward stayed whole until
+            # its backward: the unsharded model in every worker. Bound both by the bucket.
+            "stage3_max_live_parameters": t.zero_bucket_elements,
+            "stage3_max_reuse_distance": t.zero_bucket_elements,
+            "sub_group_size": t.zero3_sub_group_elements,
         })
         if t.cpu_offload:
             ds["zero_optimization"]["offload_param"] = {"device": "cpu", "pin_memory": cfg.resources.use_gpu}
