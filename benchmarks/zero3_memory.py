@@ -20,8 +20,10 @@ trace, the second is the steady state that prefetches by it) on micro-batches of
   copy, flat gradient partition, reduce bucket) without anything to shard over, which
   isolates what sharding itself saves (`ratio_vs_zero3_1worker`).
 
-Precision: bf16 by default, as configs/bootstrap-h.yaml trains (`--precision fp32` for the
-other). Peak RSS per worker = the process's resident high-water mark (VmHWM, includes the
+The memory settings come from the ViT-H bootstrap config (`--config`, default
+configs/bootstrap-h.yaml): train.precision (bf16), train.zero_bucket_elements and
+train.zero3_sub_group_elements; `--precision` and `--set train.KEY=VALUE` override them.
+Peak RSS per worker = the process's resident high-water mark (VmHWM, includes the
 runtime) over building and training, with glibc told to return freed large buffers
 (MALLOC_MMAP_THRESHOLD_, see main()). `ratio` = unsharded peak / max sharded per-worker peak
 (higher is better; goal >= 1.6). `training_steps_peak_gib` / `ratio_training_steps` count
@@ -118,17 +120,17 @@ def _worker(rank: int, world: int, port: int, stage: int, args: dict, path: str,
     import deepspeed  # noqa: F401  (imported before the baseline, as in a training worker)
     import torch.distributed as dist
 
-    from pretrain.train.config import ExperimentConfig, from_dict
+    from pretrain.train.config import ExperimentConfig, apply_overrides, from_dict
     from pretrain.train.engine import build_engine
     from pretrain.train.worker import build_model, train_micro_step
 
     dist.init_process_group("gloo", rank=rank, world_size=world)
     baseline = _rss_bytes()
-    cfg = from_dict(ExperimentConfig, {
+    cfg = from_dict(ExperimentConfig, apply_overrides({
         "data": {"video_uri": "unused", "image_uri": "unused", "batch_size": args["micro_batch"]},
         "train": {"steps": args["steps"], "zero_stage": stage, "precision": args["precision"],
                   "lr": 1e-5},
-        "bootstrap": {"init_from": path, "freeze": "prefix"}})
+        "bootstrap": {"init_from": path, "freeze": "prefix"}}, args["overrides"]))
     t0 = time.perf_counter()
     model = build_model(cfg, NUM_CLASSES)
     engine, _, _ = build_engine(model, cfg, world)
@@ -171,6 +173,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+MEMORY_KEYS = ("precision", "zero_bucket_elements", "zero3_sub_group_elements")
+
+
+def _memory_settings(path: str) -> list[str]:
+    """train.KEY=VALUE overrides for the memory settings `path` sets."""
+    import yaml
+
+    with open(path) as f:
+        train = (yaml.safe_load(f) or {}).get("train") or {}
+    return [f"train.{k}={train[k]}" for k in MEMORY_KEYS if k in train]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="tubevit-h", choices=sorted(IMAGE_VITS))
@@ -181,8 +195,12 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=2,
                    help="training steps per run; the peak covers all of them (the first step "
                         "records ZeRO-3's module trace, later ones prefetch by it)")
-    p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"],
-                   help="training precision (bf16: configs/bootstrap-h.yaml's)")
+    p.add_argument("--config", default=str(Path(__file__).resolve().parents[1] / "configs" / "bootstrap-h.yaml"),
+                   help="experiment config whose memory settings the runs use")
+    p.add_argument("--precision", default=None, choices=["bf16", "fp32"],
+                   help="training precision (default: the config's)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override for every run, e.g. train.zero_bucket_elements=20000000")
     p.add_argument("--zero3-single", action="store_true",
                    help="also run ZeRO-3 on one worker (the same code path with nothing to shard over)")
     p.add_argument("--json", action="store_true")
@@ -195,9 +213,16 @@ def main(argv=None) -> int:
     os.environ.setdefault("MALLOC_TRIM_THRESHOLD_", "131072")
     from pretrain.model import TubeViT
     from pretrain.model.memory import GIB, plan_memory
+    from pretrain.train.config import ExperimentConfig, apply_overrides, from_dict
 
+    a.overrides = _memory_settings(a.config) + a.overrides
+    if a.precision:
+        a.overrides.append(f"train.precision={a.precision}")
+    train = from_dict(ExperimentConfig, apply_overrides(   # what the runs will use
+        {"data": {"video_uri": "unused"}, "train": {"steps": a.steps}}, list(a.overrides))).train
+    a.precision = train.precision
     args = {"frames": a.frames, "size": a.size, "micro_batch": a.micro_batch, "steps": a.steps,
-            "precision": a.precision}
+            "precision": a.precision, "overrides": a.overrides}
     config = bootstrapped_config(a.model, a.gate_layer)
     with torch.device("meta"):
         meta_model = TubeViT(config)
@@ -212,6 +237,8 @@ def main(argv=None) -> int:
     def plan(workers, stage, baseline):
         return plan_memory(meta_model, (a.frames, a.size, a.size), micro_batch=a.micro_batch, workers=workers,
                            zero_stage=stage, precision=a.precision, gate_layer=config.gate_layer,
+                           reduce_bucket=train.zero_bucket_elements,
+                           sub_group=train.zero3_sub_group_elements,
                            touched_only=True, overhead_gib=baseline / GIB)["gib"]
 
     gib = lambda b: round(b / GIB, 3)  # noqa: E731
@@ -223,7 +250,7 @@ def main(argv=None) -> int:
         "gate_layer": config.gate_layer,
         "params": sum(p.numel() for p in meta_model.parameters()),
         "clip": [a.frames, a.size, a.size], "micro_batch": a.micro_batch, "precision": a.precision,
-        "steps": a.steps,
+        "steps": a.steps, "config": a.config, "overrides": a.overrides,
         "unsharded_peak_gib": gib(u_peak),
         "sharded_peak_gib_per_worker": [gib(r["peak_rss_bytes"]) for r in sharded],
         "training_steps_peak_gib": {

@@ -4,7 +4,8 @@ Counts, for one data-parallel worker of N, training with AdamW (bytes; b = bytes
 compute dtype: 2 for bf16/fp16, 4 for fp32; P = all parameters, P_t = trainable ones):
 
     parameters   b * P            / N at stage 3 (frozen ones are partitioned too)
-    gradients    b * P_t          / N at stage >= 2 (frozen parameters have none)
+    gradients    b * P_t          / N at stage >= 2 (frozen parameters have none); bf16 at
+                                  stage 0 adds DeepSpeed's fp32 accumulation copy, 4 * P_t
     optimizer    K * P_t          / N at stage >= 1; K = 12 (fp32 master copy + Adam m, v):
                                   DeepSpeed keeps a separate fp32 partition at every stage
                                   >= 1 and in bf16/fp16; K = 8 for plain fp32 stage 0
@@ -91,6 +92,8 @@ def plan_memory(model: nn.Module, size: tuple[int, ...], *, micro_batch: int, wo
     k_optim = 8 if (zero_stage == 0 and precision == "fp32") else 12
     params = b * total / (N if zero_stage >= 3 else 1)
     grads = b * trainable / (N if zero_stage >= 2 else 1)
+    if zero_stage == 0 and precision == "bf16":   # DeepSpeed's BF16_Optimizer: fp32 grad copy
+        grads += 4 * trainable
     optimizer = k_optim * trainable / (N if zero_stage >= 1 else 1)
     largest_block = max((sum(_numel(p) for p in blk.parameters()) for blk in model.blocks), default=0)
     working = 2 * b * largest_block if zero_stage >= 3 and N > 1 else 0
