@@ -35,6 +35,12 @@ from pretrain.errors import UserError
 from pretrain.train.config import ExperimentConfig, to_dict
 from pretrain.train.tracking import end_run, resolve_tracking_uri, start_run
 
+# Set to "0" before ray is imported, Ray keeps a 127.0.0.1 node address instead of swapping in
+# the machine's external one: every server of a local cluster then listens on loopback only.
+# (Named for its original use, allowing clusters on Windows/macOS; "0" makes a one-machine
+# cluster that other nodes cannot join.)
+LOOPBACK_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
 
 def _train_loop_per_worker(config: dict) -> None:
     """Runs in every Ray Train worker (module-level so Ray can pickle it by reference)."""

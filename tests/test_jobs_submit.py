@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from orchestration.cli import main as cli
+from orchestration.driver import LOOPBACK_ONLY_ENV
 from orchestration.jobs import JobsClient, job_runtime_env
 from tests.fixtures.servers import BIN, _stop_ray_started_under, free_port, wait_http
 
@@ -261,8 +262,12 @@ def two_node_cluster(tmp_path_factory):
     auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
     env = dict(os.environ, **auth)
     env.pop("RAY_ADDRESS", None)
+    env.pop(LOOPBACK_ONLY_ENV, None)
     exe = shutil.which("ray", path=str(BIN)) or "ray"
     port, dport = free_port(), free_port()
+    # The one server here not on loopback: Ray 2.60 joins a second node only over the
+    # machine's external address (it swaps 127.0.0.1 for it, and binds every server to all
+    # interfaces for any other node address); see LOOPBACK_ONLY_ENV for the one-node case.
     common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "2", "--disable-usage-stats"]
 
     def own_ports() -> list[str]:

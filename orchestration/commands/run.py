@@ -29,6 +29,10 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if not os.environ.get("RAY_ADDRESS"):
+        from orchestration.driver import LOOPBACK_ONLY_ENV
+
+        os.environ.setdefault(LOOPBACK_ONLY_ENV, "0")   # the local Ray: loopback only
     from pretrain.train.config import load_config
 
     cfg = load_config(args.config, args.overrides)
