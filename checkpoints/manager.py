@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -111,6 +112,9 @@ class CheckpointManager:
         self.model_config = model_config
         self.run_config = run_config or {}
         self.last_committed: str | None = None
+        # Rank 0: called at each save; the checkpoint commits only once the returned event
+        # is set (the training loop hands in its metric logger's `mark`).
+        self.commit_gate: Callable[[], threading.Event] | None = None
         self.blocked_s: list[float] = []     # per save: time the training loop was held
         self._attempt: str | None = None
         self._uploader: AsyncUploader | None = None
@@ -176,8 +180,10 @@ class CheckpointManager:
             fields = {"world_size": self.world_size, "zero_stage": self._stage(engine),
                       "model_config": self._model_config(engine), "config": self.run_config,
                       "mlflow_run_id": extra.get("mlflow_run_id")}
+        gate = self.commit_gate() if self.commit_gate is not None and self.rank == 0 else None
         self._get_uploader().submit(UploadJob(step, local, fields,
-                                              prepare=writer.write_all if writer else None))
+                                              prepare=writer.write_all if writer else None,
+                                              before_commit=_waiter(gate, step) if gate else None))
         self._saved.add(step)
         self.blocked_s.append(time.perf_counter() - t0)
         return f"{self.uri}/{tag}"
@@ -299,6 +305,17 @@ class CheckpointManager:
             self.last_committed = _broadcast(self.last_committed)
             self.close()
         return self.last_committed
+
+
+COMMIT_GATE_TIMEOUT_S = 120.0
+
+
+def _waiter(gate: threading.Event, step: int) -> Callable[[], None]:
+    def wait() -> None:
+        if not gate.wait(COMMIT_GATE_TIMEOUT_S):
+            log.warning("checkpoint step %d: metrics logged before it were still not sent after "
+                        "%.0f s; committing anyway", step, COMMIT_GATE_TIMEOUT_S)
+    return wait
 
 
 def _gather_errors(error: Exception | None) -> list[str]:

@@ -32,6 +32,7 @@ class UploadJob:
     local_folder: str              # this rank's files for the step, relative paths kept
     manifest_fields: dict[str, Any] = field(default_factory=dict)  # rank 0: world_size, ...
     prepare: Callable[[], None] | None = None  # finishes the local files (in the background)
+    before_commit: Callable[[], None] | None = None  # rank 0: blocks until the commit may go
 
 
 @dataclass
@@ -126,6 +127,8 @@ class AsyncUploader:
                 shutil.rmtree(job.local_folder, ignore_errors=True)
             if self.rank == 0:
                 t1 = time.perf_counter()
+                if job.before_commit is not None:
+                    job.before_commit()
                 manifest = self._commit(job, folder)
                 stats.commit_wait_s = time.perf_counter() - t1
                 stats.committed = True

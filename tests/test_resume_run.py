@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -213,10 +214,13 @@ def test_sigterm_writes_a_final_checkpoint_and_exits_cleanly(tmp_path, data_root
 def test_killed_worker_restarts_from_the_newest_checkpoint_on_gcs(tmp_path, data_root, gcs_bucket):
     uri = f"{gcs_bucket}/run"
     tracking = f"sqlite:///{tmp_path}/mlflow.db"
-    # stop_after_step bounds the run's length whatever the restart costs
+    # stop_after_step bounds the run's length whatever the restart costs. Metrics are only
+    # sent when a checkpoint asks for it (flush interval longer than the test): rank 0 dies
+    # with metrics queued, and the steps up to the checkpoint it resumes from must be in
+    # MLflow all the same (they are never trained again).
     run = Run(tmp_path, *overrides(data_root, 400, 2, f"checkpoint.uri={uri}",
                                    f"tracking.tracking_uri={tracking}", "resources.max_failures=1",
-                                   "checkpoint.stop_after_step=60"))
+                                   "checkpoint.stop_after_step=60", "tracking.flush_every_s=3600"))
     run.wait_for("step 1/400")
     deadline = time.monotonic() + 120
     while (committed(uri) is None or committed(uri).step < 4) and time.monotonic() < deadline:
@@ -224,7 +228,9 @@ def test_killed_worker_restarts_from_the_newest_checkpoint_on_gcs(tmp_path, data
         time.sleep(0.3)
     workers = run.train_workers()
     assert len(workers) == 2
-    os.kill(workers[0], signal.SIGKILL)
+    rank0 = re.search(r"RayTrainWorker pid=(\d+)[^)]*\) step \d+/400", run.stderr())
+    assert rank0 and int(rank0.group(1)) in workers, run.stderr()[-4000:]
+    os.kill(int(rank0.group(1)), signal.SIGKILL)
     out = run.finish()
     assert out["steps"] == 60 and out["stopped"]
     assert out["resumed_from_step"] and out["resumed_from_step"] >= 4

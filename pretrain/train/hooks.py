@@ -8,12 +8,18 @@ The loop only ever talks to a `CheckpointHook`:
                                                               # the last step is not saved yet,
                                                               # waits for pending uploads)
     hook.last_committed                                       # URI of the newest committed one
+    hook.commit_gate = logger.mark                            # rank 0, optional: see below
 
 `extra_state` is a zero-argument callable returning a small dict the loop needs to continue
 exactly (the open loss window, the MLflow run id); call it only when actually saving (it
 runs a collective, so on every rank at the same step). The hook stores the dict next to
 the engine state and hands it back from `maybe_resume`. Every method is called on every rank at the same step (DeepSpeed's save and
 load are collective).
+
+`commit_gate`, when set, is called on rank 0 at each save and returns an event; the
+checkpoint commits only after it is set. The loop uses it so that the metrics of every step
+up to a committed checkpoint are in MLflow: a run restarted from that checkpoint never
+trains those steps again, so metrics lost with a killed worker would be lost for good.
 
 `make_checkpoint_hook` picks the implementation: nothing when checkpoint.uri is null, else
 checkpoints.manager.CheckpointManager (sharded DeepSpeed state snapshotted to host memory,
@@ -23,6 +29,7 @@ format when the worker count or ZeRO stage changed).
 """
 from __future__ import annotations
 
+import threading
 from typing import Any, Callable, Protocol
 
 from pretrain.train.config import ExperimentConfig, to_dict
@@ -30,6 +37,7 @@ from pretrain.train.config import ExperimentConfig, to_dict
 
 class CheckpointHook(Protocol):
     last_committed: str | None
+    commit_gate: Callable[[], threading.Event] | None
 
     def maybe_resume(self, engine, loader) -> tuple[int, dict[str, Any]]: ...
 
@@ -41,6 +49,7 @@ class CheckpointHook(Protocol):
 class NoCheckpoints:
     """checkpoint.uri is null: train from scratch, save nothing."""
     last_committed = None
+    commit_gate = None
 
     def maybe_resume(self, engine, loader):
         return 0, {}

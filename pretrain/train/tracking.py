@@ -4,6 +4,11 @@ A synchronous `log_metric` to a server costs ~80 ms, more than a small training 
 rank 0 only puts metrics on a queue (microseconds) and a daemon thread sends them with
 `log_batch` every `flush_every_s`. Other ranks never talk to MLflow.
 
+`mark()` ties the metrics to checkpoints: a checkpoint is committed only once every metric
+logged before it was saved has reached the server. Otherwise a worker killed between a
+commit and the next flush would lose those steps for good: the restarted run resumes after
+them and never trains (or logs) them again.
+
 Who creates the run: the driver (`pretrain run`) when there is one, so the run exists
 before any worker starts and all restarts of the worker group log into it; standalone
 (`torchrun`) rank 0 creates it. Either way the run id travels in `tracking.run_id`.
@@ -93,6 +98,16 @@ class MetricLogger:
         for k, v in metrics.items():
             self._q.put((k, float(v), ts, step))
 
+    def mark(self) -> threading.Event:
+        """An event set once every metric logged before this call has been sent (or given
+        up on after retries): a checkpoint waits on it before it commits."""
+        sent = threading.Event()
+        if not self._thread.is_alive():
+            sent.set()
+        else:
+            self._q.put(sent)
+        return sent
+
     def close(self, timeout: float = 60.0) -> None:
         """Send everything still queued, then stop the thread."""
         self._stop.set()
@@ -103,19 +118,30 @@ class MetricLogger:
 
         client = _client(self.tracking_uri)
         pending: list = []
+        marks: list[threading.Event] = []   # set once `pending` is sent
         last = time.monotonic()
         while True:
             stopping = self._stop.is_set()
             try:
-                pending.append(Metric(*self._q.get(timeout=0.2)))
-                while len(pending) < MAX_BATCH:
-                    pending.append(Metric(*self._q.get_nowait()))
+                item = self._q.get(timeout=0.2)
+                while True:
+                    if isinstance(item, threading.Event):
+                        marks.append(item)
+                        break    # flush now: a checkpoint is waiting
+                    pending.append(Metric(*item))
+                    if len(pending) >= MAX_BATCH:
+                        break
+                    item = self._q.get_nowait()
             except queue.Empty:
                 pass
             due = time.monotonic() - last >= self.flush_every_s
-            if pending and (due or stopping or len(pending) >= MAX_BATCH):
+            if pending and (due or stopping or marks or len(pending) >= MAX_BATCH):
                 self._send(client, pending)
                 pending, last = [], time.monotonic()
+            if not pending:
+                for m in marks:
+                    m.set()
+                marks = []
             if stopping and self._q.empty() and not pending:
                 return
 
@@ -142,6 +168,11 @@ class NullLogger:
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         pass
+
+    def mark(self) -> threading.Event:
+        done = threading.Event()
+        done.set()
+        return done
 
     def close(self, timeout: float = 0.0) -> None:
         pass

@@ -140,6 +140,7 @@ def _train(cfg: ExperimentConfig, report: Report | None, hook: CheckpointHook | 
             own_run = True
         if rank == 0:
             logger = MetricLogger(tracking_uri, run_id, cfg.tracking.flush_every_s)
+            hook.commit_gate = logger.mark   # a checkpoint commits after its steps' metrics
             if not own_run:   # a continued run: never log a step twice
                 logger = SkipLogged(logger, last_logged_step(tracking_uri, run_id))
 
