@@ -294,8 +294,17 @@ class JobsClient:
                                                    submission_id=f"{name}-{attempt}", metadata=meta)
             except RuntimeError as exc:
                 # A head that just started answers before its job agent is up.
-                if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                if "No available agent" not in str(exc):
                     raise
+                if time.monotonic() > deadline:
+                    raise UserError(
+                        f"the Ray cluster at {self.address} has no job agent to run the "
+                        f"submission (still none after {AGENT_WAIT_S} s). The dashboard agent "
+                        "of the head did not start: most often another Ray on that machine "
+                        "holds its port (52365 unless --dashboard-agent-listen-port is given); "
+                        "the head's logs/dashboard_agent.log says why. Restart the head with "
+                        "free --dashboard-agent-listen-port / --dashboard-agent-grpc-port "
+                        "values, or stop the other Ray.") from None
                 time.sleep(1.0)
 
 

@@ -22,7 +22,7 @@ import pytest
 from orchestration.cli import main as cli
 from orchestration.driver import LOOPBACK_ONLY_ENV
 from orchestration.jobs import JobsClient, job_runtime_env
-from tests.fixtures.servers import BIN, _stop_ray_started_under, free_port, wait_http
+from tests.fixtures.servers import BIN, _stop_ray_started_under, free_port, ray_agent_ports, wait_http
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = str(REPO / "configs" / "smoke.yaml")
@@ -269,21 +269,13 @@ def two_node_cluster(tmp_path_factory):
     # machine's external address (it swaps 127.0.0.1 for it, and binds every server to all
     # interfaces for any other node address); see LOOPBACK_ONLY_ENV for the one-node case.
     common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "2", "--disable-usage-stats"]
-
-    def own_ports() -> list[str]:
-        # Two nodes on one address: each agent needs its own ports (the defaults collide,
-        # and the head then finds no job agent to run a submission).
-        return ["--dashboard-agent-listen-port", str(free_port()),
-                "--dashboard-agent-grpc-port", str(free_port()),
-                "--metrics-export-port", str(free_port()),
-                "--runtime-env-agent-port", str(free_port())]
     try:
         subprocess.run([exe, "start", "--head", "--port", str(port), "--dashboard-host",
                         "127.0.0.1", "--dashboard-port", str(dport), "--temp-dir", str(temp),
-                        "--include-dashboard", "true", *common, *own_ports()],
+                        "--include-dashboard", "true", *common, *ray_agent_ports()],
                        check=True, env=env, capture_output=True)
         subprocess.run([exe, "start", "--address", f"127.0.0.1:{port}", "--temp-dir", str(temp),
-                        "--resources", '{"second_node": 1}', *common, *own_ports()],
+                        "--resources", '{"second_node": 1}', *common, *ray_agent_ports()],
                        check=True, env=env, capture_output=True)
         dashboard = f"http://127.0.0.1:{dport}"
         wait_http(dashboard + "/api/version", 60)
@@ -319,3 +311,47 @@ def test_workers_spread_across_nodes(two_node_cluster, smoke_data, tmp_path, mon
     rows = actors["data"]["result"]["result"]
     workers = {a["node_id"] for a in rows if "TrainWorker" in a.get("class_name", "")}
     assert len(workers) == 2, rows
+
+
+@pytest.mark.slow
+def test_head_without_a_job_agent_is_one_clear_error(tmp_path_factory, monkeypatch):
+    """Another process holds the port the head's dashboard agent wants: the head comes up,
+    but no submission can run. `pretrain submit` says so and what to do, after a bounded wait."""
+    import socket
+
+    import orchestration.jobs as jobs
+
+    temp = Path("/tmp") / f"ray-noagent-{os.getpid()}"
+    temp.mkdir(parents=True, exist_ok=True)
+    token = tmp_path_factory.mktemp("ray-noagent-auth") / "auth_token"
+    token.write_text(os.urandom(24).hex())
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+    exe = shutil.which("ray", path=str(BIN)) or "ray"
+    port, dport = free_port(), free_port()
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    taken = holder.getsockname()[1]
+    flags = ray_agent_ports()
+    flags[flags.index("--dashboard-agent-listen-port") + 1] = str(taken)
+    try:
+        subprocess.run([exe, "start", "--head", "--node-ip-address", "127.0.0.1", "--port",
+                        str(port), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dport),
+                        "--temp-dir", str(temp), "--num-cpus", "1", "--include-dashboard", "true",
+                        "--disable-usage-stats", *flags], check=True, capture_output=True,
+                       env=dict(os.environ, **auth, **{LOOPBACK_ONLY_ENV: "0"}))
+        dashboard = f"http://127.0.0.1:{dport}"
+        wait_http(dashboard + "/api/version", 60)
+        for key, value in auth.items():
+            monkeypatch.setenv(key, value)
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+        monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+        monkeypatch.setattr(jobs, "AGENT_WAIT_S", 10)
+        code, out, err = run_cli("submit", SMOKE, "--address", dashboard, "--name", "x")
+        assert code != 0
+        assert "has no job agent" in err and "--dashboard-agent-listen-port" in err, err
+        assert "Traceback" not in err
+    finally:
+        holder.close()
+        _stop_ray_started_under(temp)
+        shutil.rmtree(temp, ignore_errors=True)

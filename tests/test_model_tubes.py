@@ -127,6 +127,7 @@ def test_interpolated_kernels_reach_every_tube_shape():
         assert tok.kernel(i).shape == (12, 3, *tube.kernel)
     # 8x8x8 is the base itself; a stretched kernel stays a smooth resize of it.
     tok2 = SparseTubeTokenizer([TubeSpec((8, 8, 8), (8, 8, 8)), TubeSpec((16, 16, 16), (16, 16, 16))], 12, "interpolated")
+    tok2.init_weights()
     assert tok2.kernel(0) is tok2.base_kernel
     assert torch.allclose(tok2.kernel(1).mean(), tok2.base_kernel.mean(), atol=1e-3)
     assert tok(torch.randn(1, 3, 32, 64, 64)).shape == (1, count_tokens(tubes, (32, 64, 64)), 12)
