@@ -92,7 +92,10 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # A file store, not a TCP store on a port picked in advance (another process may take
+    # that port in between); DeepSpeed still reads MASTER_ADDR/PORT but opens nothing on it.
+    store = os.path.join(os.path.dirname(out), "pg-store")
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     from pretrain.train.engine import build_engine
     from pretrain.train.worker import train_micro_step
 
