@@ -281,7 +281,7 @@ def two_node_cluster(tmp_path_factory):
         wait_http(dashboard + "/api/version", 60)
         yield {"dashboard": dashboard, "env": auth}
     finally:
-        _stop_ray_started_under(temp)
+        _stop_ray_started_under(temp, port)
         shutil.rmtree(temp, ignore_errors=True)
 
 
@@ -353,5 +353,5 @@ def test_head_without_a_job_agent_is_one_clear_error(tmp_path_factory, monkeypat
         assert "Traceback" not in err
     finally:
         holder.close()
-        _stop_ray_started_under(temp)
+        _stop_ray_started_under(temp, port)
         shutil.rmtree(temp, ignore_errors=True)
