@@ -1,4 +1,5 @@
-"""Fixed sin/cos position embedding of each token's tube centre (tubevit.md section 3).
+"""Fixed sin/cos position embedding of each token's tube centre (TubeViT paper,
+section 3: a fixed sine/cosine embedding that accounts for each tube's stride and offset).
 
 A token's position is the centre of the input span its tube reads, in frames (t) and pixels
 (y, x), stride and offset included: `index * stride + offset + span // 2` per axis, where the

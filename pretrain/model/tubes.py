@@ -9,7 +9,8 @@ after cropping the offset, per axis:
 so 32x224x224 with the paper's four tubes gives 98 + 147 + 98 + 196 = 539 tokens, an image
 196, and 64x224x224 gives 1176.
 
-Choices this module makes (see shared/docs/tubevit.md for the paper's side):
+Choices this module makes where the paper (Piergiovanni et al., CVPR 2023, section 3,
+"Sparse Video Tubes") is silent:
 
 - A tube that does not fit the clip (L < offset + kernel on some axis) is by default an
   error: `UserError` names the tube, the clip size and the smallest clip every tube fits.
@@ -174,7 +175,7 @@ class TubeSpec:
 # ---- the paper's tube sets --------------------------------------------------------------
 
 def paper_tubes(patch: int = 16, s2d: bool = True) -> list[TubeSpec]:
-    """The paper's four tubes (tubevit.md section 2), 2D patch tube last.
+    """The paper's four tubes (section 3, "Multi-Tube"), 2D patch tube last.
 
     `patch` changes the 2D tube's kernel and spatial stride (e.g. 14 for a ViT-H/14 image
     model being bootstrapped); `s2d=False` drops the main model's space-to-depth.
