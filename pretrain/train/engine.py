@@ -1,7 +1,8 @@
 """The DeepSpeed engine built from the experiment config.
 
 Imports DeepSpeed lazily: its import probes the accelerator, which must already be fixed
-(`DS_ACCELERATOR=cpu` on machines without a GPU) by the time this runs.
+(`DS_ACCELERATOR=cpu` on machines without a GPU, see pretrain/process_env.py) by the time
+this runs.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 
 import torch
 
+from pretrain.process_env import uses_cpu
 from pretrain.train.config import ExperimentConfig
 from pretrain.train.optim import build_optimizer, build_scheduler
 
@@ -20,7 +22,7 @@ def micro_batch_size(cfg: ExperimentConfig) -> int:
     DeepSpeed only uses it for its own throughput printouts and batch-size arithmetic;
     image and video batches may differ in size and the loop counts real samples itself.
     """
-    return int(getattr(cfg.data, "video_batch_size", None) or getattr(cfg.data, "batch_size", 1))
+    return cfg.data.batch_size
 
 
 def deepspeed_config(cfg: ExperimentConfig, world_size: int) -> dict[str, Any]:
@@ -93,10 +95,8 @@ def build_engine(model: torch.nn.Module, cfg: ExperimentConfig, world_size: int)
     """(engine, optimizer, scheduler) for `model` on the already-initialised process group."""
     import deepspeed
 
-    from pretrain.train.joint import use_all_parameters
-
     t = cfg.train
-    use_all_parameters(model)
+    model.set_all_parameters_in_forward(True)   # ZeRO-3 and one dataset per micro-batch
     if t.activation_checkpointing and hasattr(model, "set_grad_checkpointing"):
         model.set_grad_checkpointing(True)
     offload_on_gpu = t.cpu_offload and cfg.resources.use_gpu
@@ -117,7 +117,7 @@ def autocast_dtype(cfg: ExperimentConfig) -> torch.dtype:
 
 def device_for_rank() -> torch.device:
     """The accelerator device of this process (CPU when DS_ACCELERATOR=cpu / no GPU)."""
-    if os.environ.get("DS_ACCELERATOR") == "cpu" or not torch.cuda.is_available():
+    if uses_cpu():
         return torch.device("cpu")
     local = int(os.environ.get("LOCAL_RANK", "0"))
     torch.cuda.set_device(local)
