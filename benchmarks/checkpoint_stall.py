@@ -98,7 +98,7 @@ def run(args, tmp: str) -> dict:
     import torch
     import torch.distributed as dist
 
-    from checkpoints import storage
+    from pretrain import storage
     from checkpoints.config import CheckpointConfig
     from checkpoints.discovery import resolve
     from checkpoints.manager import CheckpointManager

@@ -108,7 +108,7 @@ def main() -> int:
         "resources.threads_per_worker=1", f"tracking.tracking_uri=sqlite:///{work}/mlflow.db",
         "checkpoint.uri=null", *args.overrides])
     os.chdir(ROOT)
-    absolute_paths(cfg)
+    cfg = absolute_paths(cfg)
     ensure_data(cfg)
     # The machine may be shared: bracket the system run with two bare runs.
     bare_before = bare(cfg, args.steps, warmup=log_every)

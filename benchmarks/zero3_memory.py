@@ -1,5 +1,5 @@
 """Per-worker peak memory of training steps of a bootstrapped TubeViT: ZeRO-3 on 2 CPU
-workers vs one unsharded worker, against the plan (pretrain/model/memory.py).
+workers vs one unsharded worker, against the plan (pretrain/train/memory.py).
 
     python benchmarks/zero3_memory.py --json                       # bootstrapped ViT-H/14
     python benchmarks/zero3_memory.py --model tubevit-b --json     # a smaller stand-in
@@ -63,7 +63,7 @@ NUM_CLASSES = {"kinetics400": 400}
 def bootstrapped_config(name: str, gate_layer: int | None, image_size: int = 224):
     from pretrain.model import create_model
     from pretrain.model.bootstrap import bootstrap_config
-    from pretrain.model.foreign import ImageViTSpec
+    from pretrain.model.image_vit_weights import ImageViTSpec
 
     depth, dim, mlp, heads, patch = IMAGE_VITS[name]
     spec = ImageViTSpec(depth=depth, dim=dim, mlp_dim=mlp, heads=heads, patch=patch,
@@ -212,7 +212,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
     os.environ.setdefault("MALLOC_TRIM_THRESHOLD_", "131072")
     from pretrain.model import TubeViT
-    from pretrain.model.memory import GIB, plan_memory
+    from pretrain.train.memory import GIB, plan_memory
     from pretrain.train.config import ExperimentConfig, apply_overrides, from_dict
 
     a.overrides = _memory_settings(a.config) + a.overrides

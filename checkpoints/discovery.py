@@ -6,14 +6,13 @@ reported with the reason, never loaded.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass, field
 
 from pretrain.errors import UserError
+from pretrain.storage import filesystem, join, sha256_file, uri_of
 
 from .layout import MANIFEST, Manifest, parse_step_dir
-from .storage import filesystem, join, unstrip
 
 log = logging.getLogger("checkpoints")
 
@@ -50,20 +49,12 @@ class CheckpointInfo:
                 "problems": list(self.problems)}
 
 
-def _sha256_remote(fs, path: str) -> str:
-    h = hashlib.sha256()
-    with fs.open(path, "rb", block_size=8 << 20) as f:
-        while chunk := f.read(8 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def inspect(fs, folder: str, verify_checksums: bool = False) -> CheckpointInfo:
     """Check one step folder against its manifest."""
     step = parse_step_dir(folder)
     if step is None:
         raise ValueError(f"{folder} is not a step folder")
-    uri = unstrip(fs, folder)
+    uri = uri_of(fs, folder)
     try:
         present = {p[len(folder) + 1:]: int(info.get("size") or 0)
                    for p, info in fs.find(folder, detail=True).items()}
@@ -90,7 +81,7 @@ def inspect(fs, folder: str, verify_checksums: bool = False) -> CheckpointInfo:
             problems.append(f"missing file {name}")
         elif present[name] != rec.size:
             problems.append(f"{name} has {present[name]} bytes, manifest says {rec.size}")
-        elif verify_checksums and _sha256_remote(fs, join(folder, name)) != rec.sha256:
+        elif verify_checksums and sha256_file(join(folder, name), fs) != rec.sha256:
             problems.append(f"{name} fails its sha256 checksum")
     return CheckpointInfo(step, uri, True, manifest, problems, size)
 

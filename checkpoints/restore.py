@@ -16,9 +16,10 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from pretrain import storage
 from pretrain.errors import UserError
+from pretrain.process_env import cpu_tool_env
 
-from . import storage
 from .discovery import CheckpointInfo
 from .layout import MANIFEST, Manifest
 
@@ -114,7 +115,7 @@ def convert_to_universal(folder: str, dest_root: str, workers: int = 2) -> tuple
            "--num_extract_workers", str(workers), "--num_merge_workers", str(workers)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True,
-                              env=dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu")))
+                              env=cpu_tool_env())
         if proc.returncode != 0:
             raise RuntimeError(f"converting {folder} to DeepSpeed's universal format failed "
                                f"(exit {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import logging
 
+from pretrain.storage import filesystem, join
+
 from .discovery import CheckpointInfo, list_checkpoints
-from .storage import filesystem
+from .layout import MANIFEST
 
 log = logging.getLogger("checkpoints")
 
@@ -43,7 +45,7 @@ def apply_retention(uri: str, keep_last: int, keep_every: int,
         _, path = filesystem(info.uri)
         try:
             # The manifest goes first: a half-deleted checkpoint must not look committed.
-            manifest = f"{path}/COMMIT.json"
+            manifest = join(path, MANIFEST)
             if fs.exists(manifest):
                 fs.rm_file(manifest)
             fs.rm(path, recursive=True)

@@ -20,7 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from . import storage
+from pretrain import storage
+
 from .layout import MANIFEST, FileRecord, Manifest, RankMarker, marker_name, step_dir
 
 log = logging.getLogger("checkpoints")
@@ -133,7 +134,7 @@ class AsyncUploader:
                 stats.commit_wait_s = time.perf_counter() - t1
                 stats.committed = True
                 if self.on_commit is not None:
-                    self.on_commit(manifest, storage.unstrip(self.fs, folder))
+                    self.on_commit(manifest, storage.uri_of(self.fs, folder))
         except BaseException as exc:  # reported by wait(); the checkpoint stays uncommitted
             stats.error = f"{type(exc).__name__}: {exc}"
             log.error("checkpoint step %d (rank %d) was not saved: %s", job.step, self.rank,

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
 import textwrap
 
@@ -73,8 +72,9 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 
 def _default_accelerator() -> None:
     """DeepSpeed probes for CUDA at import; on a machine without a GPU it must be told."""
-    if "DS_ACCELERATOR" not in os.environ and not os.path.exists("/dev/nvidiactl"):
-        os.environ["DS_ACCELERATOR"] = "cpu"
+    from pretrain.process_env import default_accelerator
+
+    default_accelerator()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,7 +31,9 @@ import threading
 import time
 from typing import Any, Callable
 
+from orchestration import ray_env
 from pretrain.errors import UserError
+from pretrain.process_env import config_env
 from pretrain.train.config import ExperimentConfig, to_dict
 from pretrain.train.tracking import end_run, resolve_tracking_uri, start_run
 
@@ -120,13 +122,7 @@ def init_ray(cfg: ExperimentConfig) -> bool:
 
     if ray.is_initialized():
         return False
-    env = {"DS_ACCELERATOR": "cpu"} if not cfg.resources.use_gpu else {}
-    threads = cfg.resources.threads_per_worker or max(1, int(cfg.resources.cpus_per_worker))
-    env["OMP_NUM_THREADS"] = str(threads)
-    for key in ("MLFLOW_TRACKING_URI", "STORAGE_EMULATOR_HOST", "PYTHONPATH"):
-        if os.environ.get(key):
-            env[key] = os.environ[key]
-    runtime_env = {"env_vars": env}
+    runtime_env = ray_env.runtime_env(config_env(cfg.resources), pass_env=ray_env.WORKER_PASS_ENV)
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=runtime_env,
                  log_to_driver=True)

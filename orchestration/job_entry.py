@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from orchestration.jobs import CONFIG_ENV, CWD_ENV, NAME_ENV
+from orchestration.ray_jobs import CONFIG_ENV, CWD_ENV, NAME_ENV
 
 
 def main() -> int:

@@ -18,7 +18,7 @@ from pretrain.errors import UserError  # noqa: E402
 from pretrain.model import count_flops, create_model, load_model, read_metadata, save_model  # noqa: E402
 from pretrain.model.bootstrap import (  # noqa: E402
     BootstrapConfig, apply_freeze, bootstrap, init_from_file, map_tube_width, width_projection)
-from pretrain.model.foreign import inspect_timm, read_state_dict  # noqa: E402
+from pretrain.model.image_vit_weights import inspect_timm, read_state_dict  # noqa: E402
 from pretrain.train.optim import build_optimizer  # noqa: E402
 
 

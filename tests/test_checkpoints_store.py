@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from checkpoints import storage
+from pretrain import storage
 from checkpoints.discovery import latest_committed, list_checkpoints, resolve
 from checkpoints.layout import MANIFEST, Manifest, marker_name, step_dir
 from checkpoints.restore import check_compatible, download
@@ -166,7 +166,7 @@ KILL_SCRIPT = textwrap.dedent("""
     import sys, time
     from pathlib import Path
     sys.path.insert(0, {repo!r})
-    from checkpoints import storage
+    from pretrain import storage
     from checkpoints.upload import AsyncUploader, UploadJob
     real = storage.put_file
     def put_then_hang(fs, src, dst):

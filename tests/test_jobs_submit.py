@@ -21,7 +21,7 @@ import pytest
 
 from orchestration.cli import main as cli
 from orchestration.driver import LOOPBACK_ONLY_ENV
-from orchestration.jobs import JobsClient, job_runtime_env
+from orchestration.ray_jobs import JobsClient, job_runtime_env
 from tests.fixtures.servers import BIN, _stop_ray_started_under, free_port, ray_agent_ports, wait_http
 
 REPO = Path(__file__).resolve().parents[1]
@@ -319,7 +319,7 @@ def test_head_without_a_job_agent_is_one_clear_error(tmp_path_factory, monkeypat
     but no submission can run. `pretrain submit` says so and what to do, after a bounded wait."""
     import socket
 
-    import orchestration.jobs as jobs
+    import orchestration.ray_jobs as ray_jobs
 
     temp = Path("/tmp") / f"ray-noagent-{os.getpid()}"
     temp.mkdir(parents=True, exist_ok=True)
@@ -346,7 +346,7 @@ def test_head_without_a_job_agent_is_one_clear_error(tmp_path_factory, monkeypat
             monkeypatch.setenv(key, value)
         monkeypatch.delenv("RAY_ADDRESS", raising=False)
         monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
-        monkeypatch.setattr(jobs, "AGENT_WAIT_S", 10)
+        monkeypatch.setattr(ray_jobs, "AGENT_WAIT_S", 10)
         code, out, err = run_cli("submit", SMOKE, "--address", dashboard, "--name", "x")
         assert code != 0
         assert "has no job agent" in err and "--dashboard-agent-listen-port" in err, err

@@ -1,4 +1,4 @@
-"""Per-worker memory plan (pretrain/model/memory.py) and `pretrain plan`'s memory flags."""
+"""Per-worker memory plan (pretrain/train/memory.py) and `pretrain plan`'s memory flags."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,7 @@ import torch
 
 from orchestration.cli import main
 from pretrain.model import count_params, create_model
-from pretrain.model.memory import GIB, plan_memory, verdict
+from pretrain.train.memory import GIB, plan_memory, verdict
 
 
 def hand_model():

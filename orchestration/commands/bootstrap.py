@@ -2,7 +2,7 @@
 --out FILE.safetensors`: a large image ViT + a small TubeViT's tubes -> a video TubeViT file.
 
 The image checkpoint is a timm ViT state dict (safetensors or .pth, local or fsspec URI;
-layout: pretrain/model/foreign.py); the small model is any file `pretrain export` wrote. The
+layout: pretrain/model/image_vit_weights.py); the small model is any file `pretrain export` wrote. The
 output is an ordinary self-describing model file (load_model reads it) whose metadata also
 records the bootstrap (image ViT, small model config, gate layer and its 0-based
 convention, width mapping and seed). Train it with a config's `bootstrap.init_from`
@@ -53,7 +53,7 @@ def _num_classes(text: str | None) -> dict[str, int] | None:
 def run(args) -> int:
     from pretrain.model import count_params, load_model, save_model
     from pretrain.model.bootstrap import apply_freeze, bootstrap, trainable_summary
-    from pretrain.model.foreign import read_state_dict
+    from pretrain.model.image_vit_weights import read_state_dict
 
     small = load_model(args.tubes_from)
     image_state = read_state_dict(args.image_checkpoint)

@@ -71,7 +71,7 @@ def render_job(profile_name: str, config: str, workers: int, *, name: str | None
 
     from cluster import render, validate
     from cluster.profiles import load_profile
-    from orchestration import jobs
+    from orchestration import ray_jobs
     from pretrain.train.config import load_config
 
     cfg = load_config(config, [*overrides, f"resources.workers={workers}"])
@@ -81,22 +81,22 @@ def render_job(profile_name: str, config: str, workers: int, *, name: str | None
                             gpus_per_worker=1 if r.use_gpu else 0)
     profile = load_profile(profile_name, list(profile_overrides))
     placement = render.place(profile, shape)
-    name = jobs.check_name(name) if name else render.k8s_name(Path(config).stem)
+    name = ray_jobs.check_name(name) if name else render.k8s_name(Path(config).stem)
     what = f"profile '{profile['name']}'"
-    grace = int(cfg.checkpoint.preempt_grace_s) + jobs.STOP_MARGIN_S
+    grace = int(cfg.checkpoint.preempt_grace_s) + ray_jobs.STOP_MARGIN_S
     if profile["platform"] == "gcp-vm":
         launcher = render.render_launcher(profile, placement, name)
         validate.check_launcher(launcher, what)
         return {"cluster.yaml": launcher}
-    raw = jobs.job_config(cfg, name, local_cwd=None, where=f"cluster profile '{profile['name']}'")
-    runtime_env = jobs.job_runtime_env(
+    raw = ray_jobs.job_config(cfg, name, local_cwd=None, where=f"cluster profile '{profile['name']}'")
+    runtime_env = ray_jobs.job_runtime_env(
         yaml.safe_dump(raw, sort_keys=False), name=name, use_gpu=r.use_gpu,
         grace_s=cfg.checkpoint.preempt_grace_s, working_dir=None,
         extra_env=profile["job"]["env"])
-    metadata = {jobs.META_NAME: name, jobs.META_ATTEMPT: "1", jobs.META_CONFIG: str(config),
-                jobs.META_CHECKPOINT: raw["checkpoint"]["uri"] or ""}
+    metadata = {ray_jobs.META_NAME: name, ray_jobs.META_ATTEMPT: "1", ray_jobs.META_CONFIG: str(config),
+                ray_jobs.META_CHECKPOINT: raw["checkpoint"]["uri"] or ""}
     cluster = render.render_raycluster(profile, placement, name, grace)
-    job = render.render_rayjob(profile, placement, name, grace, entrypoint=jobs.ENTRYPOINT,
+    job = render.render_rayjob(profile, placement, name, grace, entrypoint=ray_jobs.ENTRYPOINT,
                                runtime_env=runtime_env, metadata=metadata)
     validate.check_manifest(cluster, what)
     validate.check_manifest(job, what)

@@ -8,7 +8,7 @@
     pretrain list [--json]
 
 The cluster address comes from --address, else RAY_ADDRESS, else --profile's address, else
-http://127.0.0.1:8265. See orchestration/jobs.py for names, attempts and resume.
+http://127.0.0.1:8265. See orchestration/ray_jobs.py for names, attempts and resume.
 """
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def run_verb(verb: str, args) -> int:
 
 
 def _connect(args, profile=None):
-    from orchestration.jobs import JobsClient, resolve_address
+    from orchestration.ray_jobs import JobsClient, resolve_address
 
     if profile is None and args.profile:
         from cluster.profiles import load_profile
@@ -69,39 +69,34 @@ def _connect(args, profile=None):
 
 
 def _submit(args) -> int:
-    import os
-
     import yaml
 
-    from orchestration import jobs
+    from orchestration import ray_jobs
     from pretrain.train.config import load_config
 
     cfg = load_config(args.config, args.overrides)  # a bad config stops here, before any network
-    name = jobs.check_name(args.name) if args.name else jobs.default_name(args.config)
+    name = ray_jobs.check_name(args.name) if args.name else ray_jobs.default_name(args.config)
     profile = None
     if args.profile:
         from cluster.profiles import load_profile
 
         profile = load_profile(args.profile)
-    address = jobs.resolve_address(args.address, profile)
-    loopback = jobs.is_loopback(address)
+    address = ray_jobs.resolve_address(args.address, profile)
+    loopback = ray_jobs.is_loopback(address)
 
-    raw = jobs.job_config(cfg, name, local_cwd=Path.cwd() if loopback else None,
+    raw = ray_jobs.job_config(cfg, name, local_cwd=Path.cwd() if loopback else None,
                           where=f"the cluster at {address}")
-    extra_env = dict((profile or {}).get("job", {}).get("env", {}))
-    for key in ("MLFLOW_TRACKING_URI",) + (("STORAGE_EMULATOR_HOST",) if loopback else ()):
-        if os.environ.get(key):
-            extra_env.setdefault(key, os.environ[key])
-    runtime_env = jobs.job_runtime_env(
+    runtime_env = ray_jobs.job_runtime_env(
         yaml.safe_dump(raw, sort_keys=False), name=name, use_gpu=cfg.resources.use_gpu,
         grace_s=cfg.checkpoint.preempt_grace_s, cwd=Path.cwd() if loopback else None,
-        extra_env=extra_env)
+        extra_env=(profile or {}).get("job", {}).get("env", {}),
+        pass_env=ray_jobs.LOOPBACK_PASS_ENV if loopback else ray_jobs.PASS_ENV)
     checkpoint_uri = raw["checkpoint"]["uri"]
-    client = jobs.JobsClient(address, auth_mode=(profile or {}).get("auth"))
-    resume = jobs.latest_checkpoint(checkpoint_uri) if cfg.checkpoint.resume else None
+    client = ray_jobs.JobsClient(address, auth_mode=(profile or {}).get("auth"))
+    resume = ray_jobs.latest_checkpoint(checkpoint_uri) if cfg.checkpoint.resume else None
     job_id = client.submit(
-        name=name, entrypoint=jobs.ENTRYPOINT, runtime_env=runtime_env,
-        metadata={jobs.META_CONFIG: str(args.config), jobs.META_CHECKPOINT: checkpoint_uri or ""})
+        name=name, entrypoint=ray_jobs.ENTRYPOINT, runtime_env=runtime_env,
+        metadata={ray_jobs.META_CONFIG: str(args.config), ray_jobs.META_CHECKPOINT: checkpoint_uri or ""})
     out = {"job_id": job_id, "name": name, "address": address, "checkpoint_uri": checkpoint_uri,
            "resumes_from_step": resume["step"] if resume else None}
     if args.json:
@@ -121,11 +116,11 @@ def _submit(args) -> int:
 
 def job_status(client, job: str) -> dict:
     """Everything `status` reports, as a dict (also used by `stop`)."""
-    from orchestration import jobs
+    from orchestration import ray_jobs
 
     record = client.resolve(job)
-    progress = jobs.progress_from_logs(client.logs(record.submission_id))
-    checkpoint = jobs.latest_checkpoint(record.checkpoint_uri)
+    progress = ray_jobs.progress_from_logs(client.logs(record.submission_id))
+    checkpoint = ray_jobs.latest_checkpoint(record.checkpoint_uri)
     summary = progress.get("summary") or {}
     out = {
         "job_id": record.submission_id, "name": record.name, "attempt": record.attempt,
@@ -174,12 +169,12 @@ def _logs(args) -> int:
 
 
 def _stop(args) -> int:
-    from orchestration import jobs
+    from orchestration import ray_jobs
 
     client = _connect(args)
     record = client.stop(args.job)
     status = record.status
-    if not args.no_wait and status in jobs.ACTIVE:
+    if not args.no_wait and status in ray_jobs.ACTIVE:
         # Ray gives the run RAY_JOB_STOP_WAIT_TIME_S (its grace + margin) before SIGKILL.
         deadline = time.monotonic() + 3600
         while time.monotonic() < deadline:

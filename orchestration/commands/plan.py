@@ -22,7 +22,7 @@ def add_arguments(parser) -> None:
                              "charades, dense-2x16x16")
     parser.add_argument("--skip-unfit-tubes", action="store_true",
                         help="tubes that do not fit the clip give 0 tokens instead of an error")
-    mem = parser.add_argument_group("memory per worker (pretrain/model/memory.py)")
+    mem = parser.add_argument_group("memory per worker (pretrain/train/memory.py)")
     mem.add_argument("--workers", type=int, default=1, help="data-parallel workers (default 1)")
     mem.add_argument("--zero-stage", type=int, default=0, choices=(0, 1, 2, 3),
                      help="DeepSpeed ZeRO stage (default 0)")
@@ -94,7 +94,7 @@ def model_section(args) -> dict:
 def memory_section(args) -> dict:
     """Per-worker memory of training (params, grads, optimizer, activations) and a verdict."""
     from pretrain.errors import UserError
-    from pretrain.model.memory import plan_memory, verdict
+    from pretrain.train.memory import plan_memory, verdict
 
     for flag, value in (("--workers", args.workers), ("--micro-batch", args.micro_batch)):
         if value < 1:

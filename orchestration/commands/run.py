@@ -33,12 +33,11 @@ def run(args) -> int:
         from orchestration.driver import LOOPBACK_ONLY_ENV
 
         os.environ.setdefault(LOOPBACK_ONLY_ENV, "0")   # the local Ray: loopback only
+    from pretrain import process_env
     from pretrain.train.config import load_config
 
-    cfg = load_config(args.config, args.overrides)
-    if not cfg.resources.use_gpu:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    absolute_paths(cfg)
+    cfg = absolute_paths(load_config(args.config, args.overrides))
+    process_env.apply(process_env.config_env(cfg.resources))
     ensure_data(cfg)
 
     from orchestration.driver import run_job
@@ -70,27 +69,18 @@ def run(args) -> int:
 def ensure_data(cfg) -> None:
     """Check the dataset URIs before Ray starts; write the synthetic demo data first when
     the config asks for it and it is missing."""
-    from pretrain.data import ensure_datasets
+    from pretrain.data.metadata import ensure_datasets
 
     ensure_datasets(cfg.data, prepare=True)
 
 
-def absolute_paths(cfg) -> None:
-    """Relative local paths -> absolute: Ray workers need not share the driver's cwd."""
-    def fix(uri):
-        if uri and "://" not in uri and not os.path.isabs(uri):
-            return os.path.abspath(os.path.expanduser(uri))
-        return uri
+def absolute_paths(cfg):
+    """The config with its relative local paths made absolute (pretrain.storage.absolute):
+    Ray workers need not share the driver's working directory."""
+    from pretrain import storage
+    from pretrain.train.config import ExperimentConfig, from_dict, to_dict
 
-    d = cfg.data
-    for key in ("video_uri", "video_eval_uri", "image_uri", "image_eval_uri", "cache_dir"):
-        setattr(d, key, fix(getattr(d, key)))
-    d.synthetic.root = fix(d.synthetic.root)
-    cfg.checkpoint.uri = fix(cfg.checkpoint.uri)
-    if cfg.model.init_from:
-        cfg.model.init_from = fix(cfg.model.init_from)
-    if cfg.bootstrap.init_from:
-        cfg.bootstrap.init_from = fix(cfg.bootstrap.init_from)
+    return from_dict(ExperimentConfig, storage.absolute_locations(to_dict(cfg)))
 
 
 def _print_summary(s: dict, cfg) -> None:

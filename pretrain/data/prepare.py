@@ -27,7 +27,8 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from pretrain.data import shards, storage
+from pretrain import storage
+from pretrain.data import shards
 from pretrain.data.media import BadMedia, probe_image, probe_video
 from pretrain.errors import UserError
 
@@ -139,13 +140,6 @@ def label_map(items: list[Item]) -> list[str]:
 # ----------------------------------------------------------------------------- checking
 
 
-def _read(path: str) -> bytes:
-    if "://" in path:
-        return storage.read_bytes(path)
-    with open(path, "rb") as f:
-        return f.read()
-
-
 def _fingerprint(path: str) -> str:
     try:
         if "://" in path:
@@ -164,7 +158,7 @@ def _check(args: tuple[str, str, int]) -> dict:
     rec: dict = {"path": path, "fp": _fingerprint(path)}
     try:
         try:
-            data = _read(path)
+            data = storage.read_bytes(path)
         except FileNotFoundError:
             raise BadMedia("file not found") from None
         except IsADirectoryError:
@@ -310,7 +304,7 @@ def _write_mds(modality: str, usable: list[tuple[Item, dict]], index_of: dict[st
         for it, meta in tqdm(usable, desc=f"write {modality}", unit="file", file=sys.stderr,
                              disable=not progress, dynamic_ncols=True):
             try:
-                data = _read(it.path)
+                data = storage.read_bytes(it.path)
             except OSError as exc:
                 skipped.append(Skipped(it.path, f"changed while preparing: {exc}"))
                 continue
@@ -325,7 +319,7 @@ def _publish(mds_dir: str, out_uri: str) -> None:
     """Copy the staged folder to out_uri with index.json last; drop stale shards there."""
     index_local = os.path.join(mds_dir, shards.INDEX)
     fs, root = storage.filesystem(out_uri)
-    index_remote = f"{root.rstrip('/')}/{shards.INDEX}"
+    index_remote = storage.join(root, shards.INDEX)
     try:
         if fs.exists(index_remote):
             fs.rm(index_remote)  # the folder is incomplete until the new index lands
@@ -342,7 +336,7 @@ def _publish(mds_dir: str, out_uri: str) -> None:
         os.replace(index_local, held)
     storage.upload_folder(mds_dir, out_uri)
     if os.path.exists(held):
-        fs.put_file(held, index_remote)
+        storage.put_file(fs, held, index_remote)
         fs.invalidate_cache()
 
 

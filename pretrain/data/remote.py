@@ -2,7 +2,7 @@
 
 mosaicml-streaming's own gs:// downloader insists on Google default credentials (or HMAC
 keys), so it cannot talk to an emulator. `FsspecStream` is a streaming `Stream` whose
-downloads go through fsspec instead (gcsfs for gs://, configured by `storage.filesystem`:
+downloads go through fsspec instead (gcsfs for gs://, configured by `pretrain.storage.filesystem`:
 anonymous against STORAGE_EMULATOR_HOST, default credentials against real GCS). Schemes
 streaming handles natively and fsspec may lack a backend for (s3://, oci://, ...) keep
 streaming's downloader.
@@ -15,7 +15,7 @@ import os
 from streaming.base.storage.download import DOWNLOADER_MAPPINGS, CloudDownloader
 from streaming.base.stream import Stream
 
-from pretrain.data import storage
+from pretrain import storage
 
 FSSPEC_SCHEMES = {"gs", "gcs", "file", "memory"}
 
@@ -58,17 +58,8 @@ class FsspecStream(Stream):
             storage.join(self.remote, from_basename)
         local = os.path.join(self.local, self.split, to_basename or from_basename)
         if not os.path.exists(local):
-            last = None
-            for _ in range(1 + (self.download_retry or 0)):
-                try:
-                    storage.download(remote, local)
-                    break
-                except FileNotFoundError:
-                    raise
-                except Exception as exc:  # transient network errors: retry
-                    last = exc
-            else:
-                raise last  # type: ignore[misc]
+            storage.with_retries(f"downloading {remote}", lambda: storage.download(remote, local),
+                                 self.download_retry or 0)
         return local
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 
-from pretrain.data import storage
+from pretrain import storage
 from pretrain.errors import UserError
 
 FORMAT = "tubevit-shards/1"

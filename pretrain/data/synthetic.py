@@ -35,7 +35,7 @@ import tempfile
 
 import numpy as np
 
-from pretrain.data import storage
+from pretrain import storage
 from pretrain.data.prepare import Item, PrepareResult, cache_root, prepare
 
 VIDEO_CLASSES = ["left", "right", "up", "down"]

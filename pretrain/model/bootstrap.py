@@ -47,12 +47,12 @@ import re
 import struct
 from typing import Any, Callable
 
-import fsspec
 import torch
 
 from pretrain.bootstrap_config import BootstrapConfig
+from pretrain import storage
 from pretrain.errors import UserError
-from pretrain.model.foreign import ImageViTSpec, inspect_timm, timm_to_tubevit
+from pretrain.model.image_vit_weights import ImageViTSpec, inspect_timm, timm_to_tubevit
 from pretrain.model.io import FORMAT, FORMAT_VERSION, _header_metadata
 from pretrain.model.tubes import TubeSpec, image_tube_index
 from pretrain.model.tubevit import TubeViT, TubeViTConfig
@@ -187,12 +187,12 @@ def apply_freeze(model: TubeViT, mode: str = "prefix", gate_layer: int | None = 
 def iter_model_file(path: str):
     """(metadata, generator of (name, tensor)) reading one tensor at a time, so a large file
     never sits in memory whole (local path or fsspec URI)."""
-    f = fsspec.open(path, "rb").open()
     try:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header_bytes = f.read(n)
+        f = storage.open_read(path)
     except FileNotFoundError:
         raise UserError(f"model file {path} does not exist") from None
+    (n,) = struct.unpack("<Q", f.read(8))
+    header_bytes = f.read(n)
     meta = _header_metadata(struct.pack("<Q", n) + header_bytes, path)
     header = json.loads(header_bytes)
     header.pop("__metadata__", None)

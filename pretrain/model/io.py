@@ -15,11 +15,11 @@ from __future__ import annotations
 import json
 import struct
 
-import fsspec
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from pretrain import storage
 from pretrain.errors import UserError
 from pretrain.model.tubevit import TubeViT, TubeViTConfig
 
@@ -35,9 +35,7 @@ def save_state_dict(state_dict: dict[str, torch.Tensor], config: TubeViTConfig, 
     meta.update(format=FORMAT, format_version=FORMAT_VERSION, config=config.to_json())
     # safetensors wants contiguous, unshared CPU tensors.
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
-    data = st_save(tensors, metadata=meta)
-    with fsspec.open(path, "wb") as f:
-        f.write(data)
+    storage.write_bytes(path, st_save(tensors, metadata=meta))
 
 
 def save_model(model: TubeViT, path: str, metadata: dict[str, str] | None = None) -> None:
@@ -51,8 +49,7 @@ def save_model(model: TubeViT, path: str, metadata: dict[str, str] | None = None
 
 def _read(path: str) -> bytes:
     try:
-        with fsspec.open(path, "rb") as f:
-            return f.read()
+        return storage.read_bytes(path)
     except FileNotFoundError:
         raise UserError(f"model file {path} does not exist") from None
 

@@ -1,4 +1,5 @@
-"""Foreign checkpoint layouts mapped onto TubeViT names: the one place that knows them.
+"""Image-ViT weights of other libraries mapped onto TubeViT names: the one place that knows
+their layouts.
 
 Today one layout: timm's `VisionTransformer` (vit_*_patch16/14_*, DeiT, AugReg, ...), as a
 plain state dict in a safetensors file or a torch `.pth`/`.pt`/`.bin` file (also wrapped as
@@ -32,9 +33,9 @@ import math
 import re
 from dataclasses import dataclass
 
-import fsspec
 import torch
 
+from pretrain import storage
 from pretrain.errors import UserError
 
 # width -> attention heads of the standard ViT sizes (timm / the ViT and DeiT papers)
@@ -80,8 +81,7 @@ class ImageViTSpec:
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     """Tensors of a safetensors or torch (.pth/.pt/.bin) file, local path or fsspec URI."""
     try:
-        with fsspec.open(path, "rb") as f:
-            data = f.read()
+        data = storage.read_bytes(path)
     except FileNotFoundError:
         raise UserError(f"image checkpoint {path} does not exist") from None
     if path.endswith(".safetensors"):

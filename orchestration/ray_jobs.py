@@ -34,7 +34,10 @@ from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import urlparse
 
+from orchestration.ray_env import runtime_env
+from pretrain import storage
 from pretrain.errors import UserError
+from pretrain.process_env import process_env
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
@@ -50,6 +53,11 @@ STOP_MARGIN_S = 30                      # Ray's SIGKILL comes this long after th
 UPLOAD_EXCLUDES = [".git", "data/", "runs/", "mlruns/", "mlflow.db", "checkpoints_local/",
                    "*.safetensors", "__pycache__/", ".venv/", "*.egg-info/", ".pytest_cache/",
                    "cluster/schemas/", "benchmarks/results/"]
+
+# Variables of the submitting process a job gets too: where MLflow is; on a loopback cluster
+# (this machine) also the GCS emulator, which a remote cluster could not reach.
+PASS_ENV = ("MLFLOW_TRACKING_URI",)
+LOOPBACK_PASS_ENV = PASS_ENV + ("STORAGE_EMULATOR_HOST",)
 
 META_NAME, META_ATTEMPT, META_CONFIG, META_CHECKPOINT = (
     "pretrain_name", "pretrain_attempt", "pretrain_config", "pretrain_checkpoint_uri")
@@ -342,28 +350,6 @@ def named_checkpoint_uri(base: str | None, name: str) -> str | None:
     return base.rstrip("/") + "/" + name
 
 
-def absolutize_paths(raw: dict, cwd: Path) -> dict:
-    """Relative local paths in a config tree, made absolute against `cwd` (loopback jobs).
-
-    Ray workers run in the job's working_dir copy, not where the user typed the command;
-    anchoring the config's relative locations keeps data, checkpoints and MLflow where a
-    local `pretrain run` would have put them.
-    """
-    out: dict = {}
-    for key, value in raw.items():
-        if isinstance(value, dict):
-            out[key] = absolutize_paths(value, cwd)
-        elif (isinstance(value, str) and value and re.search(r"(uri|root|dir|path|_from)$", key)
-              and "://" not in value and not os.path.isabs(value)):
-            out[key] = str((cwd / value).resolve())
-        elif key == "tracking_uri" and isinstance(value, str) and value.startswith("sqlite:///") \
-                and not value.startswith("sqlite:////"):
-            out[key] = "sqlite:///" + str((cwd / value[len("sqlite:///"):]).resolve())
-        else:
-            out[key] = value
-    return out
-
-
 def job_config(cfg, name: str, *, local_cwd: Path | None, where: str) -> dict:
     """The config tree job `name` runs, as a plain dict, checked again after the changes.
 
@@ -377,7 +363,10 @@ def job_config(cfg, name: str, *, local_cwd: Path | None, where: str) -> dict:
     raw["checkpoint"]["uri"] = named_checkpoint_uri(cfg.checkpoint.uri, name)
     uri = raw["checkpoint"]["uri"]
     if local_cwd is not None:
-        raw = absolutize_paths(raw, local_cwd)
+        # Ray workers run in the job's working_dir copy, not where the user typed the
+        # command: anchored, data, checkpoints and MLflow land where a local `pretrain run`
+        # would have put them.
+        raw = storage.absolute_locations(raw, local_cwd)
     elif uri and "://" not in uri and not os.path.isabs(uri):
         raise UserError(
             f"checkpoint.uri '{cfg.checkpoint.uri}' is a relative local path, which a job on "
@@ -390,8 +379,11 @@ def job_config(cfg, name: str, *, local_cwd: Path | None, where: str) -> dict:
 
 def job_runtime_env(config_yaml: str, *, name: str, use_gpu: bool, grace_s: float,
                     working_dir: Path | None = PROJECT_ROOT, cwd: Path | None = None,
-                    extra_env: dict[str, str] | None = None) -> dict:
-    """The runtime_env of a job: code (working_dir), resolved config, stop grace, env."""
+                    extra_env: dict[str, str] | None = None,
+                    pass_env: tuple[str, ...] = ()) -> dict:
+    """The runtime_env of a job: code (working_dir), resolved config, stop grace, env.
+
+    `extra_env` (a profile's job env) wins over the `pass_env` variables of this process."""
     env = {
         CONFIG_ENV: config_yaml,
         NAME_ENV: name,
@@ -403,16 +395,11 @@ def job_runtime_env(config_yaml: str, *, name: str, use_gpu: bool, grace_s: floa
         "RAY_OVERRIDE_JOB_RUNTIME_ENV": "1",
         "RAY_USAGE_STATS_ENABLED": "0",
     }
-    if not use_gpu:
-        env["DS_ACCELERATOR"] = "cpu"
     if cwd is not None:
         env[CWD_ENV] = str(cwd)
-    env.update({k: str(v) for k, v in (extra_env or {}).items()})
-    runtime_env: dict = {"env_vars": env}
-    if working_dir is not None:
-        runtime_env["working_dir"] = str(working_dir)
-        runtime_env["excludes"] = list(UPLOAD_EXCLUDES)
-    return runtime_env
+    env.update(extra_env or {})
+    return runtime_env(process_env(use_gpu), pass_env=pass_env, env=env,
+                       working_dir=working_dir, excludes=UPLOAD_EXCLUDES)
 
 
 # ---------------------------------------------------------------------------------------
