@@ -1,58 +1,56 @@
 """The `checkpoint` section of the experiment config.
 
 Composed into the config tree by pretrain/train/config.py as `checkpoint: CheckpointConfig`.
-Field conventions (help/min/max metadata, `validate`) follow the project brief so the generic
-loader can check types and ranges.
+Fields are declared with `config_field` (help, min/max), so pretrain/config_loader.py checks
+their types and ranges; `validate` holds the cross-field rules.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from pretrain.config_loader import config_field
 from pretrain.errors import UserError
 
 
 @dataclass
 class CheckpointConfig:
-    uri: str | None = field(default=None, metadata={
-        "help": "Where checkpoints live: a local folder or any fsspec URI (gs://bucket/run, "
-                "s3://..., file://...). None disables checkpointing."})
-    every_steps: int = field(default=1000, metadata={
-        "help": "Save a checkpoint every this many optimizer steps.", "min": 1})
-    keep_last: int = field(default=3, metadata={
-        "help": "Keep this many newest committed checkpoints (older ones are deleted once "
-                "superseded).", "min": 1})
-    keep_every: int = field(default=0, metadata={
-        "help": "Also keep every checkpoint whose step is a multiple of this (0: none).",
-        "min": 0})
-    max_uploads_in_flight: int = field(default=2, metadata={
-        "help": "Checkpoints being uploaded at once; a save waits when this many are still "
-                "uploading (back-pressure instead of filling the local disk).", "min": 1, "max": 16})
-    upload_retries: int = field(default=5, metadata={
-        "help": "Retries per file on transient storage errors (exponential back-off).",
-        "min": 0, "max": 20})
-    upload_threads: int = field(default=4, metadata={
-        "help": "Parallel file transfers per checkpoint, per rank.", "min": 1, "max": 64})
-    snapshot_in_memory: bool = field(default=True, metadata={
-        "help": "Copy the state to host memory during the save and write the files in the "
-                "background (shortest stall; costs RAM for one state copy per checkpoint in "
-                "flight). false: DeepSpeed writes the files to local_dir while training waits."})
-    local_dir: str = field(default="/tmp/pretrain-checkpoints", metadata={
-        "help": "Node-local staging folder: ranks write here first, uploads read from here, "
-                "restores download here."})
-    commit_timeout_s: float = field(default=3600.0, metadata={
-        "help": "How long rank 0 waits for every rank's upload before giving up on a "
-                "checkpoint (it then stays uncommitted and is never loaded).", "min": 1.0})
-    preempt_grace_s: float = field(default=120.0, metadata={
-        "help": "On SIGTERM: time allowed to write a final checkpoint and finish uploads "
-                "before exiting.", "min": 0.0})
-    stop_after_step: int = field(default=0, metadata={
-        "help": "Stop after this step as if preempted (final checkpoint, clean exit) and "
-                "leave the rest for a later resume; trains a run in slices. 0: run to "
-                "train.steps.", "min": 0})
-    resume: bool = field(default=True, metadata={
-        "help": "Resume from the newest committed checkpoint under `uri` if there is one."})
-    verify_checksums: bool = field(default=True, metadata={
-        "help": "Check sha256 of every downloaded file against the manifest when restoring."})
+    uri: str | None = config_field(
+        None, "Where checkpoints live: a local folder or any fsspec URI (gs://bucket/run, "
+        "s3://..., file://...). None disables checkpointing.")
+    every_steps: int = config_field(
+        1000, "Save a checkpoint every this many optimizer steps.", min=1)
+    keep_last: int = config_field(
+        3, "Keep this many newest committed checkpoints (older ones are deleted once "
+        "superseded).", min=1)
+    keep_every: int = config_field(
+        0, "Also keep every checkpoint whose step is a multiple of this (0: none).", min=0)
+    max_uploads_in_flight: int = config_field(
+        2, "Checkpoints being uploaded at once; a save waits when this many are still uploading "
+        "(back-pressure instead of filling the local disk).", min=1, max=16)
+    upload_retries: int = config_field(
+        5, "Retries per file on transient storage errors (exponential back-off).", min=0, max=20)
+    upload_threads: int = config_field(
+        4, "Parallel file transfers per checkpoint, per rank.", min=1, max=64)
+    snapshot_in_memory: bool = config_field(
+        True, "Copy the state to host memory during the save and write the files in the "
+        "background (shortest stall; costs RAM for one state copy per checkpoint in flight). "
+        "false: DeepSpeed writes the files to local_dir while training waits.")
+    local_dir: str = config_field(
+        "/tmp/pretrain-checkpoints", "Node-local staging folder: ranks write here first, uploads "
+        "read from here, restores download here.")
+    commit_timeout_s: float = config_field(
+        3600.0, "How long rank 0 waits for every rank's upload before giving up on a checkpoint "
+        "(it then stays uncommitted and is never loaded).", min=1.0)
+    preempt_grace_s: float = config_field(
+        120.0, "On SIGTERM: time allowed to write a final checkpoint and finish uploads before "
+        "exiting.", min=0.0)
+    stop_after_step: int = config_field(
+        0, "Stop after this step as if preempted (final checkpoint, clean exit) and leave the "
+        "rest for a later resume; trains a run in slices. 0: run to train.steps.", min=0)
+    resume: bool = config_field(
+        True, "Resume from the newest committed checkpoint under `uri` if there is one.")
+    verify_checksums: bool = config_field(
+        True, "Check sha256 of every downloaded file against the manifest when restoring.")
 
     def validate(self) -> None:
         if self.keep_every and self.keep_every % self.every_steps:

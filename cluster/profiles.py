@@ -1,37 +1,103 @@
 """Cluster profiles: plain YAML data, layered defaults -> profile -> overrides.
 
-`profiles/defaults.yaml` holds every key a profile may set, with its default; each other file
-in `profiles/` is one cluster and states only what differs. A profile argument is either a
+`profiles/defaults.yaml` holds every key a profile may set, with its default and what it
+means; each other file in `profiles/` is one cluster and states only what differs (it may
+also start from another profile with `base: other.yaml`). A profile argument is either a
 packaged name (`gke-8xh100`) or the path of a YAML file of the same shape, so operators can
 keep their own clusters outside the package. Overrides (`worker.max_nodes=4`, values parsed
-as YAML) are applied last. The merged profile is checked: unknown keys, wrong types, bad
-Kubernetes quantities and secrets written inline are errors that name the key.
+as YAML) are applied last. The layers are merged and checked by the project's config loader
+(pretrain/config_loader.py) against the typed schema below (unknown keys, types, ranges,
+choices); the rules of this module add Kubernetes quantities, secrets written inline and the
+platform's required keys. Every error names the key.
 """
 from __future__ import annotations
 
-import copy
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-import yaml
-
+from pretrain import config_loader
+from pretrain.config_loader import config_field
 from pretrain.errors import UserError
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
 DEFAULTS = "defaults"
-PLATFORMS = ("kubernetes", "gcp-vm")
-AUTH_MODES = ("token", "disabled")
 # A Kubernetes resource quantity (the CRDs' own pattern, without exponents).
 _QUANTITY = re.compile(r"^([0-9]+(\.[0-9]*)?|\.[0-9]+)([KMGTPE]i|[mkMGTPE])?$")
 _SECRET_LIKE = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|PRIVATE|API_?KEY|ACCESS_?KEY",
                           re.IGNORECASE)
-# Keys whose value may be null in defaults but has this type when set.
-_NULLABLE_TYPES: dict[str, type | tuple] = {
-    "address": str, "worker.accelerator": str, "kubernetes.service_account": str,
-    "gcp.project_id": str, "gcp.worker_machine_type": str, "gcp.accelerator_type": str,
-    "gcp.service_account": str,
-}
+
+
+# The schema. Every default (and its documentation) is in profiles/defaults.yaml, the first
+# layer of every profile, so the fields here declare types and limits only.
+
+def _key(help: str = "", **limits):
+    return config_field(help=help, required=True, **limits)
+
+
+@dataclass
+class HeadProfile:
+    cpus: int | float = _key("CPUs of the head pod")
+    memory: str | int = _key("memory of the head pod (a Kubernetes quantity, e.g. 32Gi)")
+    node_selector: dict[str, Any] = _key("Kubernetes node labels for the head pod")
+
+
+@dataclass
+class WorkerProfile:
+    group: str = _key("worker group / node type name")
+    cpus: int | float = _key("CPUs Ray may schedule on one worker node")
+    gpus: int = _key("GPUs per worker node", min=0)
+    memory: str | int = _key("memory of one worker node (a Kubernetes quantity)")
+    shm: str | int = _key("/dev/shm size (a Kubernetes quantity; 0 for none)")
+    accelerator: str | None = _key("GKE accelerator label value")
+    node_selector: dict[str, Any] = _key("Kubernetes node labels for worker pods")
+    tolerations: list[dict[str, Any]] = _key("Kubernetes tolerations, as written in a pod spec")
+    max_nodes: int = _key("the most worker nodes this cluster can have", min=1)
+
+
+@dataclass
+class KubernetesProfile:
+    namespace: str = _key("Kubernetes namespace")
+    service_account: str | None = _key("Kubernetes service account of every Ray pod")
+    auth_secret: str | None = _key("Kubernetes secret holding the Ray auth token")
+    secret_env: list[Any] = _key("[{env, secret, key}]: environment variables from secrets")
+    secret_files: list[Any] = _key("[{secret, path}]: secrets mounted as files")
+
+
+@dataclass
+class GcpProfile:
+    project_id: str | None = _key("Google Cloud project")
+    region: str = _key("region")
+    zone: str = _key("zone")
+    head_machine_type: str = _key("machine type of the head VM")
+    worker_machine_type: str | None = _key("machine type of the worker VMs")
+    accelerator_type: str | None = _key("GPU type of the worker VMs, e.g. nvidia-tesla-a100")
+    disk_image: str = _key("boot disk image")
+    disk_gb: int = _key("boot disk size in GB", min=1)
+    service_account: str | None = _key("Google service account the VMs run as")
+    auth_secret: str | None = _key("Secret Manager secret holding the Ray auth token")
+
+
+@dataclass
+class JobProfile:
+    env: dict[str, Any] = _key("plain (non-secret) environment variables for every job")
+
+
+@dataclass
+class ClusterProfile:
+    description: str = _key("one line about this cluster")
+    platform: Literal["kubernetes", "gcp-vm"] = _key(
+        "kubernetes (KubeRay RayCluster/RayJob) or gcp-vm (`ray up` launcher)")
+    address: str | None = _key("Ray Jobs API (dashboard) URL for `pretrain submit --profile`")
+    auth: Literal["token", "disabled"] = _key("Ray token auth")
+    ray_version: str = _key("Ray version of the image")
+    image: str = _key("container image with Ray and this project installed")
+    head: HeadProfile = _key()
+    worker: WorkerProfile = _key()
+    kubernetes: KubernetesProfile = _key()
+    gcp: GcpProfile = _key("platform gcp-vm only")
+    job: JobProfile = _key()
 
 
 def profile_names() -> list[str]:
@@ -41,17 +107,14 @@ def profile_names() -> list[str]:
 
 def load_profile(name_or_path: str, overrides: list[str] | dict | None = None) -> dict:
     """The merged, checked profile as a nested dict; its `name` key says where it came from."""
-    defaults = _read(PROFILE_DIR / f"{DEFAULTS}.yaml")
     path = _find(name_or_path)
-    layer = _read(path)
-    _check_keys(layer, defaults, f"profile {path}")
-    merged = _merge(defaults, layer)
-    if overrides:
-        override_tree = _override_tree(overrides)
-        _check_keys(override_tree, defaults, "profile override")
-        merged = _merge(merged, override_tree)
+    raw = config_loader.merge(config_loader.read_config_file(PROFILE_DIR / f"{DEFAULTS}.yaml"),
+                              config_loader.read_config_file(path))
+    config_loader.apply_overrides(raw, overrides or [])
+    where = f"profile '{path.stem}'"
+    merged = config_loader.to_dict(config_loader.from_dict(ClusterProfile, raw, source=where))
     merged["name"] = path.stem
-    _check_values(merged, f"profile '{path.stem}'")
+    _check_values(merged, where)
     return merged
 
 
@@ -68,69 +131,7 @@ def _find(name_or_path: str) -> Path:
         f"file shaped like {PROFILE_DIR / 'defaults.yaml'}.")
 
 
-def _read(path: Path) -> dict:
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise UserError(f"cluster profile {path} is not valid YAML: {exc}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise UserError(f"cluster profile {path} must be a YAML mapping of keys to values, "
-                        f"not a {type(data).__name__}.")
-    return data
-
-
-def _override_tree(overrides: list[str] | dict) -> dict:
-    if isinstance(overrides, dict):
-        items = list(overrides.items())
-    else:
-        items = []
-        for item in overrides:
-            key, sep, value = item.partition("=")
-            if not sep or not key:
-                raise UserError(f"profile override '{item}' must look like key.sub=value, "
-                                "e.g. worker.max_nodes=4.")
-            items.append((key, yaml.safe_load(value)))
-    tree: dict = {}
-    for key, value in items:
-        node = tree
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return tree
-
-
-def _merge(base: dict, layer: dict) -> dict:
-    """`layer` over `base`: mappings merge key by key, anything else is replaced."""
-    out = copy.deepcopy(base)
-    for key, value in layer.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict) and out[key]:
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
-def _check_keys(layer: dict, defaults: dict, where: str, prefix: str = "") -> None:
-    for key, value in layer.items():
-        dotted = prefix + str(key)
-        if key not in defaults:
-            valid = ", ".join(prefix + k for k in defaults)
-            raise UserError(f"{where}: key '{dotted}' is unknown; valid keys here: {valid}.")
-        # a mapping default with keys is a section; an empty mapping is free-form (labels, env)
-        if isinstance(defaults[key], dict) and defaults[key] and isinstance(value, dict):
-            _check_keys(value, defaults[key], where, dotted + ".")
-
-
 def _check_values(p: dict, where: str) -> None:
-    defaults = _read(PROFILE_DIR / f"{DEFAULTS}.yaml")
-    _check_types(p, defaults, where)
-    if p["platform"] not in PLATFORMS:
-        raise UserError(f"{where}: platform '{p['platform']}' is not one of {', '.join(PLATFORMS)}.")
-    if p["auth"] not in AUTH_MODES:
-        raise UserError(f"{where}: auth '{p['auth']}' is not one of {', '.join(AUTH_MODES)}.")
     for section in ("head", "worker"):
         for key in ("memory", "shm"):
             value = p[section].get(key)
@@ -140,10 +141,6 @@ def _check_values(p: dict, where: str) -> None:
         if p[section]["cpus"] <= 0:
             raise UserError(f"{where}: {section}.cpus must be > 0, got {p[section]['cpus']}.")
     w = p["worker"]
-    if w["gpus"] < 0 or int(w["gpus"]) != w["gpus"]:
-        raise UserError(f"{where}: worker.gpus must be a whole number >= 0, got {w['gpus']}.")
-    if w["max_nodes"] < 1:
-        raise UserError(f"{where}: worker.max_nodes must be >= 1, got {w['max_nodes']}.")
     if p["auth"] == "token" and p["platform"] == "kubernetes" and not p["kubernetes"]["auth_secret"]:
         raise UserError(f"{where}: auth is token but kubernetes.auth_secret is empty; name "
                         "the Kubernetes secret that holds the Ray auth token.")
@@ -170,29 +167,3 @@ def _check_values(p: dict, where: str) -> None:
         if not isinstance(ref, dict) or set(ref) != {"secret", "path"}:
             raise UserError(f"{where}: kubernetes.secret_files[{i}] must be {{secret, path}}, "
                             f"got {ref!r}.")
-
-
-def _check_types(value: Any, default: Any, where: str, dotted: str = "") -> None:
-    if isinstance(default, dict) and default:
-        for key, sub in default.items():
-            _check_types(value[key], sub, where, f"{dotted}{key}" if not dotted else f"{dotted}.{key}")
-        return
-    if default is None:
-        expected = _NULLABLE_TYPES.get(dotted)
-        if value is None or expected is None or isinstance(value, expected):
-            return
-    elif isinstance(default, bool):
-        expected = bool
-    elif isinstance(default, (int, float)):
-        expected = (int, float)
-    else:
-        expected = type(default)
-    if isinstance(value, bool) and expected is not bool:
-        ok = False
-    else:
-        ok = isinstance(value, expected)
-    if dotted.endswith(("memory", "shm")) and isinstance(value, (int, str)):
-        ok = True  # quantities: 0 or a string, checked by pattern
-    if not ok:
-        names = expected.__name__ if isinstance(expected, type) else "number"
-        raise UserError(f"{where}: {dotted} must be a {names}, got {value!r}.")

@@ -1,8 +1,10 @@
 """The `pretrain` console script.
 
-Each verb lives in its own module under `orchestration.commands` and is imported only when
-it runs, so `pretrain --help` and light verbs (plan, list) stay fast and never import Ray or
-DeepSpeed. A verb module defines:
+Each verb lives in a module under `orchestration.commands` that is imported only when it
+runs, so `pretrain --help` and light verbs (plan, list) stay fast and never import Ray or
+DeepSpeed. A verb is anything with these three names: the module itself, or, for a module
+that serves several verbs (jobs.py: submit, status, logs, stop, list), one object per verb
+in it, named in VERBS as "module:OBJECT".
 
     HELP: str                           one line for `pretrain --help`
     add_arguments(parser) -> None       its flags (and sub-verbs, if any)
@@ -19,25 +21,28 @@ import textwrap
 
 from pretrain.errors import UserError
 
-# verb -> module under orchestration.commands
+# verb -> its module under orchestration.commands, or "module:OBJECT" inside such a module
 VERBS: dict[str, str] = {
     "plan": "plan",
     "prepare": "prepare",
     "run": "run",
-    "submit": "jobs",
-    "status": "jobs",
-    "logs": "jobs",
-    "stop": "jobs",
-    "list": "jobs",
+    "submit": "jobs:SUBMIT",
+    "status": "jobs:STATUS",
+    "logs": "jobs:LOGS",
+    "stop": "jobs:STOP",
+    "list": "jobs:LIST",
     "export": "export",
     "bootstrap": "bootstrap",
     "checkpoints": "checkpoints",
     "cluster": "cluster",
+    "config": "config",
 }
 
 
 def _load(verb: str):
-    return importlib.import_module(f"orchestration.commands.{VERBS[verb]}")
+    module, _, name = VERBS[verb].partition(":")
+    found = importlib.import_module(f"orchestration.commands.{module}")
+    return getattr(found, name) if name else found
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
@@ -51,20 +56,10 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     wanted = [a for a in argv if a in VERBS][:1] or list(VERBS)
     for verb in VERBS:
         if verb in wanted:
-            try:
-                module = _load(verb)
-            except ModuleNotFoundError as exc:  # a verb whose module is not written yet
-                p = sub.add_parser(verb, help=f"(unavailable: {exc})")
-                p.set_defaults(_run=None)
-                continue
-            helptext = getattr(module, "HELPS", {}).get(verb, getattr(module, "HELP", ""))
-            p = sub.add_parser(verb, help=helptext, description=helptext)
-            if hasattr(module, "add_verb_arguments"):
-                module.add_verb_arguments(verb, p)
-                p.set_defaults(_run=lambda args, m=module, v=verb: m.run_verb(v, args))
-            else:
-                module.add_arguments(p)
-                p.set_defaults(_run=module.run)
+            command = _load(verb)
+            p = sub.add_parser(verb, help=command.HELP, description=command.HELP)
+            command.add_arguments(p)
+            p.set_defaults(_run=command.run)
         else:
             sub.add_parser(verb, add_help=False)
     return parser
@@ -82,8 +77,6 @@ def main(argv: list[str] | None = None) -> int:
     _default_accelerator()
     parser = build_parser(argv)
     args = parser.parse_args(argv)
-    if args._run is None:
-        parser.error(f"verb '{args.verb}' is not available in this build")
     try:
         return int(args._run(args) or 0)
     except UserError as exc:

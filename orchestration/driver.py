@@ -271,12 +271,12 @@ def expected_model_config(cfg: ExperimentConfig) -> dict[str, Any] | None:
     import torch
 
     from checkpoints.manager import model_config_of
-    from pretrain.model import create_model
+    from pretrain.model import model_from_config
     from pretrain.train.data_io import DataInfo
 
     num_classes = DataInfo.from_config(cfg.data).num_classes
     with torch.device("meta"):
-        model = create_model(cfg.model.name, num_classes=num_classes, **cfg.model.overrides())
+        model = model_from_config(cfg.model, num_classes)
     return model_config_of(model)
 
 

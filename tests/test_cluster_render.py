@@ -180,6 +180,26 @@ def test_profile_rejects_inline_secrets_and_unknown_keys(tmp_path):
     assert load_profile(str(own))["worker"]["cpus"] == 16
 
 
+def test_profile_keys_are_typed_and_checked_by_the_config_loader(tmp_path):
+    with pytest.raises(UserError, match="'worker.cpus'.*none of integer or number"):
+        load_profile("local", ["worker.cpus=lots"])
+    with pytest.raises(UserError, match="'platform' is 'aws'; valid choices: kubernetes, gcp-vm"):
+        load_profile("local", ["platform=aws"])
+    with pytest.raises(UserError, match="'gcp.project_id' must be a string"):
+        load_profile("local", ["gcp.project_id=3"])          # null by default, a string when set
+    with pytest.raises(UserError, match="'worker.max_nodes' is 0; it must be >= 1"):
+        load_profile("local", ["worker.max_nodes=0"])
+    with pytest.raises(UserError, match="'worker.gpus' is nan"):
+        load_profile("local", ["worker.gpus=.nan"])
+    base = tmp_path / "base.yaml"          # an operator's profile may derive from another file
+    base.write_text("worker: {cpus: 16, memory: 64Gi, max_nodes: 2}\n")
+    (tmp_path / "mine.yaml").write_text("base: base.yaml\nworker: {max_nodes: 3}\n")
+    mine = load_profile(str(tmp_path / "mine.yaml"), {"worker.gpus": 1})
+    assert (mine["worker"]["cpus"], mine["worker"]["max_nodes"], mine["worker"]["gpus"]) == (16, 3, 1)
+    defaults = yaml.safe_load((REPO / "cluster" / "profiles" / "defaults.yaml").read_text())
+    assert mine["name"] == "mine" and mine["head"] == defaults["head"]
+
+
 def test_shapes_that_do_not_fit_are_user_errors():
     with pytest.raises(UserError, match="has no GPUs"):
         render_job("local", str(GPU_CONFIG), 2)

@@ -16,18 +16,12 @@ import json
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
-HELPS = {
-    "submit": "submit a training config as a Ray job (validated here first)",
-    "status": "a job's state, step, latest checkpoint and MLflow run",
-    "logs": "a job's output (--follow to stream it until the job ends)",
-    "stop": "stop a job gracefully (it writes a final checkpoint first)",
-    "list": "jobs on the Ray cluster",
-}
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
-def add_verb_arguments(verb: str, parser) -> None:
+def _add_arguments(verb: str, parser) -> None:
     if verb == "submit":
         parser.add_argument("config", help="experiment config YAML (e.g. configs/smoke.yaml)")
         parser.add_argument("overrides", nargs="*", metavar="key=value",
@@ -50,11 +44,6 @@ def add_verb_arguments(verb: str, parser) -> None:
     if verb != "logs":
         parser.add_argument("--json", action="store_true",
                             help="print one JSON object on the last stdout line")
-
-
-def run_verb(verb: str, args) -> int:
-    return {"submit": _submit, "status": _status, "logs": _logs, "stop": _stop,
-            "list": _list}[verb](args)
 
 
 def _connect(args, profile=None):
@@ -207,3 +196,17 @@ def _list(args) -> int:
             if r.start_time else "-"
         print(f"{r.submission_id:32s} {r.status:10s} {r.name or '-':24s} {started:19s}")
     return 0
+
+
+# The verbs this module serves (orchestration/cli.py VERBS), each with the verb protocol's
+# HELP, add_arguments and run.
+def _verb(name: str, help: str, run) -> SimpleNamespace:
+    return SimpleNamespace(HELP=help, add_arguments=lambda parser: _add_arguments(name, parser),
+                           run=run)
+
+
+SUBMIT = _verb("submit", "submit a training config as a Ray job (validated here first)", _submit)
+STATUS = _verb("status", "a job's state, step, latest checkpoint and MLflow run", _status)
+LOGS = _verb("logs", "a job's output (--follow to stream it until the job ends)", _logs)
+STOP = _verb("stop", "stop a job gracefully (it writes a final checkpoint first)", _stop)
+LIST = _verb("list", "jobs on the Ray cluster", _list)

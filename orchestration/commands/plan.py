@@ -13,8 +13,10 @@ HELP = "Token counts, parameter count and forward GFLOPs of a model at a clip si
 
 
 def add_arguments(parser) -> None:
+    # The names live in pretrain/model/registry.py (an unknown one is answered with the list);
+    # importing it here would load torch for every `pretrain --help`.
     parser.add_argument("--model", default="tubevit-b",
-                        help="model name: tubevit-ti, tubevit-s, tubevit-b, tubevit-l, tubevit-h (default tubevit-b)")
+                        help="model size name, e.g. tubevit-ti or tubevit-l (default tubevit-b)")
     parser.add_argument("--frames", type=int, default=32, help="clip length T in frames (default 32)")
     parser.add_argument("--size", type=int, default=224, help="clip and image side S in pixels (default 224)")
     parser.add_argument("--tubes", default=None,

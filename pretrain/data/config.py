@@ -8,8 +8,9 @@ ROOT/video/train, ROOT/video/val, ROOT/image/train, ROOT/image/val.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from pretrain.config_loader import config_field
 from pretrain.errors import UserError
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b)?\s*$", re.IGNORECASE)
@@ -30,92 +31,86 @@ def parse_bytes(text: str) -> int:
 class SyntheticConfig:
     """Demo data made on the fly when the configured URIs do not exist yet."""
 
-    prepare_if_missing: bool = field(default=False, metadata={
-        "help": "if the dataset URIs under `root` are missing, write synthetic data there first"})
-    root: str | None = field(default=None, metadata={
-        "help": "root URI of the synthetic layout (ROOT/video/train, ROOT/video/val, "
-                "ROOT/image/train, ROOT/image/val); the dataset URIs should point inside it"})
-    videos: int = field(default=800, metadata={"help": "train videos to make", "min": 0})
-    images: int = field(default=800, metadata={"help": "train images to make", "min": 0})
-    frames: int = field(default=32, metadata={"help": "frames per synthetic video", "min": 2})
-    size: int = field(default=64, metadata={"help": "height and width of synthetic media in pixels",
-                                            "min": 16})
-    seed: int = field(default=0, metadata={"help": "seed of the synthetic generator"})
+    prepare_if_missing: bool = config_field(
+        False, "if the dataset URIs under `root` are missing, write synthetic data there first")
+    root: str | None = config_field(
+        None, "root URI of the synthetic layout (ROOT/video/train, ROOT/video/val, "
+        "ROOT/image/train, ROOT/image/val); the dataset URIs should point inside it")
+    videos: int = config_field(800, "train videos to make", min=0)
+    images: int = config_field(800, "train images to make", min=0)
+    frames: int = config_field(32, "frames per synthetic video", min=2)
+    size: int = config_field(64, "height and width of synthetic media in pixels", min=16)
+    seed: int = config_field(0, "seed of the synthetic generator")
 
 
 @dataclass
 class DataConfig:
     """Shards to stream, how clips and images are sampled, and how modalities are mixed."""
 
-    video_uri: str | None = field(default=None, metadata={
-        "help": "train video shards (folder written by `pretrain prepare video|synthetic`), "
-                "local path or fsspec URI; None turns video off"})
-    video_eval_uri: str | None = field(default=None, metadata={
-        "help": "held-out video shards for eval (multi-view); None skips video eval"})
-    image_uri: str | None = field(default=None, metadata={
-        "help": "train image shards (folder written by `pretrain prepare image|synthetic`); "
-                "None turns images off"})
-    image_eval_uri: str | None = field(default=None, metadata={
-        "help": "held-out image shards for eval; None skips image eval"})
-    video_dataset: str | None = field(default=None, metadata={
-        "help": "head name for the video dataset (e.g. kinetics400); None uses the name stored "
-                "with the shards"})
-    image_dataset: str | None = field(default=None, metadata={
-        "help": "head name for the image dataset (e.g. imagenet); None uses the name stored "
-                "with the shards"})
-    cache_dir: str = field(default="~/.cache/tubevit/shards", metadata={
-        "help": "local cache for shards streamed from remote URIs (one subfolder per URI)"})
-    cache_limit: str | None = field(default="20gb", metadata={
-        "help": "evict cached shards above this size per dataset (e.g. '10gb'); None keeps all"})
-    frames: int = field(default=16, metadata={"help": "frames per training clip (T)", "min": 1})
-    size: int = field(default=112, metadata={"help": "clip height and width after cropping",
-                                              "min": 16})
-    frame_stride: int = field(default=2, metadata={
-        "help": "take every k-th decoded frame (ignored when `fps` is set)", "min": 1})
-    fps: float | None = field(default=None, metadata={
-        "help": "sample clips at this frame rate instead of a fixed stride (e.g. 15)", "min": 0.1})
-    image_size: int = field(default=224, metadata={"help": "image height and width after cropping",
-                                                    "min": 16})
-    video_ratio: float = field(default=0.5, metadata={
-        "help": "share of training steps that are video batches (the rest are image batches)",
-        "min": 0.0, "max": 1.0})
-    batch_size: int = field(default=8, metadata={
-        "help": "video clips per micro batch per worker (rank)", "min": 1})
-    image_batch_size: int | None = field(default=None, metadata={
-        "help": "images per micro batch per rank; None uses batch_size", "min": 1})
-    eval_batch_size: int = field(default=4, metadata={
-        "help": "clips (each with all its views) or images per eval batch per rank", "min": 1})
-    num_workers: int = field(default=2, metadata={
-        "help": "decoding processes per rank and modality (0 decodes in the training "
-                "process). Capped so that all local ranks' loader processes fit the machine's "
-                "cores: each rank then gets cores // local ranks, split by the modalities' "
-                "step shares (a modality left with 0 decodes in the training process)",
-        "min": 0})
-    video_crop_scale: float = field(default=0.4, metadata={
-        "help": "smallest area share of a random spatial crop of a training clip", "min": 0.01,
-        "max": 1.0})
-    image_crop_scale: float = field(default=0.08, metadata={
-        "help": "smallest area share of a random resized crop of a training image", "min": 0.01,
-        "max": 1.0})
-    hflip: bool = field(default=True, metadata={
-        "help": "random horizontal flips (never applied to datasets whose labels are "
-                "direction-sensitive, e.g. the synthetic motion classes)"})
-    randaugment: bool = field(default=False, metadata={"help": "RandAugment on training images"})
-    randaugment_ops: int = field(default=2, metadata={"help": "RandAugment ops per image", "min": 1})
-    randaugment_magnitude: int = field(default=10, metadata={"help": "RandAugment magnitude (0-30)",
-                                                             "min": 0, "max": 30})
-    shuffle_seed: int | None = field(default=None, metadata={
-        "help": "seed of the shard shuffle and of the modality mix; None uses the run seed"})
-    num_canonical_nodes: int | None = field(default=None, metadata={
-        "help": "streaming's canonical node count; fixes the global sample order across world "
-                "sizes (None: streaming's default for the first run, then kept in the loader state)",
-        "min": 1})
-    eval_temporal_views: int = field(default=4, metadata={
-        "help": "temporal views per eval clip (uniformly spaced)", "min": 1})
-    eval_spatial_views: int = field(default=3, metadata={
-        "help": "spatial views per eval clip (crops along the long side)", "min": 1})
-    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig, metadata={
-        "help": "synthetic demo data made when missing"})
+    video_uri: str | None = config_field(
+        None, "train video shards (folder written by `pretrain prepare video|synthetic`), local "
+        "path or fsspec URI; None turns video off")
+    video_eval_uri: str | None = config_field(
+        None, "held-out video shards for eval (multi-view); None skips video eval")
+    image_uri: str | None = config_field(
+        None, "train image shards (folder written by `pretrain prepare image|synthetic`); None "
+        "turns images off")
+    image_eval_uri: str | None = config_field(
+        None, "held-out image shards for eval; None skips image eval")
+    video_dataset: str | None = config_field(
+        None, "head name for the video dataset (e.g. kinetics400); None uses the name stored "
+        "with the shards")
+    image_dataset: str | None = config_field(
+        None, "head name for the image dataset (e.g. imagenet); None uses the name stored with "
+        "the shards")
+    cache_dir: str = config_field(
+        "~/.cache/tubevit/shards", "local cache for shards streamed from remote URIs (one "
+        "subfolder per URI)")
+    cache_limit: str | None = config_field(
+        "20gb", "evict cached shards above this size per dataset (e.g. '10gb'); None keeps all")
+    frames: int = config_field(16, "frames per training clip (T)", min=1)
+    size: int = config_field(112, "clip height and width after cropping", min=16)
+    frame_stride: int = config_field(
+        2, "take every k-th decoded frame (ignored when `fps` is set)", min=1)
+    fps: float | None = config_field(
+        None, "sample clips at this frame rate instead of a fixed stride (e.g. 15)", min=0.1)
+    image_size: int = config_field(224, "image height and width after cropping", min=16)
+    video_ratio: float = config_field(
+        0.5, "share of training steps that are video batches (the rest are image batches)",
+        min=0.0, max=1.0)
+    batch_size: int = config_field(8, "video clips per micro batch per worker (rank)", min=1)
+    image_batch_size: int | None = config_field(
+        None, "images per micro batch per rank; None uses batch_size", min=1)
+    eval_batch_size: int = config_field(
+        4, "clips (each with all its views) or images per eval batch per rank", min=1)
+    num_workers: int = config_field(
+        2, "decoding processes per rank and modality (0 decodes in the training process). Capped "
+        "so that all local ranks' loader processes fit the machine's cores: each rank then gets "
+        "cores // local ranks, split by the modalities' step shares (a modality left with 0 "
+        "decodes in the training process)", min=0)
+    video_crop_scale: float = config_field(
+        0.4, "smallest area share of a random spatial crop of a training clip", min=0.01, max=1.0)
+    image_crop_scale: float = config_field(
+        0.08, "smallest area share of a random resized crop of a training image",
+        min=0.01, max=1.0)
+    hflip: bool = config_field(
+        True, "random horizontal flips (never applied to datasets whose labels are "
+        "direction-sensitive, e.g. the synthetic motion classes)")
+    randaugment: bool = config_field(False, "RandAugment on training images")
+    randaugment_ops: int = config_field(2, "RandAugment ops per image", min=1)
+    randaugment_magnitude: int = config_field(10, "RandAugment magnitude (0-30)", min=0, max=30)
+    shuffle_seed: int | None = config_field(
+        None, "seed of the shard shuffle and of the modality mix; None uses the run seed")
+    num_canonical_nodes: int | None = config_field(
+        None, "streaming's canonical node count; fixes the global sample order across world "
+        "sizes (None: streaming's default for the first run, then kept in the loader state)",
+        min=1)
+    eval_temporal_views: int = config_field(
+        4, "temporal views per eval clip (uniformly spaced)", min=1)
+    eval_spatial_views: int = config_field(
+        3, "spatial views per eval clip (crops along the long side)", min=1)
+    synthetic: SyntheticConfig = config_field(
+        help="synthetic demo data made when missing", factory=SyntheticConfig)
 
     @property
     def image_micro_batch(self) -> int:

@@ -49,9 +49,9 @@ from typing import Any, Callable
 
 import torch
 
-from pretrain.bootstrap_config import BootstrapConfig
 from pretrain import storage
 from pretrain.errors import UserError
+from pretrain.model.bootstrap_config import BootstrapConfig
 from pretrain.model.image_vit_weights import ImageViTSpec, inspect_timm, timm_to_tubevit
 from pretrain.model.io import FORMAT, FORMAT_VERSION, _header_metadata
 from pretrain.model.tubes import TubeSpec, image_tube_index

@@ -1,11 +1,31 @@
-"""Named model sizes (tubevit.md section 5) and `create_model(name, **overrides)`."""
+"""The model families and their named sizes; `create_model(name, **overrides)`.
+
+A family is a config dataclass (deriving from family.ModelConfig) and the module built from
+it, registered below with its size presets. A size name selects the family and the preset:
+`model.name: tubevit-l` in a config file, `create_model("tubevit-l")` in code. The experiment
+config (pretrain/train/config.py) reads the families from here, so a family added to
+FAMILIES is usable from YAML and the command line with no edit there.
+"""
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable
 
+from pretrain import config_loader
 from pretrain.errors import UserError
+from pretrain.model.family import ModelConfig
 from pretrain.model.tubevit import TubeViT, TubeViTConfig
 
+
+@dataclass(frozen=True)
+class ModelFamily:
+    config: type[ModelConfig]
+    model: Callable[[Any], Any]           # config -> nn.Module
+    sizes: dict[str, dict[str, Any]]      # size name -> preset config values
+
+
+# TubeViT sizes, the ViT ladder (the paper's B, L and H plus the small ones):
 # name -> (depth, dim, mlp_dim, heads)
 SIZES: dict[str, tuple[int, int, int, int]] = {
     "tubevit-ti": (12, 192, 768, 3),
@@ -15,32 +35,61 @@ SIZES: dict[str, tuple[int, int, int, int]] = {
     "tubevit-h": (32, 1280, 5120, 16),
 }
 
+FAMILIES: list[ModelFamily] = [
+    ModelFamily(TubeViTConfig, TubeViT, {
+        name: dict(zip(("depth", "dim", "mlp_dim", "heads"), size)) for name, size in SIZES.items()}),
+]
+
+
+def presets() -> dict[str, tuple[type[ModelConfig], dict[str, Any]]]:
+    """Every size name -> (its family's config class, its preset values), in listing order."""
+    return {name: (family.config, preset) for family in FAMILIES
+            for name, preset in family.sizes.items()}
+
 
 def list_models() -> list[str]:
-    return list(SIZES)
+    return list(presets())
 
 
-def model_config(name: str, **overrides) -> TubeViTConfig:
+def family_of(config: ModelConfig) -> ModelFamily:
+    for family in FAMILIES:
+        if type(config) is family.config:
+            return family
+    raise UserError(f"{type(config).__name__} is not a registered model family's config; "
+                    f"registered: {', '.join(f.config.__name__ for f in FAMILIES)}")
+
+
+def model_config(name: str, **overrides) -> ModelConfig:
     """The config `create_model(name, **overrides)` would build, without building it.
 
-    Overrides are TubeViTConfig fields; `tubes` may be a tube-set name ("paper",
-    "charades", ...) or a list of TubeSpec / dicts.
-    """
-    if name not in SIZES:
-        raise UserError(f"model {name!r} is unknown; valid names: {', '.join(SIZES)}")
-    valid = [f.name for f in dataclasses.fields(TubeViTConfig)]
+    Overrides are fields of the family's config (TubeViT: `tubes` may be a tube-set name
+    such as "paper" or "charades", or a list of TubeSpec / dicts); they are checked like
+    config-file keys."""
+    table = presets()
+    if name not in table:
+        raise UserError(f"model {name!r} is unknown; valid names: {', '.join(table)}")
+    cls, preset = table[name]
+    valid = cls.architecture_keys()
     unknown = sorted(set(overrides) - set(valid))
     if unknown:
-        raise UserError(f"create_model({name!r}): unknown option(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
-    depth, dim, mlp_dim, heads = SIZES[name]
-    cfg = TubeViTConfig(**{"depth": depth, "dim": dim, "mlp_dim": mlp_dim, "heads": heads, **overrides})
-    cfg.validate()
-    return cfg
+        raise UserError(f"create_model({name!r}): unknown option(s) {', '.join(unknown)}; "
+                        f"valid: {', '.join(valid)}")
+    return config_loader.from_dict(cls, {**preset, **overrides, "name": name},
+                                   source=f"create_model({name!r})", allow_derived=True)
 
 
-def create_model(name: str, **overrides) -> TubeViT:
-    """Build a named TubeViT (on the current default device; use `torch.device('meta')` to plan)."""
-    return TubeViT(model_config(name, **overrides))
+def model_from_config(config: ModelConfig, num_classes: dict[str, int] | None = None):
+    """The module of `config`'s family, on the current default device (`torch.device('meta')`
+    to plan without allocating). `num_classes` (dataset -> classes, from the data) replaces
+    the config's heads: an experiment's heads are its data's datasets."""
+    if num_classes is not None:
+        config = dataclasses.replace(config, num_classes=num_classes)
+    return family_of(config).model(config)
+
+
+def create_model(name: str, **overrides):
+    """Build a named model (on the current default device; use `torch.device('meta')` to plan)."""
+    return model_from_config(model_config(name, **overrides))
 
 
 def dense_baseline_config(name: str = "tubevit-b", **overrides) -> TubeViTConfig:

@@ -27,17 +27,18 @@ sequence of forward_features as in timm); see posembed.LearnedPositionEmbedding.
 """
 from __future__ import annotations
 
-import dataclasses
-import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from pretrain import config_loader
+from pretrain.config_loader import config_field
 from pretrain.errors import UserError
+from pretrain.model.family import ModelConfig
 from pretrain.model.posembed import FixedPositionEmbedding, LearnedPositionEmbedding
-from pretrain.model.tubes import SparseTubeTokenizer, TubeSpec, image_tube_index, resolve_tubes
+from pretrain.model.tubes import TUBE_SETS, SparseTubeTokenizer, TubeSpec, image_tube_index, resolve_tubes
 from pretrain.model.vit import AttentionPool, Block, TanhGate
 
 KERNEL_MODES = ("separate", "interpolated")
@@ -45,41 +46,57 @@ POS_EMBEDS = ("fixed", "learned")
 
 
 @dataclass
-class TubeViTConfig:
-    """Architecture of a TubeViT; everything `load_model` needs to rebuild one."""
+class TubeViTConfig(ModelConfig):
+    """Architecture of a TubeViT; everything `load_model` needs to rebuild one.
 
-    depth: int = field(default=12, metadata={"help": "transformer blocks", "min": 1})
-    dim: int = field(default=768, metadata={"help": "token width", "min": 6})
-    mlp_dim: int = field(default=3072, metadata={"help": "MLP hidden width", "min": 1})
-    heads: int = field(default=12, metadata={"help": "attention heads", "min": 1})
-    tubes: list[TubeSpec] = field(
-        default_factory=lambda: resolve_tubes("paper"),
-        metadata={"help": "tube list, or a tube-set name: " + "paper, paper-no-s2d, paper-2, paper-1, "
-                          "charades, dense-2x16x16"})
-    kernel_mode: str = field(default="separate", metadata={"help": "separate | interpolated", "choices": KERNEL_MODES})
-    base_kernel: tuple[int, int, int] = field(
-        default=(8, 8, 8), metadata={"help": "shared kernel shape for kernel_mode=interpolated"})
-    num_classes: dict[str, int] = field(
-        default_factory=lambda: {"kinetics": 400, "imagenet": 1000},
-        metadata={"help": "dataset name -> classes; one linear head each, first = default"})
-    skip_unfit_tubes: bool = field(
-        default=False, metadata={"help": "a tube that does not fit the clip gives 0 tokens instead of an error"})
-    in_chans: int = field(default=3, metadata={"help": "input channels", "min": 1})
-    qkv_bias: bool = True
-    norm_eps: float = field(default=1e-6, metadata={"help": "LayerNorm epsilon", "min": 0.0})
-    pool_heads: int | None = field(default=None, metadata={"help": "attention-pool heads (None = heads)"})
-    drop_rate: float = field(default=0.0, metadata={"help": "dropout (input, MLP/proj, head)", "min": 0.0, "max": 1.0})
-    attn_drop_rate: float = field(default=0.0, metadata={"help": "attention-probability dropout", "min": 0.0, "max": 1.0})
-    drop_path_rate: float = field(default=0.0, metadata={"help": "stochastic depth at the last block (linear ramp)", "min": 0.0, "max": 1.0})
-    gate_layer: int | None = field(default=None, metadata={"help": "0-based block whose output gets tanh(alpha)*z_0 (bootstrap); None = no gate"})
+    Also the experiment's `model` section when `model.name` is a TubeViT size: every field
+    is a config key (`pretrain config keys model`), checked by pretrain/config_loader.py
+    against its metadata; `validate()` holds the rules that involve several fields.
+    """
+
+    depth: int = config_field(12, "transformer blocks", min=1)
+    dim: int = config_field(768, "token width (a multiple of heads; the fixed position "
+                            "embedding uses 6 channels per frequency)", min=6)
+    mlp_dim: int = config_field(3072, "MLP hidden width", min=1)
+    heads: int = config_field(12, "attention heads", min=1)
+    # A tube-set name is resolved to its list of TubeSpec on construction.
+    tubes: str | list[TubeSpec] = config_field(
+        help="tube-set name (" + ", ".join(TUBE_SETS) + ") or a list of {kernel, stride, "
+        "offset, s2d_axis, s2d_factor} with (t, h, w) triples",
+        factory=lambda: resolve_tubes("paper"))
+    kernel_mode: str = config_field(
+        "separate", "one kernel per tube, or one learned kernel (base_kernel) resized to every "
+        "tube", choices=KERNEL_MODES)
+    base_kernel: tuple[int, int, int] = config_field(
+        (8, 8, 8), "shared kernel shape (t, h, w) for kernel_mode=interpolated", min=1)
+    num_classes: dict[str, int] = config_field(
+        help="dataset name -> classes; one linear head each, first = default", min=1,
+        derived="an experiment's heads are the data section's datasets (data.video_dataset / "
+        "data.image_dataset, else the names stored with the shards), set when the model is built",
+        factory=lambda: {"kinetics": 400, "imagenet": 1000})
+    skip_unfit_tubes: bool = config_field(
+        False, "give 0 tokens for a tube that does not fit the clip instead of an error (e.g. "
+        "the paper's tubes on 16-frame clips)")
+    in_chans: int = config_field(3, "input channels", min=1)
+    qkv_bias: bool = config_field(True, "bias in the attention's query/key/value projection")
+    norm_eps: float = config_field(1e-6, "LayerNorm epsilon", min=0.0)
+    pool_heads: int | None = config_field(None, "attention-pool heads (null = heads)", min=1)
+    drop_rate: float = config_field(0.0, "dropout (input, MLP/proj, head)", min=0.0, less_than=1.0)
+    attn_drop_rate: float = config_field(0.0, "attention-probability dropout", min=0.0,
+                                         less_than=1.0)
+    drop_path_rate: float = config_field(0.0, "stochastic depth at the last block (linear ramp "
+                                         "from 0 at the first)", min=0.0, less_than=1.0)
+    gate_layer: int | None = config_field(
+        None, "0-based block whose output gets tanh(alpha)*z_0 (image-to-video bootstrap); "
+        "null = no gate", min=0)
     # Bootstrapped image ViTs (pretrain.model.bootstrap) keep their own learned positions.
-    pos_embed: str = field(default="fixed", metadata={
-        "help": "fixed (sin/cos of tube centres) | learned (an image ViT's 2D table, see posembed.py)",
-        "choices": POS_EMBEDS})
-    pos_grid: tuple[int, int] | None = field(
-        default=None, metadata={"help": "learned table size (rows, cols) in patches; pos_embed=learned only"})
-    class_token: bool = field(default=False, metadata={
-        "help": "prepend a learned CLS token (image ViTs that have one); pos_embed=learned only"})
+    pos_embed: str = config_field(
+        "fixed", "fixed (sin/cos of tube centres) | learned (an image ViT's 2D table, see "
+        "posembed.py)", choices=POS_EMBEDS)
+    pos_grid: tuple[int, int] | None = config_field(
+        None, "learned table size (rows, cols) in patches; pos_embed=learned only", min=1)
+    class_token: bool = config_field(
+        False, "prepend a learned CLS token (image ViTs that have one); pos_embed=learned only")
 
     def __post_init__(self):
         self.tubes = resolve_tubes(self.tubes)
@@ -97,18 +114,11 @@ class TubeViTConfig:
     def validate(self) -> None:
         def bad(msg):
             raise UserError(f"model config: {msg}")
-        for name in ("depth", "dim", "mlp_dim", "heads", "in_chans"):
-            if getattr(self, name) < 1:
-                bad(f"{name}={getattr(self, name)} must be >= 1")
         if self.dim % self.heads:
             bad(f"dim={self.dim} must be divisible by heads={self.heads}")
         pool_heads = self.pool_heads or self.heads
         if self.dim % pool_heads:
             bad(f"dim={self.dim} must be divisible by pool_heads={pool_heads}")
-        if self.dim < 6:
-            bad(f"dim={self.dim} must be >= 6 (the position embedding uses 6 channels per frequency)")
-        if self.kernel_mode not in KERNEL_MODES:
-            bad(f"kernel_mode={self.kernel_mode!r}; valid: {', '.join(KERNEL_MODES)}")
         for i, tube in enumerate(self.tubes):
             if self.dim % tube.s2d_factor:
                 bad(f"tube {i + 1} {tube.describe()}: dim={self.dim} must be divisible by its "
@@ -117,22 +127,15 @@ class TubeViTConfig:
                 bad(f"kernel_mode='interpolated' shares one {self.dim}-channel kernel and cannot be "
                     f"combined with space-to-depth (tube {i + 1} {tube.describe()}); use tubes="
                     "'paper-no-s2d' or 'charades', or kernel_mode='separate'")
-        if len(self.base_kernel) != 3 or min(self.base_kernel) < 1:
-            bad(f"base_kernel={self.base_kernel} must be three positive integers")
         if not self.num_classes:
             bad("num_classes needs at least one dataset, e.g. {'kinetics': 400}")
-        for name, n in self.num_classes.items():
-            if not name or "." in name or n < 1:
-                bad(f"num_classes entry {name!r}: {n} needs a non-empty name without '.' and >= 1 classes")
-        for name in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                bad(f"{name}={getattr(self, name)} must be in [0, 1)")
-        if self.gate_layer is not None and not 0 <= self.gate_layer < self.depth:
+        for name in self.num_classes:
+            if not name or "." in name:  # a head's name is part of parameter names
+                bad(f"num_classes entry {name!r} needs a non-empty name without '.'")
+        if self.gate_layer is not None and self.gate_layer >= self.depth:
             bad(f"gate_layer={self.gate_layer} must be a block index in 0..{self.depth - 1} or None")
-        if self.pos_embed not in POS_EMBEDS:
-            bad(f"pos_embed={self.pos_embed!r}; valid: {', '.join(POS_EMBEDS)}")
         if self.pos_embed == "learned":
-            if self.pos_grid is None or len(self.pos_grid) != 2 or min(self.pos_grid) < 1:
+            if self.pos_grid is None:
                 bad(f"pos_embed='learned' needs pos_grid=(rows, cols) of positive integers, got {self.pos_grid}")
             if image_tube_index(self.tubes) is None:
                 bad("pos_embed='learned' needs a 2D image tube (its patch grid indexes the table)")
@@ -140,31 +143,12 @@ class TubeViTConfig:
             bad("pos_grid and class_token belong to pos_embed='learned' (bootstrapped image ViTs); "
                 "leave them unset with pos_embed='fixed'")
 
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["tubes"] = [t.to_dict() for t in self.tubes]
-        d["base_kernel"] = list(self.base_kernel)
-        d["pos_grid"] = None if self.pos_grid is None else list(self.pos_grid)
-        return d
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TubeViTConfig":
-        valid = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - valid
-        if unknown:
-            raise UserError(f"model config has unknown keys {sorted(unknown)}; valid keys: {', '.join(sorted(valid))}")
-        cfg = cls(**d)
-        cfg.validate()
-        return cfg
 
 
 class TubeViT(nn.Module):
     def __init__(self, config: TubeViTConfig):
         super().__init__()
-        config.validate()
+        config_loader.check(config, source="the TubeViT config")
         self.config = config
         c = config
         self.tokenizer = SparseTubeTokenizer(c.tubes, c.dim, c.kernel_mode, c.base_kernel, c.in_chans,

@@ -61,7 +61,7 @@ def seed_everything(seed: int) -> None:
 
 
 def build_model(cfg: ExperimentConfig, num_classes: dict[str, int]) -> torch.nn.Module:
-    from pretrain.model import create_model, load_model
+    from pretrain.model import load_model, model_from_config
 
     if cfg.bootstrap.init_from:   # image-to-video bootstrap (pretrain/model/bootstrap.py)
         from pretrain.model.bootstrap import init_from_file
@@ -73,7 +73,7 @@ def build_model(cfg: ExperimentConfig, num_classes: dict[str, int]) -> torch.nn.
         if missing:
             raise ValueError(f"model file {cfg.model.init_from} has no head for {sorted(missing)}")
         return model
-    return create_model(cfg.model.name, num_classes=num_classes, **cfg.model.overrides())
+    return model_from_config(cfg.model, num_classes)
 
 
 def train_micro_step(engine, batch, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
