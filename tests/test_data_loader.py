@@ -10,7 +10,8 @@ import torch
 
 from pretrain.data import shards
 from pretrain.data.config import DataConfig
-from pretrain.data.loader import EvalLoader, JointLoader, ensure_datasets, eval_indices
+from pretrain.data.loader import EvalLoader, JointLoader, eval_indices
+from pretrain.data.metadata import DataInfo, ensure_datasets
 from pretrain.data.prepare import Item, prepare
 from pretrain.data.synthetic import prepare_synthetic
 from pretrain.errors import UserError
@@ -107,11 +108,11 @@ def test_normalize_matches_the_float_reference_on_both_layouts():
 
 
 def test_training_side_gets_normalised_batches_with_the_loaders_state(data_root):
-    from pretrain.train import data_io
+    from pretrain.train.device_batches import train_batches
 
     cfg = _cfg(data_root, num_workers=0)
     raw = JointLoader(cfg, seed=4)
-    wrapped = data_io.train_loader(cfg, 0, 1, 4, device=torch.device("cpu"))
+    wrapped = train_batches(cfg, DataInfo.from_config(cfg), 0, 1, 4, device=torch.device("cpu"))
     try:
         for _ in range(3):
             a, b = next(raw), next(wrapped)
@@ -224,7 +225,7 @@ def test_missing_dataset_is_a_user_error_naming_the_uri(data_root, tmp_path):
         JointLoader(_cfg(data_root, video_uri=missing), seed=0)
     with pytest.raises(UserError, match="holds a image dataset"):
         ensure_datasets(_cfg(data_root, video_uri=str(data_root / "syn/image/train")))
-    info = ensure_datasets(_cfg(data_root))
+    info = ensure_datasets(_cfg(data_root)).datasets
     assert info["video"]["name"] == "synthetic_video" and info["image_eval"]["num_classes"] == 4
 
 
@@ -235,7 +236,7 @@ def test_synthetic_made_when_missing(tmp_path):
     cfg.synthetic.prepare_if_missing, cfg.synthetic.root = True, str(root)
     cfg.synthetic.videos, cfg.synthetic.images, cfg.synthetic.frames = 8, 0, 8
     cfg.synthetic.size = 32
-    info = ensure_datasets(cfg)
+    info = ensure_datasets(cfg).datasets
     assert info["video"]["num_samples"] == 8 and info["video_eval"]["num_samples"] == 4
     assert np.isfinite(info["video"]["num_classes"])
 

@@ -35,6 +35,7 @@ from pretrain import storage
 from pretrain.data import shards, shared_memory
 from pretrain.data.config import DataConfig, parse_bytes
 from pretrain.data.media import BadMedia
+from pretrain.data.metadata import DataInfo, describe
 from pretrain.data.remote import cache_dir_for, make_stream
 from pretrain.data.samples import (ClipSpec, ImageSpec, eval_clip, eval_image, sample_rng,
                                    train_clip, train_image)
@@ -57,9 +58,9 @@ class Batch:
     """One modality's micro batch.
 
     x: video (B, 3, T, H, W) or image (B, 3, H, W), uint8 RGB pixels (0-255), not yet
-       normalised: the trainer calls `pretrain.data.transforms.normalize(x, device, dtype)`
-       (float conversion and ImageNet mean/std on its device). `Batch.normalized(device,
-       dtype)` does that for the whole batch.
+       normalised: `Batch.normalized(device, dtype)` gives the model input (float
+       conversion and ImageNet mean/std on the device; the trainer's only way to move a
+       batch, see pretrain.train.device_batches).
        Eval video batches hold all views: (B * views, 3, T, H, W), the views of a clip
        consecutive; average logits with `logits.view(B, views, -1).mean(1)`.
     y: (B,) class indices into the dataset's label map.
@@ -79,11 +80,6 @@ class Batch:
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
-
-    def to(self, device, non_blocking: bool = False) -> "Batch":
-        return Batch(self.modality, self.dataset, self.x.to(device, non_blocking=non_blocking),
-                     self.y.to(device, non_blocking=non_blocking), self.sample_ids, self.views,
-                     None if self.valid is None else self.valid.to(device), self.skipped)
 
     def normalized(self, device, dtype: torch.dtype = torch.float32) -> "Batch":
         """This batch on `device` with x as normalised `dtype` model input (y moved too)."""
@@ -247,7 +243,7 @@ class _ModalityStream:
                  workers: int) -> None:
         self.modality, self.uri = modality, uri
         self.batch_size, self.world_size = batch_size, world_size
-        self.dataset_name = info["name"]
+        self.dataset_name, self.num_classes = info["name"], info["num_classes"]
         if info["num_samples"] < batch_size * world_size:
             raise UserError(f"dataset '{uri}' has {info['num_samples']} samples, fewer than one "
                             f"global batch ({batch_size} x {world_size} ranks); lower "
@@ -329,15 +325,6 @@ class _ModalityStream:
         shared_memory.release(self.ds)
 
 
-def _describe(cfg: DataConfig, modality: str, uri: str) -> dict:
-    info = shards.dataset_info(uri)
-    if info["modality"] != modality:
-        raise UserError(f"data.{modality}_uri '{uri}' holds a {info['modality']} dataset; point "
-                        f"it at shards written by `pretrain prepare {modality}`")
-    name = getattr(cfg, f"{modality}_dataset") or info["dataset"]
-    return {**info, "name": name}
-
-
 def _mix_is_video(seed: int, step: int, ratio: float) -> bool:
     return random.Random(f"mix:{seed}:{step}").random() < ratio
 
@@ -346,11 +333,13 @@ class JointLoader:
     """Endless iterator of training `Batch`es, one modality per batch, mixed by video_ratio.
 
     Construct on every rank at the same time (streaming syncs local ranks). `seed` seeds the
-    shard shuffle, the modality mix and augmentation unless data.shuffle_seed is set.
+    shard shuffle, the modality mix and augmentation unless data.shuffle_seed is set. `info`:
+    the datasets' metadata when the caller has read it already (else read here).
     """
 
     def __init__(self, cfg: DataConfig, rank: int = 0, world_size: int = 1, seed: int = 0, *,
-                 local_rank: int | None = None, local_world_size: int | None = None) -> None:
+                 info: DataInfo | None = None, local_rank: int | None = None,
+                 local_world_size: int | None = None) -> None:
         cfg.validate()
         self.cfg = cfg
         self.rank, self.world_size = rank, world_size
@@ -378,16 +367,15 @@ class JointLoader:
                      "cores (%d) on this machine with %d local ranks; using %s per rank",
                      cfg.num_workers, usable_cores(), local_world_size, self.workers)
         for modality, (uri, bs) in active.items():
-            info = _describe(cfg, modality, uri)
-            self.streams[modality] = _ModalityStream(modality, uri, info, cfg, bs, world_size,
+            meta = info.datasets[modality] if info else describe(cfg, modality, uri)
+            self.streams[modality] = _ModalityStream(modality, uri, meta, cfg, bs, world_size,
                                                      nodes, local_rank, self.seed, ncn,
                                                      self.workers[modality])
 
     @property
     def heads(self) -> dict[str, int]:
         """Dataset (head) name -> number of classes, for the modalities this loader yields."""
-        return {s.dataset_name: shards.dataset_info(s.uri)["num_classes"]
-                for s in self.streams.values()}
+        return {s.dataset_name: s.num_classes for s in self.streams.values()}
 
     def modality_at(self, step: int) -> str:
         if len(self.streams) == 1:
@@ -499,19 +487,22 @@ class EvalLoader:
 
     Video batches: x (B * Vt * Vs, 3, T, S, S) with `views = Vt * Vs`; image batches:
     x (B, 3, S, S). `valid` marks samples that count (False: padding repeat or corrupt).
+    `info`: the datasets' metadata when the caller has read it already (else read here).
     """
 
     def __init__(self, cfg: DataConfig, modality: str, rank: int = 0, world_size: int = 1, *,
-                 uri: str | None = None, local_rank: int | None = None,
-                 local_world_size: int | None = None) -> None:
+                 uri: str | None = None, info: DataInfo | None = None,
+                 local_rank: int | None = None, local_world_size: int | None = None) -> None:
+        configured = uri is None   # the config's held-out set, which `info` describes
         uri = uri or getattr(cfg, f"{modality}_eval_uri")
         if uri is None:
             raise UserError(f"no eval data for {modality}: set data.{modality}_eval_uri")
         local_rank, local_world_size = _set_world_env(rank, world_size, local_rank,
                                                       local_world_size)
-        info = _describe(cfg, modality, uri)
-        self.modality, self.uri, self.dataset_name = modality, uri, info["name"]
-        self.num_samples = info["num_samples"]
+        meta = (info.datasets[f"{modality}_eval"] if info and configured
+                else describe(cfg, modality, uri))
+        self.modality, self.uri, self.dataset_name = modality, uri, meta["name"]
+        self.num_samples = meta["num_samples"]
         self.skipped_samples = 0
         spec = _clip_spec(cfg, False) if modality == "video" else None
         self.views = cfg.eval_temporal_views * cfg.eval_spatial_views if modality == "video" else 1
@@ -542,34 +533,3 @@ class EvalLoader:
             yield Batch(modality=self.modality, dataset=self.dataset_name, x=x, y=raw["y"],
                         sample_ids=raw["ids"], views=self.views, valid=raw["valid"],
                         skipped=len(raw["skipped"]))
-
-
-# ----------------------------------------------------------------------------- checks
-
-
-def ensure_datasets(cfg: DataConfig, prepare: bool = True) -> dict[str, dict]:
-    """Check every configured dataset URI before training; make synthetic data when asked.
-
-    With data.synthetic.prepare_if_missing and `prepare=True` (call it so on one rank, then
-    barrier), missing datasets under data.synthetic.root are written first. Returns
-    dataset_info (plus "name", the head name) keyed by "video", "image", "video_eval",
-    "image_eval" for the URIs that are set. Raises UserError naming a missing/unreadable URI.
-    """
-    cfg.validate()
-    uris = {"video": cfg.video_uri, "image": cfg.image_uri,
-            "video_eval": cfg.video_eval_uri, "image_eval": cfg.image_eval_uri}
-    syn = cfg.synthetic
-    if prepare and syn.prepare_if_missing and syn.root:
-        wanted = [u for u in uris.values() if u]
-        if any(not storage.exists(storage.join(u, shards.INDEX)) for u in wanted):
-            from pretrain.data.synthetic import prepare_synthetic
-
-            log.warning("preparing synthetic data under %s", syn.root)
-            prepare_synthetic(syn.root, syn.videos, syn.images, seed=syn.seed, frames=syn.frames,
-                              size=syn.size)
-    out = {}
-    for key, uri in uris.items():
-        if uri:
-            modality = key.split("_")[0]
-            out[key] = _describe(cfg, modality, uri)
-    return out

@@ -22,7 +22,7 @@ def micro_batch_size(cfg: ExperimentConfig) -> int:
     DeepSpeed only uses it for its own throughput printouts and batch-size arithmetic;
     image and video batches may differ in size and the loop counts real samples itself.
     """
-    return int(getattr(cfg.data, "video_batch_size", None) or getattr(cfg.data, "batch_size", 1))
+    return cfg.data.batch_size
 
 
 def deepspeed_config(cfg: ExperimentConfig, world_size: int) -> dict[str, Any]:
@@ -95,10 +95,8 @@ def build_engine(model: torch.nn.Module, cfg: ExperimentConfig, world_size: int)
     """(engine, optimizer, scheduler) for `model` on the already-initialised process group."""
     import deepspeed
 
-    from pretrain.train.joint import use_all_parameters
-
     t = cfg.train
-    use_all_parameters(model)
+    model.set_all_parameters_in_forward(True)   # ZeRO-3 and one dataset per micro-batch
     if t.activation_checkpointing and hasattr(model, "set_grad_checkpointing"):
         model.set_grad_checkpointing(True)
     offload_on_gpu = t.cpu_offload and cfg.resources.use_gpu

@@ -1,8 +1,10 @@
-"""Training-window meters: loss, throughput, tokens, MFU, and where the step time went.
+"""Training meters: loss, throughput, tokens, MFU, and where the step time went.
 
-Each rank accumulates plain Python/tensor sums between log points; at a log point (a step
-number every rank reaches) one all-reduce turns them into global figures. Nothing here
-synchronises the accelerator per step: the loss stays a device tensor until the log point.
+Each rank accumulates plain Python/tensor sums between log points (`IntervalTotals`); at a
+log point (a step number every rank reaches) one all-reduce turns them into global
+figures. Nothing here synchronises the accelerator per step: the loss stays a device
+tensor until the log point. Token counts and FLOPs per sample (`sample_costs`) come from
+the model's own counters.
 """
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+
+from pretrain.data.metadata import DataInfo
 
 # Dense peak FLOP/s per device for 16-bit matmuls (vendor data sheets, no sparsity).
 # MFU is reported only for accelerators found here.
@@ -44,9 +48,30 @@ def accelerator_peak(setting: str, precision: str) -> tuple[str | None, float | 
     return name, None
 
 
+def sample_costs(model, info: DataInfo) -> dict[str, tuple[int, float]]:
+    """modality -> (tokens per sample, training FLOPs per sample = 3 x forward)."""
+    from pretrain.model import count_flops
+
+    out = {}
+    for modality, size in (("video", info.video_size), ("image", info.image_size)):
+        if size is None:
+            continue
+        f = count_flops(model, size, info.dataset_of[modality])
+        out[modality] = (f["tokens"], 3.0 * f["total"])
+    return out
+
+
+def skipped_samples(loader, world: int) -> float:
+    """Undecodable samples the loader skipped so far, summed over ranks (collective)."""
+    n = torch.tensor([float(loader.skipped_samples)], dtype=torch.float64)
+    if world > 1 and dist.is_initialized():
+        dist.all_reduce(n)
+    return n.item()
+
+
 @dataclass
-class Window:
-    """Sums since the previous log point, on one rank."""
+class IntervalTotals:
+    """Sums over the steps since the previous log point, on one rank."""
     loss_sum: torch.Tensor | float = 0.0
     steps: int = 0           # steps in the loss mean (may include carried-over ones)
     timed_steps: int = 0     # steps run in this process since the window opened
@@ -113,7 +138,7 @@ class Window:
         return {"loss_mean": total / steps if steps else 0.0, "steps": per_rank_steps}
 
     @classmethod
-    def from_carry(cls, carried: dict | None) -> "Window":
+    def from_carry(cls, carried: dict | None) -> "IntervalTotals":
         w = cls()
         if carried and carried.get("steps"):
             w.steps = int(round(carried["steps"]))

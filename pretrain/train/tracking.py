@@ -11,7 +11,9 @@ them and never trains (or logs) them again.
 
 Who creates the run: the driver (`pretrain run`) when there is one, so the run exists
 before any worker starts and all restarts of the worker group log into it; standalone
-(`torchrun`) rank 0 creates it. Either way the run id travels in `tracking.run_id`.
+(`torchrun`) rank 0 creates it. Either way the run id travels in `tracking.run_id` (or in
+the checkpoint a standalone run resumes from). `open_tracking` makes that decision for a
+training process and `Tracking.close` undoes what it opened.
 """
 from __future__ import annotations
 
@@ -20,7 +22,8 @@ import queue
 import sys
 import threading
 import time
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 from pretrain import storage
 from pretrain.train.config import ExperimentConfig, flatten, to_dict, to_yaml
@@ -171,3 +174,79 @@ class NullLogger:
 
     def close(self, timeout: float = 0.0) -> None:
         pass
+
+
+def last_logged_step(tracking_uri: str, run_id: str) -> int:
+    """The highest step of train/loss already in the run (-1: none): a run restarted after
+    a crash re-trains the steps since its last checkpoint, and must not log them again."""
+    try:
+        history = _client(tracking_uri).get_metric_history(run_id, "train/loss")
+    except Exception as exc:  # tracking trouble must not stop training
+        print(f"warning: could not read MLflow run {run_id} ({exc})", file=sys.stderr)
+        return -1
+    return max((m.step for m in history), default=-1)
+
+
+class SkipLogged:
+    """A metric logger that drops steps at or below `done` (already in the run)."""
+
+    def __init__(self, inner: MetricLogger, done: int):
+        self.inner, self.done = inner, done
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if step > self.done:
+            self.inner.log(metrics, step)
+
+    def mark(self) -> threading.Event:
+        return self.inner.mark()
+
+    def close(self, timeout: float = 60.0) -> None:
+        self.inner.close(timeout)
+
+    @property
+    def send_time_s(self) -> float:
+        return self.inner.send_time_s
+
+
+@dataclass
+class Tracking:
+    """One training process's side of MLflow: where metrics go, and what to undo at the end.
+
+    `logger` is a NullLogger on ranks other than 0 and when tracking is off. `commit_gate`
+    (rank 0, tracking on) is what a checkpoint waits on before it commits (see
+    pretrain.train.checkpoint_hook)."""
+    uri: str | None                      # None when tracking is off
+    run_id: str | None
+    logger: MetricLogger | SkipLogged | NullLogger
+    owns_run: bool = False               # this process created the run: it ends it
+
+    @property
+    def commit_gate(self) -> Callable[[], threading.Event] | None:
+        return None if isinstance(self.logger, NullLogger) else self.logger.mark
+
+    def close(self, failed: bool = False) -> None:
+        """Send what is queued; end the run if this process opened it."""
+        self.logger.close()
+        if self.owns_run and self.uri and self.run_id:
+            end_run(self.uri, self.run_id, "FAILED" if failed else "FINISHED")
+
+
+def open_tracking(cfg: ExperimentConfig, rank: int, resumed_run_id: str | None) -> Tracking:
+    """Which run this process logs to, and its logger.
+
+    The run is tracking.run_id (made by the driver), else the one recorded in the checkpoint
+    being resumed, else (standalone, rank 0) a new one. A continued run already holds the
+    steps up to its last log point, which a restart trains again: they are not logged twice.
+    """
+    run_id = cfg.tracking.run_id or resumed_run_id
+    if not cfg.tracking.enabled:
+        return Tracking(None, run_id, NullLogger())
+    uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
+    if rank != 0:
+        return Tracking(uri, run_id, NullLogger())
+    if not run_id:   # standalone: no driver made the run
+        run_id = start_run(cfg, uri, run_name=cfg.tracking.run_name)
+        return Tracking(uri, run_id, MetricLogger(uri, run_id, cfg.tracking.flush_every_s),
+                        owns_run=True)
+    logger = MetricLogger(uri, run_id, cfg.tracking.flush_every_s)
+    return Tracking(uri, run_id, SkipLogged(logger, last_logged_step(uri, run_id)))
