@@ -19,11 +19,9 @@ end. One CPU rank, ZeRO-2, fp32, DeepSpeed engine with AdamW. Figures:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,11 +31,8 @@ import urllib.request
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from benchmarks.report import print_result  # noqa: E402
+from tests.fixtures.net import free_port  # noqa: E402
 
 
 def start_emulator() -> tuple[subprocess.Popen, str]:
@@ -83,11 +78,7 @@ def main() -> None:
     finally:
         stop(proc)
         shutil.rmtree(tmp, ignore_errors=True)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        for k, v in result.items():
-            print(f"{k:>24}: {v}")
+    print_result(result, args.json)
 
 
 def run(args, tmp: str) -> dict:

@@ -30,11 +30,9 @@ of processes (`--workers`, default: all cores):
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -46,7 +44,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.report import print_result  # noqa: E402
 from pretrain.data.config import DataConfig  # noqa: E402
+from tests.fixtures.net import free_port  # noqa: E402
 from pretrain.data.prepare import Item, prepare  # noqa: E402
 
 T, STRIDE, SIZE, BATCH, SEED = 16, 2, 112, 8, 0
@@ -189,9 +189,7 @@ def start_emulator():
         shutil.which("gcp-storage-emulator")
     if not exe:
         return None, None
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen([exe, "start", "--host=127.0.0.1", f"--port={port}", "--in-memory"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
@@ -271,11 +269,7 @@ def main() -> int:
             proc.terminate()
             proc.wait(10)
         shutil.rmtree(tmp, ignore_errors=True)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        for k, v in result.items():
-            print(f"{k:34s} {v}")
+    print_result(result, args.json)
     return 0
 
 

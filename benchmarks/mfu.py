@@ -36,6 +36,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.report import print_result  # noqa: E402
+
 DEFAULT_BATCH = {"tubevit-ti": 64, "tubevit-s": 48, "tubevit-b": 32, "tubevit-l": 16, "tubevit-h": 8}
 DATASHEET_16BIT = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12}
 OPTIONS = ("math", "flash", "compile", "ckpt")
@@ -175,7 +177,7 @@ def main(argv=None) -> int:
               "matmul_peak_tflops": round(peak / 1e12, 3), "datasheet_peak_tflops": sheet and sheet / 1e12,
               "flops_convention": "model FLOPs = 3 x counted forward (multiply-add = 2), per step",
               "runs": runs, "ratio": max(mfus) if mfus else 0.0}
-    print(json.dumps(result) if args.json else f"best MFU {result['ratio']:.3f} of {result['matmul_peak_tflops']} TFLOP/s")
+    print_result(result, args.json)
     return 0
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 import tempfile
@@ -32,6 +31,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from benchmarks.report import print_result  # noqa: E402
 
 
 def system(cfg, log_every: int) -> dict:
@@ -130,11 +131,7 @@ def main() -> int:
         "zero_stage": cfg.train.zero_stage,
         "config": "configs/smoke.yaml",
     }
-    if args.json:
-        print(json.dumps(out))
-    else:
-        for k, v in out.items():
-            print(f"{k:24s} {v}")
+    print_result(out, args.json)
     return 0
 
 

@@ -16,7 +16,6 @@ Median process CPU seconds are reported too: on a shared machine they move less 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -26,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from benchmarks.report import print_result  # noqa: E402
 from pretrain.model import count_flops, create_model, dense_baseline_config  # noqa: E402
 from pretrain.model.tubevit import TubeViT  # noqa: E402
 
@@ -85,11 +85,7 @@ def main() -> int:
         "flops_ratio": round(flops["dense"]["total"] / flops["tubes"]["total"], 2),
         "ratio": round(median["dense"] / median["tubes"], 2),
     }
-    if args.json:
-        print(json.dumps(result))
-    else:
-        for key, value in result.items():
-            print(f"{key}: {value}")
+    print_result(result, args.json)
     return 0
 
 

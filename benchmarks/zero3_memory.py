@@ -49,6 +49,9 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.report import print_result  # noqa: E402
+from tests.fixtures.net import free_port  # noqa: E402
+
 # image ViT each TubeViT size stands in for: (depth, dim, mlp, heads, patch)
 IMAGE_VITS = {
     "tubevit-ti": (12, 192, 768, 3, 16),
@@ -160,17 +163,9 @@ def _worker(rank: int, world: int, port: int, stage: int, args: dict, path: str,
 
 def measure(world: int, stage: int, args: dict, path: str, tmp: str) -> list[dict]:
     out = os.path.join(tmp, f"run-{world}-{stage}")
-    mp.start_processes(_worker, args=(world, _free_port(), stage, args, path, out), nprocs=world,
+    mp.start_processes(_worker, args=(world, free_port(), stage, args, path, out), nprocs=world,
                        join=True, start_method="spawn")
     return [json.load(open(f"{out}.{r}")) for r in range(world)]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 MEMORY_KEYS = ("precision", "zero_bucket_elements", "zero3_sub_group_elements")
@@ -274,11 +269,7 @@ def main(argv=None) -> int:
     result["plan_sharded_total_gib_by_workers"] = {
         n: plan(n, 3, max(r["baseline_rss_bytes"] for r in sharded))["total"] for n in (2, 4, 8, 16)}
     result["plan_ratio"] = round(result["plan_unsharded_gib"]["total"] / result["plan_sharded_gib"]["total"], 3)
-    if a.json:
-        print(json.dumps(result))
-    else:
-        for k, v in result.items():
-            print(f"{k}: {v}")
+    print_result(result, a.json)
     return 0
 
 

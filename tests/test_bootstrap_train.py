@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
-from tests.fixtures.servers import free_port
+from tests.fixtures.net import free_port
+from tests.fixtures.ranks import run_ranks
 
 timm = pytest.importorskip("timm")
 
@@ -47,10 +47,7 @@ def make_bootstrapped(path: str) -> None:
     save_model(model, path, meta)
 
 
-def _zero_worker(rank: int, world: int, port: int, path: str, out: str) -> None:
-    os.environ.update(DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                      RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0")
-    torch.set_num_threads(1)
+def _zero_worker(rank: int, world: int, path: str) -> dict:
     import deepspeed
     import torch.distributed as dist
 
@@ -59,7 +56,6 @@ def _zero_worker(rank: int, world: int, port: int, path: str, out: str) -> None:
     from pretrain.train.engine import build_engine
     from pretrain.train.worker import build_model, train_micro_step
 
-    dist.init_process_group("gloo", rank=rank, world_size=world)
     reference = load_model(path).state_dict()
     results = {}
     for stage in (0, 3):
@@ -77,7 +73,7 @@ def _zero_worker(rank: int, world: int, port: int, path: str, out: str) -> None:
             batch.modality, batch.dataset = modality, dataset
             batch.x = torch.randn((2, 3, 8, 32, 32) if modality == "video" else (2, 3, 32, 32), generator=g)
             batch.y = torch.randint(0, 3, (2,), generator=g)
-            loss = train_micro_step(engine, batch, torch.device("cpu"), torch.float32).detach()
+            loss = train_micro_step(engine, batch).detach()
             dist.all_reduce(loss)
             losses.append(loss.item() / world)
         changed, trainable = [], []
@@ -90,10 +86,7 @@ def _zero_worker(rank: int, world: int, port: int, path: str, out: str) -> None:
         results[stage] = {"losses": losses, "changed": changed, "trainable": trainable,
                           "partitioned": partitioned}
         engine.destroy()
-    if rank == 0:
-        with open(out, "w") as f:
-            json.dump(results, f)
-    dist.destroy_process_group()
+    return results
 
 
 @pytest.mark.slow
@@ -101,12 +94,8 @@ def _zero_worker(rank: int, world: int, port: int, path: str, out: str) -> None:
 def test_zero3_frozen_prefix_trains_only_the_trainable_part(tmp_path):
     path = str(tmp_path / "boot.safetensors")
     make_bootstrapped(path)
-    out = str(tmp_path / "result.json")
-    mp.start_processes(_zero_worker, args=(2, free_port(), path, out), nprocs=2, join=True,
-                       start_method="spawn")
-    with open(out) as f:
-        results = json.load(f)
-    z0, z3 = results["0"], results["3"]
+    results = run_ranks(_zero_worker, 2, path)[0]
+    z0, z3 = results[0], results[3]
     assert z3["partitioned"] and not z0["partitioned"]   # built partitioned under ZeRO-3
     for r in (z0, z3):
         assert set(r["changed"]) == set(r["trainable"]), set(r["changed"]) ^ set(r["trainable"])

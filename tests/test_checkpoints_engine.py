@@ -14,20 +14,15 @@ One scenario, in order, against the GCS emulator:
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 
+from tests.fixtures.ranks import run_ranks
+
 pytestmark = pytest.mark.slow
 
 MODEL = dict(depth=1, dim=24, heads=2, mlp_dim=48, num_classes={"imagenet": 5})
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def batch(step: int, rank: int):
@@ -87,17 +82,12 @@ def outputs(engine) -> torch.Tensor:
     return y
 
 
-def worker(rank, world, port, mode, stage, uri, local, results):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
-    torch.set_num_threads(1)
-    import torch.distributed as dist
-
+def worker(rank, world, mode, stage, uri, local) -> dict:
+    """One rank of a run in `mode`; what it measured (rank 0's is the one compared)."""
     from checkpoints.config import CheckpointConfig
     from checkpoints.manager import CheckpointManager
     from pretrain.errors import UserError
 
-    dist.init_process_group("gloo", rank=rank, world_size=world)
     cfg = CheckpointConfig(uri=uri, every_steps=2, local_dir=local, keep_last=3)
     engine = make_engine(stage, world)
     out: dict = {}
@@ -107,8 +97,7 @@ def worker(rank, world, port, mode, stage, uri, local, results):
             mgr.maybe_resume(engine, None)
         except UserError as exc:
             out["error"] = str(exc)
-        torch.save(out, results)
-        return
+        return out
     mgr = CheckpointManager(cfg, run_config={"train": {"steps": 6}})
     if mode == "save":
         for step in range(1, 5):
@@ -130,17 +119,12 @@ def worker(rank, world, port, mode, stage, uri, local, results):
     if mode == "resume-save":
         out["last"] = mgr.finish(6, engine, None, lambda: {"mlflow_run_id": "run-abc"})
         out["outputs_at_6"] = outputs(engine)
-    if rank == 0:
-        torch.save(out, results)
-    dist.barrier()
-    dist.destroy_process_group()
+    return out
 
 
-def spawn(world, mode, stage, uri, local, results):
-    import torch.multiprocessing as mp
-
-    mp.spawn(worker, args=(world, free_port(), mode, stage, uri, local, str(results)), nprocs=world)
-    return torch.load(results, weights_only=False)
+def spawn(world, mode, stage, uri, local):
+    """Rank 0's results of `worker` on `world` ranks."""
+    return run_ranks(worker, world, mode, stage, uri, local)[0]
 
 
 def assert_same_state(a: dict, b: dict) -> None:
@@ -158,7 +142,7 @@ def test_save_resume_reshard_export(gcs_bucket, tmp_path):
     uri, local = f"{gcs_bucket}/run", str(tmp_path / "local")
 
     # 1. straight run with saves at 2 and 4 (async upload to the emulator, commit).
-    ref = spawn(2, "save", 2, uri, local, tmp_path / "save.pt")
+    ref = spawn(2, "save", 2, uri, local)
     infos = list_checkpoints(uri)
     assert [(i.step, i.loadable, i.world_size, i.zero_stage) for i in infos] == [
         (2, True, 2, 2), (4, True, 2, 2)]
@@ -170,7 +154,7 @@ def test_save_resume_reshard_export(gcs_bucket, tmp_path):
     assert leftovers == []   # local staging copies are removed once uploaded
 
     # 2. same world size and stage: exact continuation.
-    same = spawn(2, "resume", 2, uri, local, tmp_path / "same.pt")
+    same = spawn(2, "resume", 2, uri, local)
     assert same["start"] == 4 and same["extra"]["mlflow_run_id"] == "run-abc"
     assert_same_state(ref["state"], same["state"])
     assert same["losses"] == ref["losses"]
@@ -178,15 +162,15 @@ def test_save_resume_reshard_export(gcs_bucket, tmp_path):
     assert same["adam_step"] == ref["adam_step"] == [4]
 
     # 3. one rank (universal conversion), and a refused incompatible model.
-    one = spawn(1, "resume", 2, uri, local, tmp_path / "one.pt")
+    one = spawn(1, "resume", 2, uri, local)
     assert one["start"] == 4 and one["lr"] == ref["lr"] and one["adam_step"] == [4]
     assert_same_state(ref["state"], one["state"])
     assert torch.allclose(one["outputs_at_4"], ref["outputs_at_4"], atol=1e-6)
-    wrong = spawn(1, "wrong-config", 2, uri, local, tmp_path / "wrong.pt")
+    wrong = spawn(1, "wrong-config", 2, uri, local)
     assert "dim: checkpoint 24, now 48" in wrong["error"]
 
     # 4. ZeRO-3 on 2 ranks (universal conversion), then a ZeRO-3 save at step 6.
-    z3 = spawn(2, "resume-save", 3, uri, local, tmp_path / "z3.pt")
+    z3 = spawn(2, "resume-save", 3, uri, local)
     assert z3["start"] == 4 and z3["adam_step"] == [4] and z3["lr"] == ref["lr"]
     assert_same_state(ref["state"], z3["state"])
     assert z3["losses"] == pytest.approx(ref["losses"], rel=1e-5)

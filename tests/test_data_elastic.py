@@ -8,18 +8,13 @@ uninterrupted run would be, augmentation included.
 """
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+
+from tests.fixtures.ranks import run_ranks
 
 pytestmark = pytest.mark.slow
 
 STEPS, SAVE_AT = 30, 11
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _cfg(root: str, batch_size: int, workers: int):
@@ -41,51 +36,28 @@ def _run(loader, steps: int, save_at: int | None = None):
     return out, state
 
 
-def _rank_main() -> None:
-    """One rank of a 2-process run; arguments come as JSON in ELASTIC_ARGS."""
-    import torch.distributed as dist
-
+def _rank(rank: int, world: int, root: str, batch_size: int, steps: int, save_at: int | None,
+          state: dict | None) -> dict:
+    """One rank of a multi-rank run: its steps and its state after `save_at` steps."""
     from pretrain.data.loader import JointLoader
 
-    args = json.loads(os.environ["ELASTIC_ARGS"])
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    loader = JointLoader(_cfg(args["root"], args["batch_size"], 1), rank, world, seed=11)
-    if args.get("state"):
-        loader.load_state_dict(args["state"])
-    steps, state = _run(loader, args["steps"], args.get("save_at"))
+    loader = JointLoader(_cfg(root, batch_size, 1), rank, world, seed=11)
+    if state:
+        loader.load_state_dict(state)
+    steps, saved = _run(loader, steps, save_at)
     loader.close()
-    with open(f"{args['out']}.{rank}", "w") as f:
-        json.dump({"steps": steps, "state": state}, f)
-    dist.barrier()
-    dist.destroy_process_group()
+    return {"steps": steps, "state": saved}
 
 
-def _two_ranks(tmp_path, root, **args) -> tuple[list, dict]:
+def _two_ranks(root, batch_size: int, steps: int, save_at: int | None = None,
+               state: dict | None = None) -> tuple[list, dict]:
     """Run 2 ranks; per step the union of both ranks' samples, and rank 0's saved state."""
-    from tests.fixtures.servers import free_port
-
-    out = str(tmp_path / f"ranks-{free_port()}")
-    port = free_port()
-    running = []
-    for rank in range(2):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
-                   LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                   PYTHONPATH=str(REPO),
-                   ELASTIC_ARGS=json.dumps({"root": str(root), "out": out, **args}))
-        running.append(subprocess.Popen(
-            [sys.executable, "-c", "from tests.test_data_elastic import _rank_main; _rank_main()"],
-            env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
-    for p in running:
-        log, _ = p.communicate(timeout=180)
-        assert p.returncode == 0, log.decode()[-3000:]
-    r0, r1 = (json.load(open(f"{out}.{r}")) for r in range(2))
+    r0, r1 = run_ranks(_rank, 2, str(root), batch_size, steps, save_at, state, timeout=300)
     merged = []
     for (m0, s0), (m1, s1) in zip(r0["steps"], r1["steps"]):
         assert m0 == m1  # every rank has the same modality at every step
         assert not set(s0) & set(s1)  # ranks never share a sample within a step
-        merged.append((m0, {**{int(k): v for k, v in s0.items()},
-                            **{int(k): v for k, v in s1.items()}}))
+        merged.append((m0, {**s0, **s1}))
     return merged, r0["state"]
 
 
@@ -117,8 +89,8 @@ def _env(monkeypatch):
         monkeypatch.delenv(var, raising=False)
 
 
-def test_two_ranks_saved_one_rank_resumed_and_back(syn_root, tmp_path):
-    two, state_two = _two_ranks(tmp_path, syn_root, batch_size=2, steps=STEPS, save_at=SAVE_AT)
+def test_two_ranks_saved_one_rank_resumed_and_back(syn_root):
+    two, state_two = _two_ranks(syn_root, batch_size=2, steps=STEPS, save_at=SAVE_AT)
     one, state_one = _one_rank(syn_root, STEPS, save_at=SAVE_AT)
     # Same global batches whatever the world size (2 ranks x 2 == 1 rank x 4).
     assert two == one
@@ -127,6 +99,5 @@ def test_two_ranks_saved_one_rank_resumed_and_back(syn_root, tmp_path):
     resumed_on_one, _ = _one_rank(syn_root, STEPS - SAVE_AT, state=state_two)
     assert resumed_on_one == one[SAVE_AT:]
     # Saved on 1 rank, resumed on 2.
-    resumed_on_two, _ = _two_ranks(tmp_path, syn_root, batch_size=2, steps=STEPS - SAVE_AT,
-                                   state=state_one)
+    resumed_on_two, _ = _two_ranks(syn_root, batch_size=2, steps=STEPS - SAVE_AT, state=state_one)
     assert resumed_on_two == one[SAVE_AT:]

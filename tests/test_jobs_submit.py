@@ -11,7 +11,6 @@ import contextlib
 import io
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -20,9 +19,9 @@ from pathlib import Path
 import pytest
 
 from orchestration.cli import main as cli
-from orchestration.driver import LOOPBACK_ONLY_ENV
 from orchestration.ray_jobs import JobsClient, job_runtime_env
-from tests.fixtures.servers import BIN, _stop_ray_started_under, free_port, ray_agent_ports, wait_http
+from tests.fixtures.net import free_port
+from tests.fixtures.ray_nodes import ray_agent_ports, ray_cluster
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = str(REPO / "configs" / "smoke.yaml")
@@ -253,36 +252,12 @@ def test_stop_writes_a_final_checkpoint_and_the_name_resumes(head, smoke_data, t
 
 
 @pytest.fixture(scope="module")
-def two_node_cluster(tmp_path_factory):
-    """A head and a second node on 127.0.0.1, 2 CPUs each, token auth; stopped afterwards."""
-    temp = Path("/tmp") / f"ray-mn-{os.getpid()}"
-    temp.mkdir(parents=True, exist_ok=True)
-    token = tmp_path_factory.mktemp("ray-mn-auth") / "auth_token"
-    token.write_text(os.urandom(24).hex())
-    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
-    env = dict(os.environ, **auth)
-    env.pop("RAY_ADDRESS", None)
-    env.pop(LOOPBACK_ONLY_ENV, None)
-    exe = shutil.which("ray", path=str(BIN)) or "ray"
-    port, dport = free_port(), free_port()
-    # The one server here not on loopback: Ray 2.60 joins a second node only over the
-    # machine's external address (it swaps 127.0.0.1 for it, and binds every server to all
-    # interfaces for any other node address); see LOOPBACK_ONLY_ENV for the one-node case.
-    common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "2", "--disable-usage-stats"]
-    try:
-        subprocess.run([exe, "start", "--head", "--port", str(port), "--dashboard-host",
-                        "127.0.0.1", "--dashboard-port", str(dport), "--temp-dir", str(temp),
-                        "--include-dashboard", "true", *common, *ray_agent_ports()],
-                       check=True, env=env, capture_output=True)
-        subprocess.run([exe, "start", "--address", f"127.0.0.1:{port}", "--temp-dir", str(temp),
-                        "--resources", '{"second_node": 1}', *common, *ray_agent_ports()],
-                       check=True, env=env, capture_output=True)
-        dashboard = f"http://127.0.0.1:{dport}"
-        wait_http(dashboard + "/api/version", 60)
-        yield {"dashboard": dashboard, "env": auth}
-    finally:
-        _stop_ray_started_under(temp, port)
-        shutil.rmtree(temp, ignore_errors=True)
+def two_node_cluster():
+    """A head and a second node on 127.0.0.1, 2 CPUs each, token auth; stopped afterwards.
+    The one cluster here not on loopback only: Ray 2.60 joins a second node only over the
+    machine's external address (see tests/fixtures/ray_nodes.py)."""
+    with ray_cluster(num_cpus=2, second_node_resources={"second_node": 1}) as info:
+        yield info
 
 
 @pytest.mark.slow
@@ -314,20 +289,13 @@ def test_workers_spread_across_nodes(two_node_cluster, smoke_data, tmp_path, mon
 
 
 @pytest.mark.slow
-def test_head_without_a_job_agent_is_one_clear_error(tmp_path_factory, monkeypatch):
+def test_head_without_a_job_agent_is_one_clear_error(monkeypatch):
     """Another process holds the port the head's dashboard agent wants: the head comes up,
     but no submission can run. `pretrain submit` says so and what to do, after a bounded wait."""
     import socket
 
     import orchestration.ray_jobs as ray_jobs
 
-    temp = Path("/tmp") / f"ray-noagent-{os.getpid()}"
-    temp.mkdir(parents=True, exist_ok=True)
-    token = tmp_path_factory.mktemp("ray-noagent-auth") / "auth_token"
-    token.write_text(os.urandom(24).hex())
-    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
-    exe = shutil.which("ray", path=str(BIN)) or "ray"
-    port, dport = free_port(), free_port()
     holder = socket.socket()
     holder.bind(("127.0.0.1", 0))
     holder.listen()
@@ -335,23 +303,15 @@ def test_head_without_a_job_agent_is_one_clear_error(tmp_path_factory, monkeypat
     flags = ray_agent_ports()
     flags[flags.index("--dashboard-agent-listen-port") + 1] = str(taken)
     try:
-        subprocess.run([exe, "start", "--head", "--node-ip-address", "127.0.0.1", "--port",
-                        str(port), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dport),
-                        "--temp-dir", str(temp), "--num-cpus", "1", "--include-dashboard", "true",
-                        "--disable-usage-stats", *flags], check=True, capture_output=True,
-                       env=dict(os.environ, **auth, **{LOOPBACK_ONLY_ENV: "0"}))
-        dashboard = f"http://127.0.0.1:{dport}"
-        wait_http(dashboard + "/api/version", 60)
-        for key, value in auth.items():
-            monkeypatch.setenv(key, value)
-        monkeypatch.delenv("RAY_ADDRESS", raising=False)
-        monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
-        monkeypatch.setattr(ray_jobs, "AGENT_WAIT_S", 10)
-        code, out, err = run_cli("submit", SMOKE, "--address", dashboard, "--name", "x")
-        assert code != 0
-        assert "has no job agent" in err and "--dashboard-agent-listen-port" in err, err
-        assert "Traceback" not in err
+        with ray_cluster(num_cpus=1, agent_ports=flags) as cluster:
+            for key, value in cluster["env"].items():
+                monkeypatch.setenv(key, value)
+            monkeypatch.delenv("RAY_ADDRESS", raising=False)
+            monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+            monkeypatch.setattr(ray_jobs, "AGENT_WAIT_S", 10)
+            code, out, err = run_cli("submit", SMOKE, "--address", cluster["dashboard"], "--name", "x")
+            assert code != 0
+            assert "has no job agent" in err and "--dashboard-agent-listen-port" in err, err
+            assert "Traceback" not in err
     finally:
         holder.close()
-        _stop_ray_started_under(temp, port)
-        shutil.rmtree(temp, ignore_errors=True)

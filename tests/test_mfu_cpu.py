@@ -36,7 +36,8 @@ def test_mfu_benchmark_runs_on_cpu_and_counts_flops(capsys):
         assert run["model_tflops_per_step"] == pytest.approx(3 * forward["total"] * 2 / 1e12, abs=1e-4)
         assert run["step_s"] > 0 and run["mfu"] > 0 and run["tokens_per_clip"] == forward["tokens"]
     ckpt = next(r for r in out["runs"] if r["options"] == "ckpt")
-    assert ckpt["hfu"] == pytest.approx(ckpt["mfu"] * 4 / 3, rel=1e-3)
+    # Both are rounded to 4 decimals: a relative tolerance fails on a slow CPU (small MFU).
+    assert ckpt["hfu"] == pytest.approx(ckpt["mfu"] * 4 / 3, abs=(4 / 3 + 1) * 0.5e-4)
     assert out["ratio"] == max(r["mfu"] for r in out["runs"])
 
 

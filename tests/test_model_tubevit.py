@@ -1,6 +1,9 @@
-"""The TubeViT model API: shapes, heads, gradients, checkpointing, meta init, sizes, gate."""
+"""The TubeViT model API: shapes, heads, gradients, meta init, sizes, gate. (What every
+registered model must do, activation checkpointing and file round trips included, is in
+test_models_all.py.)"""
 import pytest
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pretrain.errors import UserError
 from pretrain.model import SIZES, TubeViTConfig, count_params, create_model, list_models, model_config
@@ -54,30 +57,6 @@ def test_every_parameter_learns_from_video_and_the_shared_ones_from_images(overr
             assert g is None, f"{name} got a gradient from an image batch"
         else:
             assert g is not None and g.abs().sum() > 0, f"{name} got no gradient from an image batch"
-
-
-def test_activation_checkpointing_leaves_outputs_and_grads_unchanged():
-    model = tiny(drop_rate=0.1, drop_path_rate=0.2, attn_drop_rate=0.1).train()
-    x = torch.randn(CLIP)
-
-    def run():
-        torch.manual_seed(123)
-        out = model(x, dataset="kinetics")
-        grads = grads_after_out(out)
-        return out.detach(), grads
-
-    def grads_after_out(out):
-        model.zero_grad(set_to_none=True)
-        out.square().mean().backward()
-        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-    out_plain, g_plain = run()
-    model.set_grad_checkpointing(True)
-    out_ckpt, g_ckpt = run()
-    torch.testing.assert_close(out_ckpt, out_plain, rtol=0, atol=0)
-    assert g_plain.keys() == g_ckpt.keys()
-    for name in g_plain:
-        torch.testing.assert_close(g_ckpt[name], g_plain[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
 @pytest.mark.parametrize("name", list(SIZES))
@@ -156,7 +135,9 @@ def test_block_matches_timm_with_copied_weights():
         torch.nn.init.normal_(p, std=0.2)
     missing, unexpected = ref.load_state_dict(ours.state_dict(), strict=True)
     x = torch.randn(2, 10, 48)
-    torch.testing.assert_close(ours(x), ref(x))
+    # Both through SDPA's math kernel: which fused kernel a CPU dispatches to must not matter.
+    with sdpa_kernel(SDPBackend.MATH):
+        torch.testing.assert_close(ours(x), ref(x))
 
 
 def test_create_model_rejects_unknown_names_and_options():

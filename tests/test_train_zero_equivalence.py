@@ -11,15 +11,11 @@ order (mean of two half-batch means vs one mean; flat ZeRO buffers), ~1e-7.
 """
 from __future__ import annotations
 
-import json
-import os
-
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from tests.fixtures.servers import free_port
+from tests.fixtures.ranks import run_ranks
 
 STEPS = 6
 MODALITIES = ["video", "image", "video", "video", "image", "video"]
@@ -41,10 +37,10 @@ def make_cfg(stage: int):
 
 
 def make_model(cfg):
-    from pretrain.model import create_model
+    from pretrain.model import model_from_config
 
     torch.manual_seed(0)
-    return create_model(cfg.model.name, num_classes={"vid": 4, "img": 3}, **cfg.model.overrides())
+    return model_from_config(cfg.model, num_classes={"vid": 4, "img": 3})
 
 
 def global_batch(step: int):
@@ -86,16 +82,10 @@ def reference_losses() -> list[float]:
     return losses
 
 
-def _worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                      RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0")
-    torch.set_num_threads(1)
+def _worker(rank: int, world: int) -> dict[int, list[float]]:
+    """Per ZeRO stage, the global-batch loss of every step (all-reduced over the ranks)."""
     import torch.distributed as dist
 
-    # A file store, not a TCP store on a port picked in advance (another process may take
-    # that port in between); DeepSpeed still reads MASTER_ADDR/PORT but opens nothing on it.
-    store = os.path.join(os.path.dirname(out), "pg-store")
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     from pretrain.train.engine import build_engine
     from pretrain.train.worker import train_micro_step
 
@@ -107,26 +97,18 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         for step in range(STEPS):
             modality, x, y = global_batch(step)
             half = slice(2 * rank, 2 * rank + 2)
-            loss = train_micro_step(engine, Batch(modality, x[half], y[half]),
-                                    torch.device("cpu"), torch.float32).detach()
+            loss = train_micro_step(engine, Batch(modality, x[half], y[half])).detach()
             dist.all_reduce(loss)
             losses.append(loss.item() / world)
         results[stage] = losses
         engine.destroy()
-    if rank == 0:
-        with open(out, "w") as f:
-            json.dump(results, f)
-    dist.destroy_process_group()
+    return results
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_zero_stages_match_single_process_reference(tmp_path):
-    out = str(tmp_path / "losses.json")
-    mp.start_processes(_worker, args=(2, free_port(), out), nprocs=2, join=True,
-                       start_method="spawn")
-    with open(out) as f:
-        got = {int(k): v for k, v in json.load(f).items()}
+def test_zero_stages_match_single_process_reference():
+    got = run_ranks(_worker, 2)[0]
     ref = reference_losses()
     assert ref[-1] < ref[0] or min(ref) < ref[0]   # the reference itself trains
     for stage, losses in got.items():
