@@ -34,7 +34,7 @@ AXES = {
     "pos_embed": ({"pos_embed": "fixed"},
                   {"pos_embed": "learned", "pos_grid": (2, 2), "class_token": True, "gate_layer": 1}),
 }
-BATCH = 2
+BATCH = 1
 
 
 def _variants():
@@ -120,10 +120,13 @@ def test_video_and_image_forward(name, overrides):
     model = build(name, overrides).eval()
     inputs = [x for x in (video_clip(model), image_batch(model)) if x is not None]
     with torch.no_grad():
-        for x, (dataset, classes) in itertools.product(inputs, model.config.num_classes.items()):
-            logits = model(x, dataset=dataset)
-            assert logits.shape == (BATCH, classes), (tuple(x.shape), dataset)
-            assert torch.isfinite(logits).all()
+        for x in inputs:
+            features = model.forward_features(x)
+            for dataset, classes in model.config.num_classes.items():
+                logits = model.forward_head(features, dataset)
+                assert logits.shape == (BATCH, classes), (tuple(x.shape), dataset)
+                assert torch.isfinite(logits).all()
+            assert torch.equal(model(x, dataset=model.datasets[0]), model.forward_head(features, model.datasets[0]))
 
 
 @pytest.mark.parametrize("name,overrides", CASES)
@@ -135,10 +138,11 @@ def test_every_parameter_gets_a_gradient(name, overrides):
     got = grads(model)
     for n in names:
         assert n in got and got[n].abs().sum() > 0, f"{n} got no gradient from a video batch"
-    # ... and takes part in every training forward on the all-parameters path (ZeRO-3's).
+    # ... and takes part in every training forward on the all-parameters path (ZeRO-3's):
+    # a video through one head, an image (the video-only tubes idle) through another.
     model.set_all_parameters_in_forward(True)
     inputs = [x for x in (video_clip(model), image_batch(model)) if x is not None]
-    for x, dataset in itertools.product(inputs, model.datasets):
+    for x, dataset in zip(inputs, [model.datasets[0], model.datasets[-1]]):
         model.zero_grad(set_to_none=True)
         model(x, dataset=dataset).square().mean().backward()
         missing = sorted(set(names) - set(grads(model)))
