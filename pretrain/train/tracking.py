@@ -228,7 +228,10 @@ class Tracking:
         """Send what is queued; end the run if this process opened it."""
         self.logger.close()
         if self.owns_run and self.uri and self.run_id:
-            end_run(self.uri, self.run_id, "FAILED" if failed else "FINISHED")
+            try:
+                end_run(self.uri, self.run_id, "FAILED" if failed else "FINISHED")
+            except Exception as exc:  # must not hide the training's own error
+                print(f"warning: could not end MLflow run {self.run_id} ({exc})", file=sys.stderr)
 
 
 def open_tracking(cfg: ExperimentConfig, rank: int, resumed_run_id: str | None) -> Tracking:
