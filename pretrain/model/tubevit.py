@@ -171,6 +171,7 @@ class TubeViT(nn.Module):
         self.head_drop = nn.Dropout(c.drop_rate)
         self.heads = nn.ModuleDict({name: nn.Linear(c.dim, n) for name, n in c.num_classes.items()})
         self.grad_checkpointing = False
+        self.all_parameters_in_forward = False   # see set_all_parameters_in_forward
         self.init_weights()
 
     # ---- API -------------------------------------------------------------------------
@@ -203,7 +204,36 @@ class TubeViT(nn.Module):
 
     def forward(self, x: torch.Tensor, dataset: str | None = None) -> torch.Tensor:
         name = self._dataset(dataset)  # fail before the expensive part
-        return self.forward_head(self.forward_features(x), name)
+        if not (self.all_parameters_in_forward and self.training and torch.is_grad_enabled()):
+            return self.forward_head(self.forward_features(x), name)
+        pooled = self.head_drop(self.pool(self.forward_features(x)))      # (B, d)
+        logits = self.heads[name](pooled)                                 # (B, classes)
+        idle = logits.new_zeros(())
+        for other, head in self.heads.items():       # the other datasets' heads
+            if other != name:
+                idle = idle + head(pooled).sum()
+        if x.ndim == 4:                              # image: the video-only tubes are idle
+            idle = idle + self.tokenizer(x.new_zeros(self._smallest_clip())).sum()
+        return logits + 0.0 * idle
+
+    def set_all_parameters_in_forward(self, enable: bool = True) -> None:
+        """In training, let every parameter take part in each forward, the idle ones with a
+        zero contribution (the other datasets' heads on the pooled features; on images, the
+        tubes on the smallest clip), so every parameter gets a gradient, zero if idle.
+
+        Why: one dataset per micro-batch leaves the other heads (and on images the 3-D tubes)
+        unused. DeepSpeed ZeRO-1/2 fill zeros for those, but ZeRO-3 (0.19) reuses the
+        parameter's previous gradient partition, so an image step would apply the last video
+        step's tube gradient again (tests/test_train_zero_equivalence.py). The extra work is
+        one small linear per other head and the tube convolutions on one minimal clip.
+        """
+        self.all_parameters_in_forward = enable
+
+    def _smallest_clip(self) -> tuple[int, int, int, int, int]:
+        """(1, C, T, H, W): the smallest clip on which every tube yields a token."""
+        specs = self.tokenizer.specs
+        thw = (max(s.offset[a] + s.span[a] for s in specs) for a in range(3))
+        return (1, self.config.in_chans, *thw)
 
     def _dataset(self, dataset: str | None) -> str:
         if dataset is None:
