@@ -54,12 +54,12 @@ def bare(cfg, steps: int, warmup: int) -> dict:
     import torch.nn.functional as F
 
     from pretrain.data.loader import JointLoader
-    from pretrain.train import data_io
+    from pretrain.data.metadata import DataInfo
     from pretrain.train.optim import build_optimizer, build_scheduler
     from pretrain.train.worker import build_model
 
     torch.set_num_threads(2)
-    info = data_io.DataInfo.from_config(cfg.data)
+    info = DataInfo.from_config(cfg.data)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg, info.num_classes)
     t = cfg.train

@@ -146,10 +146,11 @@ def _worker(rank: int, world: int, port: int, stage: int, args: dict, path: str,
     batch.x = torch.randn(args["micro_batch"], 3, args["frames"], args["size"], args["size"], generator=g)
     batch.y = torch.randint(0, 400, (args["micro_batch"],), generator=g)
     dtype = torch.bfloat16 if args["precision"] == "bf16" else torch.float32
+    batch.x = batch.x.to(dtype)   # model input as the trainer's loader delivers it
     losses, times = [], []
     for _ in range(args["steps"]):   # step 1 on: DeepSpeed prefetches by the recorded trace
         t0 = time.perf_counter()
-        losses.append(train_micro_step(engine, batch, torch.device("cpu"), dtype).item())
+        losses.append(train_micro_step(engine, batch).item())
         times.append(time.perf_counter() - t0)
     loss, step = losses[0], min(times)
     step_peak = _peak_rss_bytes() if reset else None

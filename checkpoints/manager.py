@@ -1,6 +1,6 @@
 """CheckpointManager: what the training loop calls to save and resume.
 
-It implements the loop's checkpoint seam (pretrain.train.hooks.CheckpointHook):
+It implements the loop's checkpoint seam (pretrain.train.checkpoint_hook.CheckpointHook):
 
     mgr = CheckpointManager(cfg.checkpoint, zero_stage=cfg.train.zero_stage,
                             run_config=to_dict(cfg))
@@ -276,7 +276,7 @@ class CheckpointManager:
                            source=info.uri, resharded=convert, rng_restored=rng_restored,
                            manifest=manifest)
 
-    # -- the training loop's seam (pretrain.train.hooks.CheckpointHook) -------------------
+    # -- the training loop's seam (pretrain.train.checkpoint_hook.CheckpointHook) -------
 
     def maybe_resume(self, engine, loader) -> tuple[int, dict[str, Any]]:
         if not self.cfg.resume:

@@ -13,7 +13,7 @@
   Train V2 hands back only metrics attached to Ray checkpoints, and ours are not Ray's.
 - Resume: when checkpoint.uri holds a committed checkpoint, the driver checks it against
   this config's model (a mismatch is a UserError before any worker starts) and continues
-  the MLflow run recorded in it; the workers load it (pretrain.train.hooks). Ray Train's
+  the MLflow run recorded in it; the workers load it (pretrain.train.checkpoint_hook). Ray Train's
   own checkpoints are not used: after a worker failure (FailureConfig) the restarted group
   resumes from our newest committed checkpoint the same way.
 - Stop: SIGTERM to this process (Ray Jobs' `stop`, a preempted node) sets a flag in the
@@ -271,8 +271,8 @@ def expected_model_config(cfg: ExperimentConfig) -> dict[str, Any] | None:
     import torch
 
     from checkpoints.manager import model_config_of
+    from pretrain.data.metadata import DataInfo
     from pretrain.model import model_from_config
-    from pretrain.train.data_io import DataInfo
 
     num_classes = DataInfo.from_config(cfg.data).num_classes
     with torch.device("meta"):

@@ -79,7 +79,7 @@ def test_commit_needs_every_rank_and_lists_all_files(tmp_path):
 
 
 def test_commit_waits_for_the_before_commit_gate(tmp_path):
-    """The training loop gates commits on its metrics reaching MLflow (see pretrain.train.hooks)."""
+    """The training loop gates commits on its metrics reaching MLflow (see pretrain.train.checkpoint_hook)."""
     import threading
 
     uri = str(tmp_path / "ck")
