@@ -9,11 +9,12 @@ each worker; Ray has made the process group) and standalone:
 (then it makes the process group itself from RANK / WORLD_SIZE / MASTER_ADDR). Nothing here
 imports Ray.
 
-Step anatomy (every rank, same order): next batch from the joint loader (one modality per
-micro-batch, the same modality on every rank because the mixer is seeded identically) ->
-forward through that dataset's head -> cross-entropy -> engine.backward -> engine.step
-(DeepSpeed applies the optimizer at the accumulation boundary). The loss stays on the
-device; figures are reduced across ranks only at log points.
+Step anatomy (every rank, same order): next batch from the joint loader, on the device (one
+modality per micro-batch, the same modality on every rank because the mixer is seeded
+identically) -> the objective's loss (classification: forward through that dataset's
+head, cross-entropy) -> engine.backward -> engine.step (DeepSpeed applies the optimizer at
+the accumulation boundary). The loss stays on the device; figures are reduced across ranks
+only at log points.
 """
 from __future__ import annotations
 
@@ -27,19 +28,20 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
-from pretrain.train import data_io
+from pretrain.data.metadata import DataInfo
+from pretrain.train.checkpoint_hook import CheckpointHook, make_checkpoint_hook
 from pretrain.train.config import ExperimentConfig, from_dict, load_config
+from pretrain.train.device_batches import DeviceBatches, eval_batches, train_batches
 from pretrain.train.engine import autocast_dtype, build_engine, device_for_rank
 from pretrain.train.evaluate import evaluate
-from pretrain.train.hooks import CheckpointHook, make_checkpoint_hook
-from pretrain.train.metrics import Window, accelerator_peak
+from pretrain.train.metrics import IntervalTotals, accelerator_peak, sample_costs, skipped_samples
+from pretrain.train.objectives import Classification, Objective, make_objective
 from pretrain.train.preempt import StopAgreement, install_sigterm_handler, training
-from pretrain.train.tracking import (MetricLogger, NullLogger, end_run, resolve_tracking_uri,
-                                     start_run)
+from pretrain.train.tracking import NullLogger, Tracking, open_tracking
 
 Report = Callable[[dict[str, Any]], None]
+CLASSIFICATION = Classification()
 
 
 def init_distributed(cfg: ExperimentConfig) -> tuple[int, int]:
@@ -76,13 +78,11 @@ def build_model(cfg: ExperimentConfig, num_classes: dict[str, int]) -> torch.nn.
     return model_from_config(cfg.model, num_classes)
 
 
-def train_micro_step(engine, batch, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Forward + backward of one micro-batch; the optimizer steps at the accumulation
-    boundary inside engine.step(). Returns the (device) loss."""
-    x = batch.x.to(device, dtype=dtype, non_blocking=True)   # (B,3,T,H,W) | (B,3,H,W)
-    y = batch.y.to(device, non_blocking=True)                # (B,)
-    logits = engine(x, dataset=batch.dataset)                # (B, classes)
-    loss = F.cross_entropy(logits.float(), y)
+def train_micro_step(engine, batch, objective: Objective = CLASSIFICATION) -> torch.Tensor:
+    """Forward + backward of one micro-batch (already on the device) for `objective`; the
+    optimizer steps at the accumulation boundary inside engine.step(). Returns the (device)
+    loss."""
+    loss = objective.loss(engine, batch)
     engine.backward(loss)
     engine.step()
     return loss
@@ -102,159 +102,187 @@ def train(config: ExperimentConfig | dict, *, report: Report | None = None,
     same step on every rank, writes a final checkpoint and sets summary["stopped"].
     """
     cfg = config if isinstance(config, ExperimentConfig) else from_dict(ExperimentConfig, config)
+    trainer = Trainer(cfg, report=report, hook=hook, progress=progress, should_stop=should_stop)
     with training():   # SIGTERM from here on: stop at the next step, final checkpoint
-        return _train(cfg, report, hook, progress, should_stop)
+        return trainer.train()
 
 
-def _train(cfg: ExperimentConfig, report: Report | None, hook: CheckpointHook | None,
-           progress: bool, should_stop: Callable[[], bool] | None) -> dict[str, Any]:
-    threads = cfg.resources.threads_per_worker or max(1, int(cfg.resources.cpus_per_worker))
-    torch.set_num_threads(threads)
-    rank, world = init_distributed(cfg)
-    device = device_for_rank()
-    seed_everything(cfg.train.seed)   # same init on every rank
+class Trainer:
+    """One rank's training, in phases: `setup` -> `run` (the steps; log, eval and checkpoint
+    at their intervals; an agreed early stop) -> `finish` (final eval, last checkpoint) ->
+    `close` (always) -> `summarize`.
 
-    info = data_io.DataInfo.from_config(cfg.data)
-    model = build_model(cfg, info.num_classes)
-    engine, _, scheduler = build_engine(model, cfg, world)
-    dtype = autocast_dtype(cfg)
-    per_sample = data_io.sample_costs(model, info)   # modality -> (tokens, train FLOPs)
-    _, peak = accelerator_peak(cfg.resources.accelerator, cfg.train.precision)
+    The loss comes from the objective (pretrain.train.objectives); the loop does not know
+    which one it runs. Collectives (log points, evals, saves, the stop check) happen at the
+    same step on every rank.
+    """
 
-    loader = data_io.train_loader(cfg.data, rank, world, cfg.train.seed, device=device, dtype=dtype)
-    hook = hook or make_checkpoint_hook(cfg, rank, world)
-    start_step, extra = hook.maybe_resume(engine, loader)
-    window = Window.from_carry(extra.get("loss_window"))
-    if start_step and rank == 0:
-        print(f"resumed from {hook.last_committed} at step {start_step}", file=sys.stderr,
-              flush=True)
-    stopper = StopAgreement(world, should_stop, cfg.checkpoint.stop_after_step)
+    def __init__(self, cfg: ExperimentConfig, *, report: Report | None = None,
+                 hook: CheckpointHook | None = None, progress: bool = True,
+                 should_stop: Callable[[], bool] | None = None) -> None:
+        self.cfg, self.hook, self.should_stop = cfg, hook, should_stop
+        self.report_to, self.show_progress = report, progress
+        # What `close` releases: nothing until setup makes it.
+        self.loader: DeviceBatches | None = None
+        self.eval_loaders: dict[str, DeviceBatches] = {}
+        self.tracking = Tracking(None, None, NullLogger())
+        self.finished = False
 
-    tracking_uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
-    run_id = cfg.tracking.run_id or extra.get("mlflow_run_id")
-    logger: MetricLogger | NullLogger = NullLogger()
-    own_run = False
-    if cfg.tracking.enabled:
-        if rank == 0 and not run_id:   # standalone: no driver made the run
-            run_id = start_run(cfg, tracking_uri, run_name=cfg.tracking.run_name)
-            own_run = True
-        if rank == 0:
-            logger = MetricLogger(tracking_uri, run_id, cfg.tracking.flush_every_s)
-            hook.commit_gate = logger.mark   # a checkpoint commits after its steps' metrics
-            if not own_run:   # a continued run: never log a step twice
-                logger = SkipLogged(logger, last_logged_step(tracking_uri, run_id))
+    def train(self) -> dict[str, Any]:
+        """All phases; the summary. Teardown runs whatever happens before it."""
+        try:
+            self.setup()
+            self.run()
+            self.finish()
+        finally:
+            self.close()   # also on an exception: loaders, metric logger, an own MLflow run
+        return self.summarize()
 
-    def extra_state() -> dict[str, Any]:   # collective: called by the hook on every rank
-        return {"loss_window": window.carry(world), "mlflow_run_id": run_id}
+    # -- setup ---------------------------------------------------------------------------
 
-    last: dict[str, float] = {}
-    eval_loaders: dict = {}
-    progress = Progress(rank if progress else -1, cfg.train.steps, start_step,
-                        cfg.train.progress_every_s)
-    report = report if rank == 0 else None
+    def setup(self) -> None:
+        """Process group, model and engine, loader, resume point, tracking."""
+        cfg = self.cfg
+        threads = cfg.resources.threads_per_worker or max(1, int(cfg.resources.cpus_per_worker))
+        torch.set_num_threads(threads)
+        self.rank, self.world = init_distributed(cfg)
+        self.device = device_for_rank()
+        seed_everything(cfg.train.seed)   # same init on every rank
 
-    def evaluate_and_log(step: int) -> None:   # collective: every rank runs the eval loaders
-        ev = evaluate(engine, cfg, rank, world, device, dtype, eval_loaders)
-        logger.log(ev, step)
-        last.update(ev)
-        progress.line(step, ev)
-        if report:
-            report({"step": step, **ev})
+        self.info = DataInfo.from_config(cfg.data)   # the datasets' metadata, read once
+        self.objective = make_objective("classification")
+        model = build_model(cfg, self.info.num_classes)
+        self.engine, _, self.scheduler = build_engine(model, cfg, self.world)
+        self.dtype = autocast_dtype(cfg)
+        self.per_sample = sample_costs(model, self.info)   # modality -> (tokens, train FLOPs)
+        _, self.peak = accelerator_peak(cfg.resources.accelerator, cfg.train.precision)
 
-    batches = iter(loader)
-    step = start_step
-    stopped = False
-    engine.train()
-    t_job = time.perf_counter()
-    for step in range(start_step + 1, cfg.train.steps + 1):
-        for _ in range(cfg.train.grad_accum_steps):
+        self.loader = train_batches(cfg.data, self.info, self.rank, self.world, cfg.train.seed,
+                                    device=self.device, dtype=self.dtype)
+        self.hook = self.hook or make_checkpoint_hook(cfg, self.rank, self.world)
+        self.start_step, extra = self.hook.maybe_resume(self.engine, self.loader)
+        self.totals = IntervalTotals.from_carry(extra.get("loss_window"))
+        if self.start_step and self.rank == 0:
+            print(f"resumed from {self.hook.last_committed} at step {self.start_step}",
+                  file=sys.stderr, flush=True)
+        self.stopper = StopAgreement(self.world, self.should_stop, cfg.checkpoint.stop_after_step)
+
+        self.tracking = open_tracking(cfg, self.rank, extra.get("mlflow_run_id"))
+        if self.tracking.commit_gate:   # a checkpoint commits after its steps' metrics
+            self.hook.commit_gate = self.tracking.commit_gate
+        self.progress = Progress(self.rank if self.show_progress else -1, cfg.train.steps,
+                                 self.start_step, cfg.train.progress_every_s)
+        self.report = self.report_to if self.rank == 0 else None
+        self.last: dict[str, float] = {}
+        self.step, self.stopped = self.start_step, False
+
+    # -- the loop ------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Optimizer steps from the one after the resume point to train.steps, or to the
+        step at which all ranks agreed to stop."""
+        t = self.cfg.train
+        self.engine.train()
+        self.t_start = time.perf_counter()
+        for step in range(self.start_step + 1, t.steps + 1):
+            self.step = step
+            self.train_step()
+            if step % t.log_every == 0 or step == t.steps:
+                self.log_metrics(step)
+            if t.eval_every and step % t.eval_every == 0 and step != t.steps:
+                t0 = time.perf_counter()
+                self.evaluate_and_log(step)
+                self.engine.train()
+                self.totals.start += time.perf_counter() - t0   # eval time is not throughput
+            self.hook.maybe_save(step, self.engine, self.loader, self.extra_state)
+            if step < t.steps and self.stopper(step):
+                self.stopped = True
+                if self.rank == 0:
+                    print(f"stopping at step {step}/{t.steps}: writing a final checkpoint",
+                          file=sys.stderr, flush=True)
+                return
+
+    def train_step(self) -> None:
+        """One optimizer step: grad_accum_steps micro-batches, each timed and counted."""
+        for _ in range(self.cfg.train.grad_accum_steps):
             t0 = time.perf_counter()
-            batch = next(batches)
-            window.data_wait_s += time.perf_counter() - t0
-            loss = train_micro_step(engine, batch, device, dtype)
-            n = len(batch.y)
-            tokens, flops = per_sample[batch.modality]
-            window.add_step(loss, n, tokens * n, flops * n, batch.modality)
-        # `steps` in the window counts micro-batches; loss is their mean.
-        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-            t0 = time.perf_counter()
-            lr = scheduler.get_last_lr()[0] if scheduler is not None else cfg.train.lr
-            metrics = window.reduce(world, peak, lr)
-            metrics["data/skipped_samples"] = data_io.skipped_samples(loader, world)
-            logger.log(metrics, step)
-            last.update(metrics)
-            progress.update(step, metrics)
-            if report:
-                report({"step": step, **metrics})
-            window = Window()
-            window.log_s += time.perf_counter() - t0
-        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != cfg.train.steps:
-            t0 = time.perf_counter()
-            evaluate_and_log(step)
-            engine.train()
-            window.start += time.perf_counter() - t0   # eval time is not training throughput
-        hook.maybe_save(step, engine, loader, extra_state)
-        if step < cfg.train.steps and stopper(step):
-            stopped = True
-            if rank == 0:
-                print(f"stopping at step {step}/{cfg.train.steps}: writing a final checkpoint",
-                      file=sys.stderr, flush=True)
-            break
-    if cfg.train.eval_at_end and not stopped:
-        evaluate_and_log(step)
-    checkpoint = hook.finish(step, engine, loader, extra_state)
-    logger.close()
-    if own_run:
-        end_run(tracking_uri, run_id)
-    for ld in [loader, *eval_loaders.values()]:
-        if hasattr(ld, "close"):
-            ld.close()
-    summary = {
-        "mlflow_run_id": run_id,
-        "tracking_uri": tracking_uri if cfg.tracking.enabled else None,
-        "checkpoint": checkpoint,
-        "steps": step,
-        "stopped": stopped,
-        "resumed_from_step": start_step or None,
-        "world_size": world,
-        "wall_s": time.perf_counter() - t_job,
-        "metrics": {k: v for k, v in last.items()},
-        "logging_s": logger.send_time_s,
-    }
-    if report:
-        report({"summary": summary})
-    return summary
+            batch = next(self.loader)
+            self.totals.data_wait_s += time.perf_counter() - t0
+            loss = train_micro_step(self.engine, batch, self.objective)
+            n = len(batch)
+            tokens, flops = self.per_sample[batch.modality]
+            self.totals.add_step(loss, n, tokens * n, flops * n, batch.modality)
 
+    def log_metrics(self, step: int) -> None:
+        """A log point (collective): the interval's totals reduced to metrics, then a new
+        interval. `steps` in the totals counts micro-batches; loss is their mean."""
+        t0 = time.perf_counter()
+        lr = self.scheduler.get_last_lr()[0] if self.scheduler is not None else self.cfg.train.lr
+        metrics = self.totals.reduce(self.world, self.peak, lr)
+        metrics["data/skipped_samples"] = skipped_samples(self.loader, self.world)
+        self.tracking.logger.log(metrics, step)
+        self.last.update(metrics)
+        self.progress.update(step, metrics)
+        if self.report:
+            self.report({"step": step, **metrics})
+        self.totals = IntervalTotals()
+        self.totals.log_s += time.perf_counter() - t0
 
-def last_logged_step(tracking_uri: str, run_id: str) -> int:
-    """The highest step of train/loss already in the run (-1: none): a run restarted after
-    a crash re-trains the steps since its last checkpoint, and must not log them again."""
-    from mlflow.tracking import MlflowClient
+    def evaluate_and_log(self, step: int) -> None:
+        """The objective's held-out metrics (collective: every rank runs the eval loaders)."""
+        if not self.eval_loaders:
+            for modality in self.info.held_out:   # built at the first eval, kept for the next
+                self.eval_loaders[modality] = eval_batches(
+                    self.cfg.data, self.info, modality, self.rank, self.world,
+                    device=self.device, dtype=self.dtype)
+        ev = evaluate(self.engine, self.objective, self.eval_loaders, self.world)
+        self.tracking.logger.log(ev, step)
+        self.last.update(ev)
+        self.progress.line(step, ev)
+        if self.report:
+            self.report({"step": step, **ev})
 
-    try:
-        history = MlflowClient(tracking_uri=tracking_uri).get_metric_history(run_id, "train/loss")
-    except Exception as exc:  # tracking trouble must not stop training
-        print(f"warning: could not read MLflow run {run_id} ({exc})", file=sys.stderr)
-        return -1
-    return max((m.step for m in history), default=-1)
+    def extra_state(self) -> dict[str, Any]:
+        """What a checkpoint needs beyond the engine and loader (collective: the hook calls
+        it on every rank when it saves)."""
+        return {"loss_window": self.totals.carry(self.world), "mlflow_run_id": self.tracking.run_id}
 
+    # -- finish and teardown -------------------------------------------------------------
 
-class SkipLogged:
-    """A metric logger that drops steps at or below `done` (already in the run)."""
+    def finish(self) -> None:
+        """Final evaluation (unless stopped early) and the last checkpoint."""
+        if self.cfg.train.eval_at_end and not self.stopped:
+            self.evaluate_and_log(self.step)
+        self.checkpoint = self.hook.finish(self.step, self.engine, self.loader, self.extra_state)
+        self.finished = True
 
-    def __init__(self, inner: MetricLogger, done: int):
-        self.inner, self.done = inner, done
+    def close(self) -> None:
+        """Release what setup made, whatever happened: the metric logger (after sending what
+        is queued), an MLflow run this process opened, the loaders' processes and memory."""
+        try:
+            self.tracking.close(failed=not self.finished)
+        finally:
+            for loader in [self.loader, *self.eval_loaders.values()]:
+                if loader is not None:
+                    loader.close()
 
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        if step > self.done:
-            self.inner.log(metrics, step)
-
-    def close(self, timeout: float = 60.0) -> None:
-        self.inner.close(timeout)
-
-    @property
-    def send_time_s(self) -> float:
-        return self.inner.send_time_s
+    def summarize(self) -> dict[str, Any]:
+        """The summary train() returns (and reports on rank 0 as {"summary": ...})."""
+        summary = {
+            "mlflow_run_id": self.tracking.run_id,
+            "tracking_uri": self.tracking.uri,
+            "checkpoint": self.checkpoint,
+            "steps": self.step,
+            "stopped": self.stopped,
+            "resumed_from_step": self.start_step or None,
+            "world_size": self.world,
+            "wall_s": time.perf_counter() - self.t_start,
+            "metrics": dict(self.last),
+            "logging_s": self.tracking.logger.send_time_s,
+        }
+        if self.report:
+            self.report({"summary": summary})
+        return summary
 
 
 class Progress:
