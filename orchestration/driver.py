@@ -32,6 +32,7 @@ import time
 from typing import Any, Callable
 
 from orchestration import ray_env
+from pretrain.data.metadata import DataInfo
 from pretrain.errors import UserError
 from pretrain.process_env import config_env
 from pretrain.train.config import ExperimentConfig, to_dict
@@ -142,8 +143,10 @@ def init_ray(cfg: ExperimentConfig) -> bool:
 
 
 def run_job(cfg: ExperimentConfig, config_name: str = "run",
-            on_progress: Callable[[dict], None] | None = None) -> dict[str, Any]:
-    """Train `cfg` on Ray; returns the summary dict (see pretrain.train.worker.train)."""
+            on_progress: Callable[[dict], None] | None = None,
+            data_info: DataInfo | None = None) -> dict[str, Any]:
+    """Train `cfg` on Ray; returns the summary dict (see pretrain.train.worker.train).
+    `data_info`: the datasets' metadata when the caller has read it already."""
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -151,7 +154,7 @@ def run_job(cfg: ExperimentConfig, config_name: str = "run",
     term = threading.Event()
     previous = _on_sigterm(term)
     tracking_uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
-    resume = resume_point(cfg)
+    resume = resume_point(cfg, data_info)
     if cfg.tracking.enabled:
         cfg.tracking.tracking_uri = tracking_uri
         if resume is not None and not cfg.tracking.run_id:
@@ -244,7 +247,7 @@ def _on_sigterm(term: threading.Event):
     return signal.signal(signal.SIGTERM, handler)
 
 
-def resume_point(cfg: ExperimentConfig):
+def resume_point(cfg: ExperimentConfig, data_info: DataInfo | None = None):
     """The committed checkpoint this run will resume from (CheckpointInfo), or None.
 
     Checked here, before Ray starts, against the model this config builds: resuming into a
@@ -257,24 +260,25 @@ def resume_point(cfg: ExperimentConfig):
     info = latest_committed(cfg.checkpoint.uri)
     if info is None:
         return None
-    current = expected_model_config(cfg)
+    current = expected_model_config(cfg, data_info)
     if current is not None:
         check_compatible(info.manifest.model_config, current, info.uri)
     return info
 
 
-def expected_model_config(cfg: ExperimentConfig) -> dict[str, Any] | None:
+def expected_model_config(cfg: ExperimentConfig,
+                          data_info: DataInfo | None = None) -> dict[str, Any] | None:
     """The architecture config the workers will build (on the meta device: no memory).
-    None for models that come from a file (the workers check those when they load)."""
+    None for models that come from a file (the workers check those when they load).
+    Its heads come from `data_info` (read from storage when not given)."""
     if cfg.model.init_from or cfg.bootstrap.init_from:
         return None
     import torch
 
     from checkpoints.manager import model_config_of
-    from pretrain.data.metadata import DataInfo
     from pretrain.model import model_from_config
 
-    num_classes = DataInfo.from_config(cfg.data).num_classes
+    num_classes = (data_info or DataInfo.from_config(cfg.data)).num_classes
     with torch.device("meta"):
         model = model_from_config(cfg.model, num_classes)
     return model_config_of(model)

@@ -92,6 +92,12 @@ def test_bad_choice(tmp_path):
     assert "'model.name'" in msg and "tubevit-ti" in msg and "tubevit-h" in msg
 
 
+def test_objective_is_chosen_by_name_from_the_registered_ones(tmp_path):
+    assert load_config(write(tmp_path, MINIMAL)).train.objective == "classification"
+    msg = error_of(tmp_path, MINIMAL, ["train.objective=masked"])
+    assert "'train.objective'" in msg and "classification" in msg
+
+
 def test_missing_required_key(tmp_path):
     doc = {k: v for k, v in MINIMAL.items() if k != "train"}
     msg = error_of(tmp_path, doc)

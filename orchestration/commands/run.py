@@ -38,7 +38,7 @@ def run(args) -> int:
 
     cfg = absolute_paths(load_config(args.config, args.overrides))
     process_env.apply(process_env.config_env(cfg.resources))
-    ensure_data(cfg)
+    data_info = ensure_data(cfg)
 
     from orchestration.driver import run_job
 
@@ -58,7 +58,7 @@ def run(args) -> int:
             figures = "  ".join(f"{k} {v:.4f}" for k, v in item.items() if k != "step")
             print(f"step {step}/{cfg.train.steps}  {figures}", file=sys.stderr, flush=True)
 
-    summary = run_job(cfg, config_name=name, on_progress=on_progress)
+    summary = run_job(cfg, config_name=name, on_progress=on_progress, data_info=data_info)
     summary["wall_s"] = time.monotonic() - t0
     _print_summary(summary, cfg)
     if args.json:
@@ -66,12 +66,13 @@ def run(args) -> int:
     return 0
 
 
-def ensure_data(cfg) -> None:
+def ensure_data(cfg):
     """Check the dataset URIs before Ray starts; write the synthetic demo data first when
-    the config asks for it and it is missing."""
+    the config asks for it and it is missing. Returns their metadata (a DataInfo), read once
+    for the driver's checks."""
     from pretrain.data.metadata import ensure_datasets
 
-    ensure_datasets(cfg.data, prepare=True)
+    return ensure_datasets(cfg.data, prepare=True)
 
 
 def absolute_paths(cfg):

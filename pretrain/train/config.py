@@ -29,6 +29,7 @@ from pretrain.errors import UserError
 from pretrain.model.bootstrap_config import BootstrapConfig
 from pretrain.model.family import ModelConfig
 from pretrain.model.registry import model_config, presets
+from pretrain.train.objectives import OBJECTIVES
 
 # The experiment API: the loader's functions applied to ExperimentConfig.
 __all__ = ["ExperimentConfig", "apply_overrides", "describe", "flatten", "from_dict", "load_config",
@@ -64,6 +65,9 @@ class TrainConfig:
     cpu_offload: bool = config_field(
         False, "ZeRO-3 only: keep parameters and optimizer state in CPU memory")
     activation_checkpointing: bool = config_field(False, "recompute block activations in backward")
+    objective: str = config_field(
+        "classification", "what the loss is (pretrain/train/objectives.py): classification = "
+        "cross-entropy through each dataset's head", choices=tuple(OBJECTIVES))
     seed: int = config_field(0, "seed for model init, data order and the image/video mix", min=0)
     log_every: int = config_field(
         10, "steps between metric log points (train/loss is the mean since the previous one)",

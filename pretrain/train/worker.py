@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from pretrain.data.metadata import DataInfo
+from pretrain.process_env import set_torch_threads
 from pretrain.train.checkpoint_hook import CheckpointHook, make_checkpoint_hook
 from pretrain.train.config import ExperimentConfig, from_dict, load_config
 from pretrain.train.device_batches import DeviceBatches, eval_batches, train_batches
@@ -143,14 +144,13 @@ class Trainer:
     def setup(self) -> None:
         """Process group, model and engine, loader, resume point, tracking."""
         cfg = self.cfg
-        threads = cfg.resources.threads_per_worker or max(1, int(cfg.resources.cpus_per_worker))
-        torch.set_num_threads(threads)
+        set_torch_threads(cfg.resources)
         self.rank, self.world = init_distributed(cfg)
         self.device = device_for_rank()
         seed_everything(cfg.train.seed)   # same init on every rank
 
         self.info = DataInfo.from_config(cfg.data)   # the datasets' metadata, read once
-        self.objective = make_objective("classification")
+        self.objective = make_objective(cfg.train.objective)
         model = build_model(cfg, self.info.num_classes)
         self.engine, _, self.scheduler = build_engine(model, cfg, self.world)
         self.dtype = autocast_dtype(cfg)
