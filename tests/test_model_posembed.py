@@ -1,4 +1,4 @@
-"""Fixed sin/cos position embedding of tube centres (tubevit.md section 3)."""
+"""Fixed sin/cos position embedding of tube centres (TubeViT paper, section 3)."""
 import math
 
 import pytest

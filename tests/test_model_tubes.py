@@ -16,7 +16,7 @@ def arithmetic(tubes, size):
 
 
 @pytest.mark.parametrize("tubes,size,expected", [
-    ("paper", (32, 224, 224), 539),       # tubevit.md section 2 (the paper's text says 559)
+    ("paper", (32, 224, 224), 539),       # the paper's four tubes (its text says 559)
     ("paper", (64, 224, 224), 1176),
     ("paper", (224, 224), 196),           # an image: the 2D tube only
     ("paper-1", (32, 224, 224), 196),

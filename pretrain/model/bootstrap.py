@@ -1,5 +1,5 @@
-"""Image-to-video bootstrapping (tubevit.md section 7): a large image ViT + a small TubeViT's
-tube kernels -> a large video TubeViT that starts out computing exactly what the image ViT
+"""Image-to-video bootstrapping (TubeViT paper, "Image-To-Video Scaling"): a large image ViT
++ a small TubeViT's tube kernels -> a large video TubeViT that starts out computing exactly what the image ViT
 computed.
 
     small = load_model("tubevit-b.safetensors")                 # trained jointly, any width d

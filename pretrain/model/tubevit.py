@@ -13,7 +13,7 @@ Meta-device pattern (torchtitan style), to plan or shard a large model without a
     model.to_empty(device="cpu")     # or the sharded / target device
     model.init_weights()             # every parameter is (re)initialised here
 
-Gated skip for image-to-video bootstrapping (tubevit.md section 7): with
+Gated skip for image-to-video bootstrapping (TubeViT paper, "Image-To-Video Scaling"): with
 `gate_layer = s` (0-based index into `model.blocks`) the output of `blocks[s]` gets
 `tanh(gate.alpha) * z_0` added, where z_0 is the block stack's input (tube tokens + position
 embedding, after the input dropout). alpha starts at 0, so the gate changes nothing until it
