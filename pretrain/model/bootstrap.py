@@ -1,6 +1,6 @@
 """Image-to-video bootstrapping (TubeViT paper, "Image-To-Video Scaling"): a large image ViT
-+ a small TubeViT's tube kernels -> a large video TubeViT that starts out computing exactly what the image ViT
-computed.
++ a small TubeViT's tube kernels -> a large video TubeViT that starts out computing exactly
+what the image ViT computed.
 
     small = load_model("tubevit-b.safetensors")                 # trained jointly, any width d
     model, meta = bootstrap(read_state_dict("vit_h14.pth"), small, gate_layer=24)
