@@ -78,6 +78,25 @@ def place(profile: dict, shape: JobShape) -> Placement:
     return Placement(nodes=nodes, workers_per_node=per_node)
 
 
+def decode_cores_warning(profile: dict, need: float) -> str | None:
+    """One paragraph when a worker node of `profile` has fewer CPUs per accelerator than
+    `need` (the decode cores one accelerator keeps busy, `pretrain plan
+    --decode-rate|--measure-decode`'s decode_cores_per_accelerator); None when it has enough
+    or has no accelerators. A warning, not an error: the job runs, only slower, and the
+    figure is an estimate at an assumed MFU."""
+    w = profile["worker"]
+    if not w["gpus"]:
+        return None
+    have = w["cpus"] / w["gpus"]
+    if have >= need:
+        return None
+    return (f"warning: a worker node of cluster profile '{profile['name']}' has {have:g} CPUs per "
+            f"accelerator ({w['cpus']:g} CPUs, {w['gpus']} GPUs) but decoding needs {need:g} cores "
+            f"per accelerator (--decode-cores-per-accelerator); the accelerators would wait for "
+            f"data about {1 - have / need:.0%} of the time. Pick a profile whose nodes have more "
+            "CPUs per GPU, or store video that decodes faster.")
+
+
 def k8s_name(text: str, limit: int = 40) -> str:
     """A DNS-1035 label from a job name (RayJob names get a suffix, hence the short limit)."""
     name = re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")

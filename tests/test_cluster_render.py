@@ -227,3 +227,19 @@ def test_cli_list_and_render(tmp_path, capsys):
     assert cli(["cluster", "render", "nope", "--config", str(GPU_CONFIG), "--workers", "1",
                 "--out", str(out)]) == 2
     assert "valid profiles" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("need,warns", [(30, True), (25, False), (10, False)])
+def test_render_warns_when_nodes_have_too_few_cpus_per_accelerator(tmp_path, capsys, need, warns):
+    # gke-8xh100: 200 CPUs and 8 GPUs per worker node -> 25 CPUs per accelerator
+    assert cli(["cluster", "render", "gke-8xh100", "--config", str(GPU_CONFIG), "--workers", "8",
+                "--out", str(tmp_path), "--decode-cores-per-accelerator", str(need)]) == 0
+    err = capsys.readouterr().err.replace("\n  ", " ")
+    assert ("has 25 CPUs per accelerator" in err and f"needs {need} cores" in err) == warns
+    assert ("warning" in err) == warns and "Traceback" not in err
+
+
+def test_decode_cores_warning_ignores_cpu_only_profiles():
+    assert render.decode_cores_warning(load_profile("local"), 100) is None
+    assert "about 50% of the time" in render.decode_cores_warning(
+        load_profile("gke-8xh100", ["worker.cpus=100"]), 25)

@@ -42,3 +42,70 @@ def test_plan_bad_input_is_one_paragraph_and_exit_2(capsys, args, expected):
     assert main(["plan", *args]) == 2
     err = capsys.readouterr().err
     assert expected in err.replace("\n  ", " ") and "Traceback" not in err
+
+
+# ------------------------------------------------------------------ data pipeline sizing
+
+def test_plan_feed_arithmetic(capsys):
+    """train_clips_per_s = mfu x peak / (3 x forward FLOPs), from the JSON's own FLOPs figure;
+    cores per accelerator = clips/s over the given decode rate."""
+    from pretrain.train.metrics import PEAK_FLOPS_16BIT
+
+    out = plan_json(capsys, "--model", "tubevit-l", "--frames", "32", "--size", "224",
+                    "--accelerator", "h200", "--mfu", "0.4", "--decode-rate", "7.5")
+    peak = PEAK_FLOPS_16BIT["H200"]
+    assert out["accelerator_peak_tflops"] == pytest.approx(peak / 1e12) and out["mfu"] == 0.4
+    clips = 0.4 * peak / (3 * out["gflops_per_clip"] * 1e9)
+    images = 0.4 * peak / (3 * out["gflops_per_image"] * 1e9)
+    assert out["train_clips_per_s"] == pytest.approx(clips, rel=1e-3)
+    assert out["train_images_per_s"] == pytest.approx(images, rel=1e-3)
+    assert out["decode_clips_per_s_per_core"] == 7.5
+    assert out["decode_cores_per_accelerator"] == pytest.approx(clips / 7.5, abs=0.06)
+
+
+def test_plan_feed_keys_only_with_an_accelerator(capsys):
+    out = plan_json(capsys, "--model", "tubevit-ti", "--frames", "32", "--size", "112")
+    assert "train_clips_per_s" not in out and "decode_cores_per_accelerator" not in out
+    out = plan_json(capsys, "--model", "tubevit-ti", "--frames", "32", "--size", "112",
+                    "--accelerator", "h100-pcie")
+    assert out["accelerator_peak_tflops"] == 756.0 and out["mfu"] == 0.5
+    assert out["train_clips_per_s"] > 0 and "decode_cores_per_accelerator" not in out
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--accelerator", "h100", "--mfu", "0"], "--mfu 0.0 must be in (0, 1]"),
+    (["--accelerator", "h100", "--mfu", "1.5"], "--mfu 1.5 must be in (0, 1]"),
+    (["--accelerator", "h300"], "valid names: a100,"),
+    (["--decode-rate", "7.5"], "add --accelerator NAME"),
+    (["--measure-decode", "/nowhere"], "add --accelerator NAME"),
+    (["--accelerator", "h100", "--decode-rate", "0"], "--decode-rate 0.0 must be a positive"),
+])
+def test_plan_feed_bad_input_is_a_user_error(capsys, args, expected):
+    assert main(["plan", "--model", "tubevit-ti", *args]) == 2
+    err = capsys.readouterr().err
+    assert expected in err.replace("\n  ", " ") and "Traceback" not in err
+
+
+def test_plan_decode_flags_are_exclusive(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["plan", "--accelerator", "h100", "--decode-rate", "7", "--measure-decode", "x"])
+    assert exc.value.code == 2 and "not allowed with" in capsys.readouterr().err
+
+
+def test_plan_measures_decode_on_prepared_shards(tmp_path, capsys):
+    from pretrain.data.synthetic import prepare_synthetic
+
+    prepare_synthetic(str(tmp_path / "syn"), 8, 0, frames=24, size=32, workers=1)
+    uri = str(tmp_path / "syn" / "video" / "train")
+    out = plan_json(capsys, "--model", "tubevit-ti", "--frames", "32", "--size", "112",
+                    "--skip-unfit-tubes", "--accelerator", "a100", "--measure-decode", uri,
+                    "--frame-stride", "1")
+    assert out["decode_clips_per_s_per_core"] > 0
+    assert out["decode_measured"]["clips"] == 20 and out["decode_measured"]["dataset"] == uri
+    assert out["decode_cores_per_accelerator"] == pytest.approx(
+        out["train_clips_per_s"] / out["decode_clips_per_s_per_core"], rel=0.02)
+    # an image dataset cannot be decoded as clips
+    prepare_synthetic(str(tmp_path / "img"), 0, 4, size=32, workers=1)
+    assert main(["plan", "--model", "tubevit-ti", "--accelerator", "a100",
+                 "--measure-decode", str(tmp_path / "img" / "image" / "train")]) == 2
+    assert "needs video shards" in capsys.readouterr().err

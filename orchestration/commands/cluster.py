@@ -9,11 +9,15 @@
 Kubernetes profiles write `raycluster.yaml` (a cluster for `pretrain submit`) and
 `rayjob.yaml` (the job with its own cluster); gcp-vm profiles write `cluster.yaml` for
 `ray up`. Every file is validated (KubeRay CRDs, Ray's launcher schema) before it is written,
-and sized from the job's ScalingConfig (workers, CPUs and GPUs per worker).
+and sized from the job's ScalingConfig (workers, CPUs and GPUs per worker). With
+`--decode-cores-per-accelerator N` (from `pretrain plan --accelerator ... --decode-rate R`)
+render warns when the profile's worker nodes have fewer CPUs per GPU than decoding needs.
 """
 from __future__ import annotations
 
 import json
+import sys
+import textwrap
 from pathlib import Path
 
 HELP = "cluster profiles: list them, render KubeRay / Ray launcher manifests for a job"
@@ -35,6 +39,10 @@ def add_arguments(parser) -> None:
     r.add_argument("--name", help="job / cluster name (default: the config's name)")
     r.add_argument("--set", dest="profile_overrides", action="append", default=[],
                    metavar="KEY=VALUE", help="profile override, e.g. worker.max_nodes=4")
+    r.add_argument("--decode-cores-per-accelerator", type=float, metavar="N",
+                   help="CPU cores one accelerator needs to decode its clips (decode_cores_per_"
+                        "accelerator of `pretrain plan --accelerator ... --decode-rate R`); warns "
+                        "when the profile's worker nodes have fewer CPUs per GPU")
     r.add_argument("--json", action="store_true", help="one JSON object on the last line")
 
 
@@ -109,9 +117,18 @@ def _render(args) -> int:
 
     if args.workers < 1:
         raise UserError(f"--workers must be >= 1, got {args.workers}")
+    need = args.decode_cores_per_accelerator
+    if need is not None and need <= 0:
+        raise UserError(f"--decode-cores-per-accelerator must be > 0, got {need:g}")
     config, *overrides = args.config
     files = render_job(args.profile, config, args.workers, name=args.name,
                        overrides=overrides, profile_overrides=args.profile_overrides)
+    if need is not None:
+        from cluster.profiles import load_profile
+
+        warning = render.decode_cores_warning(load_profile(args.profile, args.profile_overrides), need)
+        if warning:
+            print(textwrap.fill(warning, width=100, subsequent_indent="  "), file=sys.stderr)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     written = []

@@ -1,4 +1,6 @@
-"""`pretrain plan`: token counts, parameters and forward GFLOPs of a model at a clip size.
+"""`pretrain plan`: token counts, parameters and forward GFLOPs of a model at a clip size,
+the memory one worker needs, and (with --accelerator) how many clips per second an
+accelerator trains and how many CPU cores must decode to keep it fed.
 
 The model is built on the meta device, so planning ViT-H allocates nothing. The summary is
 assembled from sections (`SECTIONS`: functions args -> dict) merged in order, so further
@@ -9,7 +11,8 @@ from __future__ import annotations
 
 import json
 
-HELP = "Token counts, parameter count and forward GFLOPs of a model at a clip size (allocates nothing)."
+HELP = ("Token counts, parameter count and forward GFLOPs of a model at a clip size, memory per worker, "
+        "and the decode cores an accelerator needs (allocates nothing).")
 
 
 def add_arguments(parser) -> None:
@@ -37,6 +40,26 @@ def add_arguments(parser) -> None:
                      help="bootstrap: freeze the tokenizer and blocks[:S] (0-based); default trains all")
     mem.add_argument("--device-memory", type=float, default=80.0, metavar="GiB",
                      help="memory of one device to check the estimate against (default 80)")
+    feed = parser.add_argument_group(
+        "data pipeline sizing: clips/s an accelerator trains and the decode cores that feed it")
+    feed.add_argument("--accelerator", metavar="NAME",
+                      help="accelerator whose data-sheet peak (dense, at --precision) sizes the "
+                           "training rate, e.g. a100, h100, h100-pcie, h200 (the table is "
+                           "pretrain/train/metrics.py)")
+    feed.add_argument("--mfu", type=float, default=0.5,
+                      help="model FLOPs utilisation to expect, in (0, 1] (default 0.5)")
+    decode = feed.add_mutually_exclusive_group()
+    decode.add_argument("--decode-rate", type=float, metavar="R",
+                        help="training clips one CPU core decodes per second (needs --accelerator)")
+    decode.add_argument("--measure-decode", metavar="DATASET_URI",
+                        help="measure that rate here, on one core, from a prepared video dataset "
+                             "(needs --accelerator)")
+    feed.add_argument("--frame-stride", type=int, default=None, metavar="K",
+                      help="clip frame stride for --measure-decode (default: data.frame_stride's "
+                           "default)")
+    feed.add_argument("--fps", type=float, default=None,
+                      help="clip frame rate for --measure-decode, instead of --frame-stride "
+                           "(data.fps)")
     parser.add_argument("--json", action="store_true", help="print one JSON object on the last line")
 
 
@@ -118,7 +141,65 @@ def memory_section(args) -> dict:
     return out
 
 
-SECTIONS = [model_section, memory_section]
+def feed_section(args) -> dict:
+    """Clips (and images) per second one accelerator trains at --mfu of its peak, and the CPU
+    cores per accelerator that decoding those clips needs (with --decode-rate or
+    --measure-decode). Nothing without --accelerator."""
+    from pretrain.errors import UserError
+    from pretrain.model import count_flops
+    from pretrain.model.tubes import image_tube_index
+    from pretrain.train.metrics import named_peak
+
+    decode_flag = ("--decode-rate" if args.decode_rate is not None
+                   else "--measure-decode" if args.measure_decode else None)
+    if args.accelerator is None:
+        if decode_flag:
+            raise UserError(f"{decode_flag} sizes decoding for an accelerator's training rate; add "
+                            "--accelerator NAME (e.g. --accelerator h100)")
+        return {}
+    if not 0 < args.mfu <= 1:
+        raise UserError(f"--mfu {args.mfu} must be in (0, 1], e.g. 0.5 for 50% of the peak")
+    peak = named_peak(args.accelerator, args.precision)
+    model = _build_meta_model(args)
+    # Training costs 3 x forward: the backward pass is two matmuls per forward matmul.
+    achieved = args.mfu * peak
+    clip_flops = count_flops(model, (args.frames, args.size, args.size))["total"]
+    out = {"accelerator": args.accelerator, "accelerator_peak_tflops": round(peak / 1e12, 1),
+           "mfu": args.mfu, "train_clips_per_s": round(achieved / (3 * clip_flops), 2)}
+    if image_tube_index(model.config.tubes) is not None:
+        image_flops = count_flops(model, (args.size, args.size))["total"]
+        out["train_images_per_s"] = round(achieved / (3 * image_flops), 2)
+    else:
+        out["train_images_per_s"] = None
+    if decode_flag is None:
+        return out
+    if args.decode_rate is not None:
+        if args.decode_rate <= 0:
+            raise UserError(f"--decode-rate {args.decode_rate} must be a positive number of "
+                            "clips per second per core, e.g. 7.5")
+        rate = args.decode_rate
+    else:
+        rate = _measured_rate(args, out)
+    out["decode_clips_per_s_per_core"] = round(rate, 2)
+    out["decode_cores_per_accelerator"] = round(achieved / (3 * clip_flops) / rate, 1)
+    return out
+
+
+def _measured_rate(args, out: dict) -> float:
+    from pretrain.data.config import DataConfig
+    from pretrain.data.decode_rate import measure_decode
+    from pretrain.errors import UserError
+
+    stride = args.frame_stride if args.frame_stride is not None else DataConfig().frame_stride
+    if stride < 1 or (args.fps is not None and args.fps <= 0):
+        raise UserError(f"--frame-stride {stride} must be >= 1 and --fps, when given, > 0")
+    m = measure_decode(args.measure_decode, args.frames, args.size, stride, args.fps)
+    out["decode_measured"] = {"dataset": args.measure_decode, "clips": m["clips"],
+                              "cpu_s": m["cpu_s"], "frame_stride": stride, "fps": args.fps}
+    return m["clips_per_s_per_core"]
+
+
+SECTIONS = [model_section, memory_section, feed_section]
 
 
 def summarize(args) -> dict:

@@ -16,20 +16,27 @@ import torch.distributed as dist
 
 from pretrain.data.metadata import DataInfo
 
-# Dense peak FLOP/s per device for 16-bit matmuls (vendor data sheets, no sparsity).
-# MFU is reported only for accelerators found here.
+# Dense peak FLOP/s per device for 16-bit (bf16; fp16 where a chip has no bf16) matmuls, from
+# the vendor's data sheet, the dense (non-sparse) figure: NVIDIA's sheets print the 2:4
+# sparsity number first (with a footnote), the dense one is half of it. Keys are matched as
+# substrings of the device name, longest first, so a variant's key ("H100 PCIE") wins over
+# its family's ("H100"). MFU is reported only for accelerators found here; `pretrain plan
+# --accelerator` names them in lower case with '-' for ' ' (`accelerator_names`).
 PEAK_FLOPS_16BIT = {
-    "H200": 989e12,
-    "H100": 989e12,     # SXM; the PCIe card is lower (756e12), matched first below
-    "H100 PCIE": 756e12,
-    "A100": 312e12,
-    "L40S": 362e12,
-    "L4": 121e12,
-    "A10G": 70e12,
-    "V100": 125e12,
-    "TPU V5E": 197e12,
+    "B200": 2250e12,     # HGX B200 data sheet: 36 PFLOPS BF16 sparse per 8 GPUs -> 2.25 PF dense per GPU
+    "H200": 989e12,      # H200 SXM data sheet: 1,979 TFLOPS BF16 sparse
+    "H200 NVL": 835e12,  # H200 NVL (PCIe card) data sheet: 1,671 TFLOPS BF16 sparse
+    "H100": 989e12,      # H100 SXM data sheet: 1,979 TFLOPS BF16 sparse
+    "H100 PCIE": 756e12,  # H100 PCIe data sheet: 1,513 TFLOPS BF16 sparse
+    "H100 NVL": 835e12,  # H100 NVL data sheet: 1,671 TFLOPS BF16 sparse
+    "A100": 312e12,      # A100 data sheet: 312 dense / 624 sparse, SXM and PCIe alike
+    "L40S": 362e12,      # L40S data sheet: 362.05 dense / 733 sparse
+    "L4": 121e12,        # L4 data sheet: 242 TFLOPS BF16 sparse
+    "A10G": 70e12,       # AWS-only A10 variant: no public NVIDIA data sheet; the commonly quoted figure
+    "V100": 125e12,      # V100 SXM2 data sheet, FP16 tensor (Volta has no bf16; PCIe: 112)
+    "TPU V5E": 197e12,   # Google Cloud TPU v5e documentation: 197 TFLOPS bf16 per chip
 }
-# fp32 training on Ampere+ uses TF32 tensor cores for matmuls.
+# fp32 training on Ampere+ uses TF32 tensor cores for matmuls (same sheets, dense figure).
 PEAK_FLOPS_TF32 = {"H200": 494e12, "H100": 494e12, "H100 PCIE": 378e12, "A100": 156e12}
 
 
@@ -46,6 +53,29 @@ def accelerator_peak(setting: str, precision: str) -> tuple[str | None, float | 
         if key in upper:
             return key, table[key]
     return name, None
+
+
+def accelerator_names(precision: str = "bf16") -> list[str]:
+    """The accelerators `named_peak` knows at `precision`, e.g. ['a100', 'h100', 'h100-pcie']."""
+    table = PEAK_FLOPS_TF32 if precision == "fp32" else PEAK_FLOPS_16BIT
+    return sorted(key.lower().replace(" ", "-") for key in table)
+
+
+def named_peak(name: str, precision: str = "bf16") -> float:
+    """Peak FLOP/s of the accelerator called `name` exactly (as `accelerator_names` spells it).
+
+    Unlike `accelerator_peak` (which reads a device name and may match a family), an
+    operator's choice must be one entry of the table, so 'h100' never silently means a PCIe card.
+    """
+    from pretrain.errors import UserError
+
+    table = PEAK_FLOPS_TF32 if precision == "fp32" else PEAK_FLOPS_16BIT
+    key = name.strip().upper().replace("-", " ")
+    if key not in table:
+        raise UserError(f"accelerator '{name}' has no {precision} peak in the table "
+                        "(pretrain/train/metrics.py); valid names: "
+                        f"{', '.join(accelerator_names(precision))}")
+    return table[key]
 
 
 def sample_costs(model, info: DataInfo) -> dict[str, tuple[int, float]]:
