@@ -31,7 +31,7 @@ def measure_decode(uri: str, frames: int, size: int, frame_stride: int, fps: flo
 
     from pretrain.data import shared_memory
     from pretrain.data.config import DataConfig
-    from pretrain.data.loader import _SAMPLE_ERRORS, _clip_spec
+    from pretrain.data.loader import SAMPLE_ERRORS, clip_spec
     from pretrain.data.remote import make_stream
     from pretrain.data.samples import sample_rng, train_clip
     from pretrain.data.shards import dataset_info
@@ -44,7 +44,7 @@ def measure_decode(uri: str, frames: int, size: int, frame_stride: int, fps: flo
         raise UserError(f"--measure-decode '{uri}' holds no samples")
     # The loader's own spec, so the measurement follows whatever the loader decodes.
     cfg = DataConfig(frames=frames, size=size, frame_stride=frame_stride, fps=fps)
-    spec = _clip_spec(cfg, info["hflip_ok"])
+    spec = clip_spec(cfg, info["hflip_ok"])
     cache = tempfile.mkdtemp(prefix="measure-decode-") if storage.is_remote(uri) else None
     ds = StreamingDataset(streams=[make_stream(uri, cache or "")], shuffle=False, batch_size=1)
     n = ds.num_samples
@@ -60,7 +60,7 @@ def measure_decode(uri: str, frames: int, size: int, frame_stride: int, fps: flo
             t0 = time.thread_time()
             try:
                 train_clip(raw, spec, rng)
-            except _SAMPLE_ERRORS as exc:
+            except SAMPLE_ERRORS as exc:
                 bad.append(f"{raw.get('key', sample_id)}: {exc}")
                 continue
             cpu_s += time.thread_time() - t0

@@ -48,9 +48,9 @@ shared_memory.install()   # streaming's blocks closed when unused, not held unti
 try:
     import av
 
-    _SAMPLE_ERRORS: tuple = (BadMedia, OSError, ValueError, KeyError, EOFError, av.FFmpegError)
+    SAMPLE_ERRORS: tuple = (BadMedia, OSError, ValueError, KeyError, EOFError, av.FFmpegError)
 except (ImportError, AttributeError):
-    _SAMPLE_ERRORS = (BadMedia, OSError, ValueError, KeyError, EOFError)
+    SAMPLE_ERRORS = (BadMedia, OSError, ValueError, KeyError, EOFError)
 
 
 @dataclass
@@ -93,7 +93,9 @@ class Batch:
 # ----------------------------------------------------------------------------- datasets
 
 
-def _clip_spec(cfg: DataConfig, hflip_ok: bool) -> ClipSpec:
+def clip_spec(cfg: DataConfig, hflip_ok: bool) -> ClipSpec:
+    """The clip the config asks for (training and evaluation views); hflip only where the
+    dataset allows it (its metadata's hflip_ok: labels that are directions do not)."""
     return ClipSpec(frames=cfg.frames, size=cfg.size, stride=cfg.frame_stride, fps=cfg.fps,
                     crop_scale=cfg.video_crop_scale, hflip=cfg.hflip and hflip_ok,
                     temporal_views=cfg.eval_temporal_views, spatial_views=cfg.eval_spatial_views)
@@ -126,7 +128,7 @@ class _TrainShards(StreamingDataset):
                 x = train_clip(raw, self.spec, rng)
             else:
                 x = train_image(raw, self.spec, rng)
-        except _SAMPLE_ERRORS as exc:
+        except SAMPLE_ERRORS as exc:
             return {"skip": f"{raw.get('key', sample_id)}: {exc}", "id": int(sample_id)}
         return {"x": x, "y": int(raw["label"]), "id": int(sample_id)}
 
@@ -248,7 +250,7 @@ class _ModalityStream:
             raise UserError(f"dataset '{uri}' has {info['num_samples']} samples, fewer than one "
                             f"global batch ({batch_size} x {world_size} ranks); lower "
                             "data.batch_size or prepare more data")
-        spec = (_clip_spec(cfg, info["hflip_ok"]) if modality == "video"
+        spec = (clip_spec(cfg, info["hflip_ok"]) if modality == "video"
                 else _image_spec(cfg, info["hflip_ok"]))
         _refresh_cache(uri, cfg.cache_dir, local_rank)
         _barrier()
@@ -465,7 +467,7 @@ class _EvalView(Dataset):
                 x = eval_clip(raw, self.spec)  # (V, 3, T, S, S)
             else:
                 x = eval_image(raw, self.image_size)  # (3, S, S)
-        except _SAMPLE_ERRORS as exc:
+        except SAMPLE_ERRORS as exc:
             # Keep the batch shape (all ranks must run the same forwards): zeros, not counted.
             shape = ((self.spec.temporal_views * self.spec.spatial_views, 3, self.spec.frames,
                       self.spec.size, self.spec.size) if self.modality == "video"
@@ -504,7 +506,7 @@ class EvalLoader:
         self.modality, self.uri, self.dataset_name = modality, uri, meta["name"]
         self.num_samples = meta["num_samples"]
         self.skipped_samples = 0
-        spec = _clip_spec(cfg, False) if modality == "video" else None
+        spec = clip_spec(cfg, False) if modality == "video" else None
         self.views = cfg.eval_temporal_views * cfg.eval_spatial_views if modality == "video" else 1
         _refresh_cache(uri, cfg.cache_dir, local_rank)
         _barrier()
