@@ -3,11 +3,12 @@
 
 tests/data/checkpoint-427e247/step_00000002 is step 2 of a 4-step run of the old code (2
 workers, ZeRO-2, a 1-block TubeViT on synthetic data; reference.json holds its overrides and
-its train/loss at step 4). Here the current code resumes that checkpoint through `pretrain
-run` (real embedded Ray, two DeepSpeed workers on gloo), trains steps 3 and 4 on the same
-synthetic data (its encoding is deterministic), and must land on the old run's loss. A
-checkpoint the new code cannot read fails to resume; one it reads wrongly (a renamed key, a
-model built differently, a lost data position) gives another loss.
+its train/loss at step 4; smoke.yaml is the config file of that run, kept here so that later
+changes to configs/smoke.yaml do not change this test). Here the current code resumes that
+checkpoint through `pretrain run` (real embedded Ray, two DeepSpeed workers on gloo), trains
+steps 3 and 4 on the same synthetic data (its encoding is deterministic), and must land on
+the old run's loss. A checkpoint the new code cannot read fails to resume; one it reads
+wrongly (a renamed key, a model built differently, a lost data position) gives another loss.
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ def test_checkpoint_of_the_old_code_resumes_to_the_same_loss(tmp_path):
     env = dict(os.environ, DS_ACCELERATOR="cpu", RAY_USAGE_STATS_ENABLED="0")
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.run(
-        [sys.executable, "-m", "orchestration.cli", "run", str(ROOT / "configs" / "smoke.yaml"),
+        [sys.executable, "-m", "orchestration.cli", "run", str(FIXTURE / "smoke.yaml"),
          *args, "--json"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-6000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
