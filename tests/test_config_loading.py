@@ -334,3 +334,20 @@ def test_config_keys_lists_every_key_with_type_default_and_help(capsys):
     assert "train.lr" not in text
     assert cli(["config", "keys", "modle"]) == 2
     assert "valid sections: model, data" in capsys.readouterr().err
+
+
+def test_a_reader_that_stops_early_gets_no_traceback():
+    # `pretrain config keys | head -3`: the reader is gone while the verb still prints (here
+    # gone before it starts, so the write fails however large the pipe's buffer).
+    import os
+    import subprocess
+    import sys
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    proc = subprocess.run([sys.executable, "-m", "orchestration.cli", "config", "keys"],
+                          stdout=write_end, stderr=subprocess.PIPE, cwd=CONFIGS.parent,
+                          timeout=120)
+    os.close(write_end)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert b"Traceback" not in proc.stderr and b"Exception ignored" not in proc.stderr
