@@ -4,6 +4,11 @@
     pretrain prepare image --manifest FILE.csv --out URI      (or --folder DIR/<class>/<file>)
     pretrain prepare synthetic --out URI --videos N --images M
 
+Videos and images are stored re-encoded for training (videos: H.264, short side 256, at most
+15 fps, closed GOPs of 16 frames, no B-frames; images: JPEG, short side at most 320; the
+reasons and measured figures are in pretrain/data/transcode.py); --keep-original stores the
+input files' bytes instead. Synthetic data is stored as generated.
+
 URI is a local path or any fsspec URI (gs://, s3://, file://). Unusable inputs are skipped and
 listed with their reason (also in URI/prepare_report.json); the exit code is 1 only when
 nothing could be written.
@@ -33,6 +38,11 @@ def add_arguments(parser) -> None:
                                         "folder), e.g. the train split's when preparing val")
         p.add_argument("--workers", type=int, help="parallel checking processes (default: cores)")
         p.add_argument("--shard-size", default="64mb", help="shard size limit (default 64mb)")
+        p.add_argument("--keep-original", action="store_true",
+                       help="store the input files' bytes as they are instead of the training "
+                            "format (" + ("H.264, short side <= 256, <= 15 fps, GOP 16, no "
+                                          "B-frames" if kind == "video" else
+                                          "JPEG quality 90, short side <= 320") + ")")
         if kind == "video":
             p.add_argument("--min-frames", type=int, default=1,
                            help="skip videos with fewer frames (shorter clips loop; default 1)")
@@ -81,7 +91,7 @@ def run(args) -> int:
         result = prepare_from_manifest(
             args.kind, args.manifest, args.folder, args.out, dataset=args.dataset, labels=labels,
             workers=args.workers, work_dir=args.work_dir, shard_size=args.shard_size,
-            progress=not args.no_progress, **extra)
+            progress=not args.no_progress, keep_original=args.keep_original, **extra)
         results = {args.kind: result}
     for r in results.values():
         print(r.summary())

@@ -17,7 +17,7 @@ from __future__ import annotations
 import io
 import os
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import av
 import numpy as np
@@ -61,14 +61,19 @@ def _rate(stream) -> float:
     return float(rate) if rate else 0.0
 
 
-def probe_video(data: bytes) -> VideoMeta:
+def probe_video(data: bytes,
+                on_frame: Callable[[av.VideoFrame, float], None] | None = None) -> VideoMeta:
     """Decode every frame once to validate the file and count frames exactly.
 
     Raises BadMedia for empty, corrupt or truncated files and files without a video stream.
     A file whose decoder reports errors part-way is rejected rather than silently shortened.
+    `on_frame(frame, stream_fps)` sees every decoded frame in display order (stream_fps is
+    the container's rate, 0.0 when it has none): prepare transcodes in this same pass
+    (pretrain/data/transcode.py), so each input is decoded once.
     """
     container, stream = _open(data)
     try:
+        stream_fps = _rate(stream)
         count = 0
         first = last = None
         width = height = 0
@@ -79,6 +84,8 @@ def probe_video(data: bytes) -> VideoMeta:
                     width, height = frame.width, frame.height
                 last = frame.time
                 count += 1
+                if on_frame is not None:
+                    on_frame(frame, stream_fps)
         except (av.FFmpegError, ValueError, OSError) as exc:
             raise BadMedia(f"decoding failed after {count} frames ({exc.__class__.__name__}: "
                            f"{exc}); the file is corrupt or truncated") from None

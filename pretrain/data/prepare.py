@@ -4,10 +4,13 @@ Three phases, so that an interrupted run resumes cheaply and the output is deter
 
 1. Check every input in parallel (a process per core): read it and decode it fully once, to
    reject corrupt/truncated/empty/missing files and to record what sampling needs (fps, frame
-   count, size). Results go to a journal in the staging folder, keyed by path, size and mtime;
-   a re-run skips inputs already checked.
-2. Write the MDS shards in manifest order from the usable inputs (deterministic bytes for the
-   same input), into the staging folder.
+   count, size). In the same decode pass the input is re-encoded to the training format
+   (`store`, see pretrain/data/transcode.py) into the staging folder, named by a hash of its
+   path. Results go to a journal in the staging folder, keyed by path, size, mtime and
+   storage format; a re-run skips inputs already checked.
+2. Write the MDS shards in manifest order from the usable inputs (the re-encoded bytes, or
+   the input's own with `store=None`; deterministic bytes for the same input), into the
+   staging folder.
 3. Copy the folder to the output URI (local path or fsspec URI), files already there with the
    same size are skipped, and index.json goes last: a dataset without index.json is incomplete.
 
@@ -28,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from pretrain import storage
-from pretrain.data import shards
+from pretrain.data import shards, transcode
 from pretrain.data.media import BadMedia, probe_image, probe_video
 from pretrain.errors import UserError
 
@@ -59,11 +62,12 @@ class PrepareResult:
     skipped: list[Skipped] = field(default_factory=list)
     shards: int = 0
     seconds: float = 0.0
+    storage: str = transcode.ORIGINAL  # the stored format, in words
 
     def summary(self) -> str:
         lines = [f"{self.modality} dataset '{self.dataset}' -> {self.out_uri}: {self.written} "
                  f"written in {self.shards} shards, {len(self.skipped)} skipped, "
-                 f"{len(self.labels)} classes, {self.seconds:.1f} s"]
+                 f"{len(self.labels)} classes, {self.seconds:.1f} s; stored as {self.storage}"]
         for s in self.skipped:
             lines.append(f"  skipped {s.path}: {s.reason}")
         return "\n".join(lines)
@@ -152,10 +156,17 @@ def _fingerprint(path: str) -> str:
         return "missing"
 
 
-def _check(args: tuple[str, str, int]) -> dict:
-    """Probe one input; runs in a pool process. Returns a journal record."""
-    modality, path, min_frames = args
-    rec: dict = {"path": path, "fp": _fingerprint(path)}
+def _stored_name(path: str, modality: str) -> str:
+    """File name of an input's re-encoded bytes in the staging folder."""
+    digest = hashlib.blake2s(path.encode(), digest_size=12).hexdigest()
+    return f"{digest}.{'mp4' if modality == 'video' else 'jpg'}"
+
+
+def _check(args: tuple) -> dict:
+    """Probe one input and, with a storage format, re-encode it in the same decode pass into
+    `media_dir`; runs in a pool process. Returns a journal record."""
+    modality, path, min_frames, store, media_dir = args
+    rec: dict = {"path": path, "fp": _fingerprint(path), "store": _store_tag(store)}
     try:
         try:
             data = storage.read_bytes(path)
@@ -165,15 +176,29 @@ def _check(args: tuple[str, str, int]) -> dict:
             raise BadMedia("is a folder, not a file") from None
         except PermissionError:
             raise BadMedia("permission denied") from None
+        stored = None
         if modality == "video":
-            meta = probe_video(data)
+            if store is None:
+                meta = probe_video(data)
+            else:
+                stored, meta = transcode.transcode_video(data, store)
             if meta.num_frames < min_frames:
                 raise BadMedia(f"only {meta.num_frames} frames; at least {min_frames} required")
             rec["meta"] = {"fps": meta.fps, "num_frames": meta.num_frames, "width": meta.width,
                            "height": meta.height, "duration": meta.duration}
-        else:
+        elif store is None:
             w, h, _ = probe_image(data)
             rec["meta"] = {"width": w, "height": h}
+        else:
+            stored, w, h = transcode.transcode_image(data, store)
+            rec["meta"] = {"width": w, "height": h}
+        if stored is not None:
+            name = _stored_name(path, modality)
+            tmp = os.path.join(media_dir, f".{name}.{os.getpid()}")
+            with open(tmp, "wb") as f:
+                f.write(stored)
+            os.replace(tmp, os.path.join(media_dir, name))  # whole or absent after a kill
+            rec["stored"] = name
         rec["ok"] = True
     except BadMedia as exc:
         rec["ok"], rec["reason"] = False, str(exc)
@@ -182,9 +207,14 @@ def _check(args: tuple[str, str, int]) -> dict:
     return rec
 
 
+def _store_tag(store) -> str:
+    return store.describe() if store is not None else transcode.ORIGINAL
+
+
 def _check_all(modality: str, items: list[Item], journal_path: str, min_frames: int,
-               workers: int, progress: bool) -> dict[str, dict]:
-    """Journal records by path, checking only inputs not already journalled unchanged."""
+               workers: int, progress: bool, store, media_dir: str) -> dict[str, dict]:
+    """Journal records by path, checking only inputs not already journalled unchanged (same
+    fingerprint, same storage format, re-encoded bytes still staged)."""
     from tqdm import tqdm
 
     done: dict[str, dict] = {}
@@ -197,11 +227,19 @@ def _check_all(modality: str, items: list[Item], journal_path: str, min_frames: 
                     continue  # a line cut by the interruption
                 done[rec["path"]] = rec
     paths = sorted({it.path for it in items})
-    todo = [p for p in paths if p not in done or done[p].get("fp") != _fingerprint(p)]
+    tag = _store_tag(store)
+
+    def current(p: str) -> bool:
+        rec = done.get(p)
+        return (rec is not None and rec.get("fp") == _fingerprint(p) and rec.get("store") == tag
+                and (not rec.get("stored")
+                     or os.path.exists(os.path.join(media_dir, rec["stored"]))))
+
+    todo = [p for p in paths if not current(p)]
     bar = tqdm(total=len(paths), initial=len(paths) - len(todo), desc=f"check {modality}",
                unit="file", file=sys.stderr, disable=not progress, dynamic_ncols=True)
     with open(journal_path, "a", encoding="utf-8") as journal:
-        args = [(modality, p, min_frames) for p in todo]
+        args = [(modality, p, min_frames, store, media_dir) for p in todo]
         if workers <= 1 or len(todo) <= 4:
             results = map(_check, args)
             pool = None
@@ -236,11 +274,16 @@ def _staging_dir(out_uri: str, work_dir: str | None) -> str:
 def prepare(modality: str, items: list[Item], out_uri: str, *, dataset: str | None = None,
             labels: list[str] | None = None, workers: int | None = None,
             work_dir: str | None = None, min_frames: int = 1, shard_size: str = "64mb",
-            hflip_ok: bool = True, progress: bool = True) -> PrepareResult:
+            hflip_ok: bool = True, progress: bool = True,
+            store: transcode.VideoFormat | transcode.ImageFormat | None = None) -> PrepareResult:
     """Check, shard and upload `items` to `out_uri`; see the module docstring.
 
     `labels` fixes the label map (e.g. the train split's, for a val split); otherwise it is
-    built from all items. Items with a label outside a given map are skipped.
+    built from all items. Items with a label outside a given map are skipped. `store` is the
+    training format to re-encode to (transcode.VIDEO / transcode.IMAGE, what `pretrain
+    prepare video|image` uses unless --keep-original); None stores the input bytes as they
+    are (synthetic data: its bytes are made reproducible by synthetic.py). `min_frames`
+    applies to the stored frame count.
     """
     if modality not in ("video", "image"):
         raise UserError(f"modality '{modality}' is unknown; valid: video, image")
@@ -248,12 +291,18 @@ def prepare(modality: str, items: list[Item], out_uri: str, *, dataset: str | No
     dataset = dataset or modality
     labels = list(labels) if labels is not None else label_map(items)
     index_of = {name: i for i, name in enumerate(labels)}
+    if store is not None and not isinstance(
+            store, transcode.VideoFormat if modality == "video" else transcode.ImageFormat):
+        raise UserError(f"prepare {modality}: storage format {store!r} is not a "
+                        f"{modality} format; pass transcode.{modality.upper()} or None")
     staging = _staging_dir(out_uri, work_dir)
     os.makedirs(staging, exist_ok=True)
     workers = workers or os.cpu_count() or 1
+    media_dir = os.path.join(staging, "media")
+    os.makedirs(media_dir, exist_ok=True)
 
     records = _check_all(modality, items, os.path.join(staging, "journal.jsonl"), min_frames,
-                         workers, progress)
+                         workers, progress, store, media_dir)
 
     skipped: list[Skipped] = []
     usable: list[tuple[Item, dict]] = []
@@ -264,22 +313,26 @@ def prepare(modality: str, items: list[Item], out_uri: str, *, dataset: str | No
         elif it.label not in index_of:
             skipped.append(Skipped(it.path, f"label '{it.label}' is not in the label map"))
         else:
-            usable.append((it, rec["meta"]))
+            usable.append((it, rec))
 
     mds_dir = os.path.join(staging, "mds")
     shutil.rmtree(mds_dir, ignore_errors=True)
     num_shards = written = 0
     if usable:
-        num_shards, written = _write_mds(modality, usable, index_of, mds_dir, shard_size, skipped,
-                                         progress)
+        num_shards, written = _write_mds(modality, usable, index_of, mds_dir, media_dir,
+                                         shard_size, skipped, progress)
     os.makedirs(mds_dir, exist_ok=True)
     result = PrepareResult(out_uri=out_uri, modality=modality, dataset=dataset, written=written,
-                           labels=labels, skipped=skipped, shards=num_shards)
+                           labels=labels, skipped=skipped, shards=num_shards,
+                           storage=_store_tag(store))
     report = result.to_json()
     with open(os.path.join(mds_dir, shards.REPORT), "w") as f:
         json.dump(report, f, indent=1)
     if written:
-        doc = shards.label_doc(modality, dataset, labels, written, hflip_ok=hflip_ok)
+        # Named only when re-encoded: datasets of original bytes (synthetic data included)
+        # keep the labels.json they had before there was a choice.
+        extra = {"storage": _store_tag(store)} if store is not None else {}
+        doc = shards.label_doc(modality, dataset, labels, written, hflip_ok=hflip_ok, **extra)
         with open(os.path.join(mds_dir, shards.LABELS), "w") as f:
             json.dump(doc, f, indent=1)
     if written:
@@ -292,19 +345,24 @@ def prepare(modality: str, items: list[Item], out_uri: str, *, dataset: str | No
 
 
 def _write_mds(modality: str, usable: list[tuple[Item, dict]], index_of: dict[str, int],
-               mds_dir: str, shard_size: str, skipped: list[Skipped],
+               mds_dir: str, media_dir: str, shard_size: str, skipped: list[Skipped],
                progress: bool) -> tuple[int, int]:
-    """(shards, samples) written."""
+    """(shards, samples) written from the journal records of the usable inputs."""
     from streaming import MDSWriter
     from tqdm import tqdm
 
     columns = shards.VIDEO_COLUMNS if modality == "video" else shards.IMAGE_COLUMNS
     written = 0
     with MDSWriter(out=mds_dir, columns=columns, size_limit=shard_size, compression=None) as writer:
-        for it, meta in tqdm(usable, desc=f"write {modality}", unit="file", file=sys.stderr,
-                             disable=not progress, dynamic_ncols=True):
+        for it, rec in tqdm(usable, desc=f"write {modality}", unit="file", file=sys.stderr,
+                            disable=not progress, dynamic_ncols=True):
+            meta = rec["meta"]
             try:
-                data = storage.read_bytes(it.path)
+                if rec.get("stored"):
+                    with open(os.path.join(media_dir, rec["stored"]), "rb") as f:
+                        data = f.read()
+                else:
+                    data = storage.read_bytes(it.path)
             except OSError as exc:
                 skipped.append(Skipped(it.path, f"changed while preparing: {exc}"))
                 continue
@@ -341,9 +399,12 @@ def _publish(mds_dir: str, out_uri: str) -> None:
 
 
 def prepare_from_manifest(modality: str, manifest: str | None, folder: str | None, out_uri: str,
-                          **kwargs) -> PrepareResult:
+                          keep_original: bool = False, **kwargs) -> PrepareResult:
+    """`pretrain prepare video|image`: the training format unless `keep_original`."""
     if bool(manifest) == bool(folder):
         raise UserError(f"prepare {modality}: pass exactly one of --manifest FILE.csv or "
                         "--folder DIR (one subfolder per class)")
     items = read_manifest(manifest) if manifest else scan_class_folders(folder)
+    if not keep_original:
+        kwargs.setdefault("store", transcode.VIDEO if modality == "video" else transcode.IMAGE)
     return prepare(modality, items, out_uri, **kwargs)
