@@ -10,6 +10,7 @@ import pytest
 from orchestration.cli import main as cli
 from pretrain.data import shards
 from pretrain.data.prepare import Item, prepare, read_manifest
+from pretrain.data.transcode import VIDEO
 from pretrain.errors import UserError
 from tests.fixtures.media import write_manifest
 
@@ -34,6 +35,7 @@ def test_prepare_video_skips_broken_and_reports(media_dir, tmp_path, capsys):
     assert rc == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["written"] == len(media_dir["videos"])
+    assert summary["datasets"]["video"]["storage"] == VIDEO.describe()  # the CLI's default
     reasons = {s["path"]: s["reason"] for s in summary["datasets"]["video"]["skipped"]}
     assert set(reasons) == set(broken.values())
     assert "not found" in reasons[broken["missing"]]

@@ -45,7 +45,8 @@ def add_arguments(parser) -> None:
                                           "JPEG quality 90, short side <= 320") + ")")
         if kind == "video":
             p.add_argument("--min-frames", type=int, default=1,
-                           help="skip videos with fewer frames (shorter clips loop; default 1)")
+                           help="skip videos with fewer frames as stored (shorter clips loop; "
+                                "default 1)")
             p.add_argument("--no-hflip", action="store_true",
                            help="mark labels as direction-sensitive: loaders never flip them")
         p.add_argument("--work-dir", help="staging folder (default under ~/.cache/tubevit); "
