@@ -79,6 +79,14 @@ class DataConfig:
         0.5, "share of training steps that are video batches (the rest are image batches)",
         min=0.0, max=1.0)
     batch_size: int = config_field(8, "video clips per micro batch per worker (rank)", min=1)
+    clips_per_video: int = config_field(
+        1, "training clips cut from one decode of a video (repeated sampling, as in MAE-ST and "
+        "VideoMAE V2): each clip has its own start inside a window of at most two clip spans and "
+        "its own crop and flip, so a batch of batch_size clips comes from batch_size / "
+        "clips_per_video videos (must divide batch_size). Benefit: the decode, the costliest "
+        "part of loading, is paid once per k clips (near k x the clips per core). Cost: k x fewer "
+        "distinct videos per batch (an epoch, every video once, is k x more steps), and a "
+        "resize of each clip's crop for all but one clip per video. Eval ignores it", min=1)
     image_batch_size: int | None = config_field(
         None, "images per micro batch per rank; None uses batch_size", min=1)
     eval_batch_size: int = config_field(
@@ -122,6 +130,11 @@ class DataConfig:
                             "one to a folder written by `pretrain prepare`")
         if self.cache_limit is not None:
             parse_bytes(self.cache_limit)
+        if self.video_uri is not None and self.batch_size % self.clips_per_video:
+            raise UserError(f"data.batch_size={self.batch_size} is not divisible by "
+                            f"data.clips_per_video={self.clips_per_video}: a batch holds whole "
+                            "videos' clips; make data.batch_size a multiple of "
+                            "data.clips_per_video")
         if self.synthetic.prepare_if_missing and not self.synthetic.root:
             raise UserError("data.synthetic.prepare_if_missing is true but data.synthetic.root is "
                             "not set; set it to the folder/URI the dataset URIs point into")

@@ -14,6 +14,11 @@ so every rank runs the same number of batches (collectives in ZeRO-3 forwards ne
 padding repeats are marked `valid=False`. Video eval batches hold all Vt x Vs views of each
 clip.
 
+With data.clips_per_video = k > 1 a video sample yields k clips from one decode
+(`samples.train_clips`): a video batch of batch_size clips is batch_size / k samples, and
+everything that counts (streaming's partitioning, the position in the state) counts samples,
+i.e. videos, so resumption and resizes work as with k = 1.
+
 A stored sample that cannot be decoded is dropped from its batch and counted in
 `skipped_samples` (never a crash); a batch left empty is replaced by the next one.
 """
@@ -38,7 +43,7 @@ from pretrain.data.media import BadMedia
 from pretrain.data.metadata import DataInfo, describe
 from pretrain.data.remote import cache_dir_for, make_stream
 from pretrain.data.samples import (ClipSpec, ImageSpec, eval_clip, eval_image, sample_rng,
-                                   train_clip, train_image)
+                                   train_clip, train_clips, train_image)
 from pretrain.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -110,9 +115,11 @@ def _image_spec(cfg: DataConfig, hflip_ok: bool) -> ImageSpec:
 class _TrainShards(StreamingDataset):
     """StreamingDataset that decodes and augments each sample in the loader worker."""
 
-    def __init__(self, *, modality: str, spec, aug_seed: int, **kwargs) -> None:
+    def __init__(self, *, modality: str, spec, aug_seed: int, clips_per_video: int = 1,
+                 **kwargs) -> None:
         super().__init__(**kwargs)
         self.modality, self.spec, self.aug_seed = modality, spec, aug_seed
+        self.clips_per_video = clips_per_video
         self._epoch = 0
 
     def _resume_incr_epoch(self) -> tuple[int, int]:
@@ -124,7 +131,9 @@ class _TrainShards(StreamingDataset):
         raw = super().get_item(sample_id, retry)
         rng = sample_rng(self.aug_seed, self._epoch, int(sample_id))
         try:
-            if self.modality == "video":
+            if self.modality == "video" and self.clips_per_video > 1:
+                x = train_clips(raw, self.spec, rng, self.clips_per_video)  # (k, 3, T, S, S)
+            elif self.modality == "video":
                 x = train_clip(raw, self.spec, rng)
             else:
                 x = train_image(raw, self.spec, rng)
@@ -153,6 +162,18 @@ def _collate(samples: list[dict]) -> dict:
         "valid": torch.tensor([s.get("valid", True) for s in good], dtype=torch.bool),
         "skipped": [s["skip"] for s in samples if "skip" in s],
     }
+
+
+def _collate_clips(samples: list[dict]) -> dict:
+    """_collate for samples holding k clips each: x (n*k, 3, T, S, S), a video's clips
+    consecutive, its label and id repeated k times."""
+    out = _collate(samples)
+    if out["x"] is not None:
+        k = out["x"].shape[1]
+        out["x"] = out["x"].flatten(0, 1)  # a view: the batch stays in shared memory
+        for key in ("y", "ids", "valid"):
+            out[key] = out[key].repeat_interleave(k)
+    return out
 
 
 def usable_cores() -> int:
@@ -244,28 +265,32 @@ class _ModalityStream:
                  world_size: int, nodes: int, local_rank: int, seed: int, ncn: int,
                  workers: int) -> None:
         self.modality, self.uri = modality, uri
-        self.batch_size, self.world_size = batch_size, world_size
+        clips = cfg.clips_per_video if modality == "video" else 1
+        # Samples (videos or images) per rank per batch: what streaming partitions and the
+        # position counts; a batch holds `clips` training inputs per sample.
+        self.batch_size, self.world_size = batch_size // clips, world_size
         self.dataset_name, self.num_classes = info["name"], info["num_classes"]
-        if info["num_samples"] < batch_size * world_size:
+        if info["num_samples"] < self.batch_size * world_size:
             raise UserError(f"dataset '{uri}' has {info['num_samples']} samples, fewer than one "
-                            f"global batch ({batch_size} x {world_size} ranks); lower "
+                            f"global batch ({self.batch_size} x {world_size} ranks); lower "
                             "data.batch_size or prepare more data")
         spec = (clip_spec(cfg, info["hflip_ok"]) if modality == "video"
                 else _image_spec(cfg, info["hflip_ok"]))
         _refresh_cache(uri, cfg.cache_dir, local_rank)
         _barrier()
         self.ds = _TrainShards(
-            modality=modality, spec=spec, aug_seed=seed,
+            modality=modality, spec=spec, aug_seed=seed, clips_per_video=clips,
             streams=[make_stream(uri, cfg.cache_dir)], shuffle=True, shuffle_seed=seed,
             shuffle_algo="py1e", shuffle_block_size=max(4_000_000 // ncn, 1 << 18),
-            num_canonical_nodes=ncn, batch_size=batch_size, cache_limit=_cache_limit(cfg),
+            num_canonical_nodes=ncn, batch_size=self.batch_size, cache_limit=_cache_limit(cfg),
             # Local shards need no download: without a predownload window streaming's
             # prepare/ready threads run through the epoch's ids at once and exit, instead of
             # waking every 7 ms in every loader process for the whole epoch.
-            predownload=max(8 * batch_size, 64) if storage.is_remote(uri) else None)
+            predownload=max(8 * self.batch_size, 64) if storage.is_remote(uri) else None)
         self.workers = workers
         self.loader = DataLoader(
-            self.ds, batch_size=batch_size, num_workers=workers, collate_fn=_collate,
+            self.ds, batch_size=self.batch_size, num_workers=workers,
+            collate_fn=_collate_clips if clips > 1 else _collate,
             drop_last=True, persistent_workers=workers > 0, worker_init_fn=_worker_init,
             prefetch_factor=4 if workers > 0 else None)
         self.epoch = 0
