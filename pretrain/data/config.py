@@ -41,6 +41,10 @@ class SyntheticConfig:
     frames: int = config_field(32, "frames per synthetic video", min=2)
     size: int = config_field(64, "height and width of synthetic media in pixels", min=16)
     seed: int = config_field(0, "seed of the synthetic generator")
+    image_style: str = config_field(
+        "random", "synthetic images: random (any colours, sizes, places) or bright (a bright "
+        "shape on a dark background, large and centred: learnable by a tiny ViT in a short "
+        "demo; see pretrain/data/synthetic.py)", choices=("random", "bright"))
 
 
 @dataclass
