@@ -114,19 +114,16 @@ def clip_tensor(frames: np.ndarray, x0: int, y0: int, size: int, flip: bool = Fa
     return torch.from_numpy(out)
 
 
-def resized_clip_tensor(frames: np.ndarray, box: tuple[int, int, int, int], size: int,
-                        flip: bool, out: np.ndarray) -> None:
-    """uint8 (T, H, W, 3) frames -> `out` uint8 (3, T, size, size): the (x0, y0, w, h) `box`
-    resized to size x size (bilinear, in uint8), mirrored when `flip`.
+def resized_clip_tensor(frames: np.ndarray, size: int, flip: bool, out: np.ndarray) -> None:
+    """uint8 (T, H, W, 3) crop -> `out` uint8 (3, T, size, size): resized to size x size
+    (bilinear, in uint8), mirrored when `flip`.
 
     For the clips of one decode that do not match its scale (`samples.train_clips`): the
     frames were decoded at the scale of the most zoomed-in clip, so this only shrinks.
     """
-    x, y, w, h = box
-    window = torch.from_numpy(frames[:, y:y + h, x:x + w]).permute(0, 3, 1, 2)  # (T, 3, h, w)
-    resized = torch.nn.functional.interpolate(
-        window.contiguous(memory_format=torch.channels_last), size=(size, size),
-        mode="bilinear", align_corners=False, antialias=False)  # (T, 3, S, S)
+    window = torch.from_numpy(frames).permute(0, 3, 1, 2)  # (T, 3, H, W), channels last
+    resized = torch.nn.functional.interpolate(window, size=(size, size), mode="bilinear",
+                                              align_corners=False, antialias=False)
     if flip:
         resized = resized.flip(-1)
     torch.from_numpy(out).copy_(resized.transpose(0, 1))  # (3, T, S, S)
