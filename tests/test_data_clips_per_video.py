@@ -20,23 +20,7 @@ from tests.fixtures.ranks import run_ranks
 
 K = 2
 
-
-@pytest.fixture(scope="module")
-def syn_root(tmp_path_factory):
-    from pretrain.data.synthetic import prepare_synthetic
-
-    root = tmp_path_factory.mktemp("clips")
-    # 48 videos / 40 images: whole global batches (2 videos of 2 clips, 4 images) on 1 or 2
-    # ranks, so epochs line up.
-    prepare_synthetic(str(root), videos=48, images=40, frames=12, size=32, workers=1,
-                      work_dir=str(root / "work"))
-    return root
-
-
-@pytest.fixture(autouse=True)
-def _env(monkeypatch):
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
-        monkeypatch.delenv(var, raising=False)
+pytestmark = pytest.mark.usefixtures("no_world_env")
 
 
 def _cfg(root, batch_size: int = 4, workers: int = 0, **kw) -> DataConfig:
@@ -60,7 +44,7 @@ def _run(loader, steps: int, save_at: int | None = None):
     return out, state
 
 
-def test_a_batch_holds_k_clips_of_each_of_b_over_k_videos(syn_root, monkeypatch):
+def test_a_batch_holds_k_clips_of_each_of_b_over_k_videos(small_synthetic, monkeypatch):
     starts, decodes = [], []
     real_indices, real_decode = transforms.clip_indices, samples_mod.decode_frames
 
@@ -74,7 +58,8 @@ def test_a_batch_holds_k_clips_of_each_of_b_over_k_videos(syn_root, monkeypatch)
 
     monkeypatch.setattr(transforms, "clip_indices", spy_indices)
     monkeypatch.setattr(samples_mod, "decode_frames", spy_decode)
-    loader = JointLoader(_cfg(syn_root, batch_size=6, video_ratio=1.0, image_uri=None), seed=3)
+    cfg = _cfg(small_synthetic, batch_size=6, video_ratio=1.0, image_uri=None)
+    loader = JointLoader(cfg, seed=3)
     try:
         batches = [b for _, b in zip(range(5), loader)]
     finally:
@@ -133,22 +118,22 @@ def test_one_decode_cuts_k_clips_of_a_real_video_inside_the_window(media_dir, mo
 
 
 @pytest.mark.parametrize("workers", [0, 1])
-def test_resume_at_k2_continues_exactly(syn_root, workers):
+def test_resume_at_k2_continues_exactly(small_synthetic, workers):
     steps, save_at = 40, 13  # crosses the video epoch (24 steps of 2 videos) and image epochs
-    loader = JointLoader(_cfg(syn_root, workers=workers), seed=5)
+    loader = JointLoader(_cfg(small_synthetic, workers=workers), seed=5)
     full, state = _run(loader, steps, save_at)
     loader.close()
     assert {m for m, _ in full} == {"video", "image"}
     assert state["streams"]["video"]["sample_in_epoch"] % 2 == 0  # counts videos, 2 per batch
-    resumed = JointLoader(_cfg(syn_root, workers=workers), seed=5)
+    resumed = JointLoader(_cfg(small_synthetic, workers=workers), seed=5)
     resumed.load_state_dict(state)
     rest, _ = _run(resumed, steps - save_at)
     resumed.close()
     assert rest == full[save_at:]
 
 
-def test_video_samples_counted_are_videos(syn_root):
-    loader = JointLoader(_cfg(syn_root, video_ratio=1.0, image_uri=None), seed=1)
+def test_video_samples_counted_are_videos(small_synthetic):
+    loader = JointLoader(_cfg(small_synthetic, video_ratio=1.0, image_uri=None), seed=1)
     try:
         seen = [b.sample_ids.tolist() for _, b in zip(range(24), loader)]  # one epoch
         state = loader.state_dict()
@@ -201,15 +186,15 @@ def _two_ranks(root, steps: int, save_at: int | None = None, state: dict | None 
 
 
 @pytest.mark.slow
-def test_k2_two_ranks_saved_one_rank_resumed(syn_root):
+def test_k2_two_ranks_saved_one_rank_resumed(small_synthetic):
     steps, save_at = 30, 11
-    two, state_two = _two_ranks(syn_root, steps, save_at)
-    loader = JointLoader(_cfg(syn_root, 4), 0, 1, seed=11)
+    two, state_two = _two_ranks(small_synthetic, steps, save_at)
+    loader = JointLoader(_cfg(small_synthetic, 4), 0, 1, seed=11)
     one, state_one = _run(loader, steps, save_at)
     loader.close()
     assert two == one  # 2 ranks x 1 video x 2 clips == 1 rank x 2 videos x 2 clips
     assert state_two["streams"] == state_one["streams"]
-    resumed = JointLoader(_cfg(syn_root, 4), 0, 1, seed=11)
+    resumed = JointLoader(_cfg(small_synthetic, 4), 0, 1, seed=11)
     resumed.load_state_dict(state_two)
     rest, _ = _run(resumed, steps - save_at)
     resumed.close()

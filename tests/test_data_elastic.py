@@ -12,7 +12,7 @@ import pytest
 
 from tests.fixtures.ranks import run_ranks
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_world_env")]
 
 STEPS, SAVE_AT = 30, 11
 
@@ -72,32 +72,16 @@ def _one_rank(root, steps, state=None, save_at=None):
     return [(m, {int(k): v for k, v in s.items()}) for m, s in out], saved
 
 
-@pytest.fixture(scope="module")
-def syn_root(tmp_path_factory):
-    from pretrain.data.synthetic import prepare_synthetic
-
-    root = tmp_path_factory.mktemp("elastic")
-    # 48 videos / 40 images: whole global batches of 4 on 1 or 2 ranks, so epochs line up
-    prepare_synthetic(str(root), videos=48, images=40, frames=12, size=32, workers=1,
-                      work_dir=str(root / "work"))
-    return root
-
-
-@pytest.fixture(autouse=True)
-def _env(monkeypatch):
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
-        monkeypatch.delenv(var, raising=False)
-
-
-def test_two_ranks_saved_one_rank_resumed_and_back(syn_root):
-    two, state_two = _two_ranks(syn_root, batch_size=2, steps=STEPS, save_at=SAVE_AT)
-    one, state_one = _one_rank(syn_root, STEPS, save_at=SAVE_AT)
+def test_two_ranks_saved_one_rank_resumed_and_back(small_synthetic):
+    two, state_two = _two_ranks(small_synthetic, batch_size=2, steps=STEPS, save_at=SAVE_AT)
+    one, state_one = _one_rank(small_synthetic, STEPS, save_at=SAVE_AT)
     # Same global batches whatever the world size (2 ranks x 2 == 1 rank x 4).
     assert two == one
     assert state_two["streams"] == state_one["streams"]
     # Saved on 2 ranks, resumed on 1: continues exactly (crosses video and image epochs).
-    resumed_on_one, _ = _one_rank(syn_root, STEPS - SAVE_AT, state=state_two)
+    resumed_on_one, _ = _one_rank(small_synthetic, STEPS - SAVE_AT, state=state_two)
     assert resumed_on_one == one[SAVE_AT:]
     # Saved on 1 rank, resumed on 2.
-    resumed_on_two, _ = _two_ranks(syn_root, batch_size=2, steps=STEPS - SAVE_AT, state=state_one)
+    resumed_on_two, _ = _two_ranks(small_synthetic, batch_size=2, steps=STEPS - SAVE_AT,
+                                   state=state_one)
     assert resumed_on_two == one[SAVE_AT:]
