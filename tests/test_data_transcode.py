@@ -97,6 +97,37 @@ def test_clips_cover_the_same_seconds_as_on_the_original(src_fps):
         assert want == o_idx  # the numbered source decodes to its own frame numbers
 
 
+def test_frame_stride_counts_frames_of_the_original(tmp_path):
+    """data.frame_stride (no data.fps) is defined on the recorded video: stride 2 of a 30 fps
+    original stored at 15 fps steps one stored frame, and an eval clip of the stored sample
+    shows the source frames the same clip of the original shows (within one frame: the
+    clip's centre start rounds on different grids)."""
+    from streaming import LocalDataset
+
+    from pretrain.data import samples
+
+    src = numbered_video(40, 30)
+    path = tmp_path / "numbered.mp4"
+    path.write_bytes(src)
+    prepare("video", [Item(str(path), "a")], str(tmp_path / "out"), workers=1,
+            work_dir=str(tmp_path / "work"), progress=False, store=SMALL)
+    stored = LocalDataset(local=str(tmp_path / "out"))[0]
+    assert (stored["fps"], stored["source_fps"]) == (15.0, 30.0)
+    spec = samples.ClipSpec(frames=6, size=32, stride=2, fps=None, crop_scale=1.0, hflip=False)
+    assert samples._frame_step(stored, spec) == 1.0
+    orig = probe_video(src)
+    original = {"video": src, "fps": orig.fps, "num_frames": orig.num_frames,
+                "width": orig.width, "height": orig.height}
+
+    def shown(raw):
+        clip = samples.eval_clip(raw, spec)[0].numpy()  # (3, T, S, S)
+        return np.array([source_frame(clip[:, t].transpose(1, 2, 0)) for t in range(6)])
+
+    want, got = shown(original), shown(stored)
+    assert np.all(np.diff(want) == 2)  # the original clip: every 2nd recorded frame
+    assert np.abs(got - want).max() <= 1, (got, want)
+
+
 def test_same_input_same_bytes():
     src = numbered_video(30, 30)
     a, _ = transcode_video(src, SMALL)

@@ -178,14 +178,17 @@ def _check(args: tuple) -> dict:
             raise BadMedia("permission denied") from None
         stored = None
         if modality == "video":
+            source = None
             if store is None:
                 meta = probe_video(data)
             else:
-                stored, meta = transcode.transcode_video(data, store)
+                stored, meta, source = transcode.transcode_video_and_probe(data, store)
             if meta.num_frames < min_frames:
                 raise BadMedia(f"only {meta.num_frames} frames; at least {min_frames} required")
             rec["meta"] = {"fps": meta.fps, "num_frames": meta.num_frames, "width": meta.width,
                            "height": meta.height, "duration": meta.duration}
+            if source is not None:
+                rec["meta"]["source_fps"] = source.fps
         elif store is None:
             w, h, _ = probe_image(data)
             rec["meta"] = {"width": w, "height": h}
@@ -352,6 +355,9 @@ def _write_mds(modality: str, usable: list[tuple[Item, dict]], index_of: dict[st
     from tqdm import tqdm
 
     columns = shards.VIDEO_COLUMNS if modality == "video" else shards.IMAGE_COLUMNS
+    reencoded = modality == "video" and any(rec.get("stored") for _, rec in usable)
+    if reencoded:
+        columns = {**columns, **shards.SOURCE_FPS_COLUMNS}
     written = 0
     with MDSWriter(out=mds_dir, columns=columns, size_limit=shard_size, compression=None) as writer:
         for it, rec in tqdm(usable, desc=f"write {modality}", unit="file", file=sys.stderr,
@@ -368,6 +374,8 @@ def _write_mds(modality: str, usable: list[tuple[Item, dict]], index_of: dict[st
                 continue
             sample = {modality: data, "label": index_of[it.label], "key": it.key or it.path,
                       **meta}
+            if reencoded:   # a journal from before source_fps was recorded: the stored rate
+                sample.setdefault("source_fps", meta["fps"])
             writer.write(sample)
             written += 1
     return len([n for n in os.listdir(mds_dir) if n.endswith(".mds")]), written

@@ -43,8 +43,15 @@ def sample_rng(seed: int, epoch: int, sample_id: int) -> random.Random:
     return random.Random(f"{seed}:{epoch}:{sample_id}")
 
 
+def _frame_step(raw: dict, spec: ClipSpec) -> float:
+    """Stored frames between clip frames; `source_fps` (datasets prepare re-encoded at a
+    lower frame rate) keeps frame_stride in the original's frames, that is, in time."""
+    fps = float(raw["fps"])
+    return T.frame_step(fps, spec.fps, spec.stride, float(raw.get("source_fps") or fps))
+
+
 def _clip_frames(raw: dict, spec: ClipSpec, start: float) -> list[int]:
-    step = T.frame_step(float(raw["fps"]), spec.fps, spec.stride)
+    step = _frame_step(raw, spec)
     return T.clip_indices(start, spec.frames, step, int(raw["num_frames"]))
 
 
@@ -63,7 +70,7 @@ def train_clip(raw: dict, spec: ClipSpec, rng: random.Random) -> torch.Tensor:
     n = int(raw["num_frames"])
     if n <= 0:
         raise BadMedia("stored frame count is 0")
-    step = T.frame_step(float(raw["fps"]), spec.fps, spec.stride)
+    step = _frame_step(raw, spec)
     start = T.train_start(rng, spec.frames, step, n)
     indices = _clip_frames(raw, spec, start)
     w, h = int(raw["width"]), int(raw["height"])
@@ -100,7 +107,7 @@ def train_clips(raw: dict, spec: ClipSpec, rng: random.Random, k: int) -> torch.
     n = int(raw["num_frames"])
     if n <= 0:
         raise BadMedia("stored frame count is 0")
-    step = T.frame_step(float(raw["fps"]), spec.fps, spec.stride)
+    step = _frame_step(raw, spec)
     span = (spec.frames - 1) * step + 1
     window = min(REPEAT_WINDOW * span, float(n))
     first = rng.uniform(0, n - window) if n > window else 0.0
@@ -138,7 +145,7 @@ def train_clips(raw: dict, spec: ClipSpec, rng: random.Random, k: int) -> torch.
 def eval_clip(raw: dict, spec: ClipSpec) -> torch.Tensor:
     """All views of one clip: uint8 (Vt * Vs, 3, T, S, S), temporal view major."""
     n = int(raw["num_frames"])
-    step = T.frame_step(float(raw["fps"]), spec.fps, spec.stride)
+    step = _frame_step(raw, spec)
     starts = T.eval_starts(spec.temporal_views, spec.frames, step, n)
     per_view = [T.clip_indices(s, spec.frames, step, n) for s in starts]
     w, h = T.short_side_size(int(raw["width"]), int(raw["height"]), spec.size)

@@ -28,6 +28,9 @@ VIDEO_COLUMNS = {
     "video": "bytes", "label": "int", "key": "str", "fps": "float64", "num_frames": "int",
     "width": "int", "height": "int", "duration": "float64",
 }
+# Video re-encoded by prepare (pretrain.data.transcode) also records the frame rate of the
+# original, which data.frame_stride counts in (datasets of original bytes need not).
+SOURCE_FPS_COLUMNS = {"source_fps": "float64"}
 IMAGE_COLUMNS = {"image": "bytes", "label": "int", "key": "str", "width": "int", "height": "int"}
 
 

@@ -184,6 +184,14 @@ def transcode_video(data: bytes, fmt: VideoFormat = VIDEO) -> tuple[bytes, Video
     """Check the video (`probe_video`: BadMedia when unusable) and re-encode it in the same
     decode pass. Returns the stored bytes and their metadata (fps, frames, size, duration of
     the stored stream)."""
+    stored, meta, _ = transcode_video_and_probe(data, fmt)
+    return stored, meta
+
+
+def transcode_video_and_probe(data: bytes,
+                              fmt: VideoFormat = VIDEO) -> tuple[bytes, VideoMeta, VideoMeta]:
+    """`transcode_video` plus the metadata of the original (its fps is what frame strides
+    count in)."""
     enc = _Encoder(fmt)
 
     def on_frame(frame, stream_fps):
@@ -192,11 +200,11 @@ def transcode_video(data: bytes, fmt: VideoFormat = VIDEO) -> tuple[bytes, Video
         except av.FFmpegError as exc:  # not a decode error: keep probe_video from calling it one
             raise EncodeError(f"encoding failed ({exc.__class__.__name__}: {exc})") from None
 
-    probe_video(data, on_frame=on_frame)
+    source = probe_video(data, on_frame=on_frame)
     out = enc.finish()
     fps = float(enc.rate)
     return out, VideoMeta(fps=fps, num_frames=enc.count, width=enc.width, height=enc.height,
-                          duration=enc.count / fps, codec="h264")
+                          duration=enc.count / fps, codec="h264"), source
 
 
 def transcode_image(data: bytes, fmt: ImageFormat = IMAGE) -> tuple[bytes, int, int]:

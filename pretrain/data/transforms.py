@@ -20,11 +20,16 @@ MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 
 
-def frame_step(src_fps: float, target_fps: float | None, stride: int) -> float:
-    """Source frames between consecutive clip frames: src/target fps, or the fixed stride."""
+def frame_step(src_fps: float, target_fps: float | None, stride: int,
+               original_fps: float | None = None) -> float:
+    """Stored frames between consecutive clip frames: stored/target fps, or the stride.
+
+    The stride counts frames of the video as it was recorded (`original_fps`), so that a clip
+    covers the same seconds whether prepare kept the file or re-encoded it at a lower rate:
+    stride 2 of a 30 fps original stored at 15 fps is one stored frame."""
     if target_fps:
         return max(src_fps / target_fps, 1e-6)
-    return float(stride)
+    return float(stride) * src_fps / (original_fps or src_fps)
 
 
 def clip_indices(start: float, frames: int, step: float, num_frames: int) -> list[int]:
