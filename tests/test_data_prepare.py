@@ -161,3 +161,22 @@ def test_synthetic_layout(tmp_path):
             assert info["modality"] == kind and info["num_classes"] == 4
     assert shards.dataset_info(os.path.join(out, "video", "train"))["hflip_ok"] is False
     assert shards.dataset_info(os.path.join(out, "video", "val"))["num_samples"] == 4
+
+
+def test_synthetic_image_style_from_the_command_line(tmp_path):
+    from pretrain.data.synthetic import prepare_synthetic
+
+    def images(folder):
+        from streaming import LocalDataset
+
+        return [s["image"] for s in LocalDataset(local=os.path.join(folder, "image", "train"))]
+
+    for style in ("bright", "random"):
+        out = str(tmp_path / f"cli-{style}")
+        args = ["prepare", "synthetic", "--out", out, "--videos", "0", "--images", "8",
+                "--no-progress", "--size", "32", "--workers", "1"]
+        assert cli(args + (["--image-style", style] if style == "bright" else [])) == 0
+        lib = str(tmp_path / f"lib-{style}")
+        prepare_synthetic(lib, 0, 8, size=32, workers=1, progress=False, image_style=style)
+        assert images(out) == images(lib)
+    assert images(str(tmp_path / "cli-bright")) != images(str(tmp_path / "cli-random"))
