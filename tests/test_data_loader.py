@@ -265,6 +265,7 @@ print(counts)
 '''
 
 
+@pytest.mark.slow   # builds and closes loaders (and their worker processes) many times: ~45 s
 @pytest.mark.parametrize("workers", [0, 1])
 def test_loaders_built_again_and_again_leak_no_descriptors_or_shared_memory(data_root, workers,
                                                                              tmp_path):
