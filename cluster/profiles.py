@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pretrain import config_loader
+from pretrain import config_loader, storage
 from pretrain.config_loader import config_field
 from pretrain.errors import UserError
 
@@ -25,6 +25,11 @@ PROFILE_DIR = Path(__file__).parent / "profiles"
 DEFAULTS = "defaults"
 # A Kubernetes resource quantity (the CRDs' own pattern, without exponents).
 _QUANTITY = re.compile(r"^([0-9]+(\.[0-9]*)?|\.[0-9]+)([KMGTPE]i|[mkMGTPE])?$")
+# What a shell and Kubernetes accept as an environment variable name (it is written into
+# `ray start` command lines and pod specs).
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# A Kubernetes label value / object name (Kueue queue and priority class names).
+_K8S_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
 _SECRET_LIKE = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|PRIVATE|API_?KEY|ACCESS_?KEY",
                           re.IGNORECASE)
 
@@ -85,6 +90,23 @@ class JobProfile:
 
 
 @dataclass
+class KueueProfile:
+    queue: str | None = _key("Kueue LocalQueue the RayJob / RayCluster is submitted to "
+                             "(label kueue.x-k8s.io/queue-name); null: not queued by Kueue")
+    priority_class: str | None = _key("Kueue WorkloadPriorityClass of the workload (label "
+                                      "kueue.x-k8s.io/priority-class); needs kueue.queue")
+
+
+@dataclass
+class CleanupProfile:
+    ttl_s: int = _key("seconds a finished RayJob keeps its Ray cluster (to read its logs) "
+                      "before KubeRay deletes the cluster", min=0)
+    delete_job_after_s: int | None = _key(
+        "also delete the RayJob resource itself this many seconds after it finishes "
+        "(KubeRay deletionStrategy rules, feature gate RayJobDeletionPolicy); null: keep it")
+
+
+@dataclass
 class ClusterProfile:
     description: str = _key("one line about this cluster")
     platform: Literal["kubernetes", "gcp-vm"] = _key(
@@ -98,6 +120,8 @@ class ClusterProfile:
     kubernetes: KubernetesProfile = _key()
     gcp: GcpProfile = _key("platform gcp-vm only")
     job: JobProfile = _key()
+    kueue: KueueProfile = _key("platform kubernetes only")
+    cleanup: CleanupProfile = _key("what happens to a finished RayJob (platform kubernetes)")
 
 
 def profile_names() -> list[str]:
@@ -152,6 +176,9 @@ def _check_values(p: dict, where: str) -> None:
             raise UserError(f"{where}: worker.gpus is {w['gpus']} but gcp.accelerator_type is "
                             "not set (e.g. nvidia-tesla-a100).")
     for name, value in p["job"]["env"].items():
+        if not _ENV_NAME.match(str(name)):
+            raise UserError(f"{where}: job.env key {str(name)!r} is not an environment variable "
+                            "name; use letters, digits and '_', not starting with a digit.")
         if _SECRET_LIKE.search(str(name)):
             raise UserError(
                 f"{where}: job.env.{name} looks like a credential; profiles never hold secret "
@@ -159,11 +186,47 @@ def _check_values(p: dict, where: str) -> None:
                 f"[{{env: {name}, secret: SECRET_NAME, key: KEY}}].")
         if not isinstance(value, (str, int, float, bool)):
             raise UserError(f"{where}: job.env.{name} must be a plain value, got {value!r}.")
+        if storage.credentials_in(str(value)):
+            raise UserError(f"{where}: job.env.{name} holds credentials inside a URI "
+                            f"({storage.redact_text(str(value))}). {storage.CREDENTIALS_HOWTO}")
     for i, ref in enumerate(p["kubernetes"]["secret_env"]):
         if not isinstance(ref, dict) or set(ref) != {"env", "secret", "key"}:
             raise UserError(f"{where}: kubernetes.secret_env[{i}] must be {{env, secret, key}} "
                             f"(names only), got {ref!r}.")
+        if not _ENV_NAME.match(str(ref["env"])):
+            raise UserError(f"{where}: kubernetes.secret_env[{i}].env {ref['env']!r} is not an "
+                            "environment variable name; use letters, digits and '_', not "
+                            "starting with a digit.")
+    _check_kueue_and_cleanup(p, where)
     for i, ref in enumerate(p["kubernetes"]["secret_files"]):
         if not isinstance(ref, dict) or set(ref) != {"secret", "path"}:
             raise UserError(f"{where}: kubernetes.secret_files[{i}] must be {{secret, path}}, "
                             f"got {ref!r}.")
+
+
+def _check_kueue_and_cleanup(p: dict, where: str) -> None:
+    kueue, cleanup = p["kueue"], p["cleanup"]
+    for key in ("queue", "priority_class"):
+        value = kueue[key]
+        if value is not None and (len(str(value)) > 63 or not _K8S_NAME.match(str(value))):
+            raise UserError(f"{where}: kueue.{key} {value!r} is not a Kubernetes name (lowercase "
+                            "letters, digits, '-' and '.', at most 63, starting and ending with a "
+                            "letter or digit).")
+    if kueue["priority_class"] and not kueue["queue"]:
+        raise UserError(f"{where}: kueue.priority_class is set but kueue.queue is not; Kueue "
+                        "only orders workloads of a queue (set kueue.queue=LOCAL_QUEUE).")
+    if (kueue["queue"] or kueue["priority_class"]) and p["platform"] != "kubernetes":
+        raise UserError(f"{where}: kueue.* applies to platform kubernetes only (this profile "
+                        f"is {p['platform']}).")
+    after = cleanup["delete_job_after_s"]
+    if after is not None:
+        if after < cleanup["ttl_s"]:
+            raise UserError(f"{where}: cleanup.delete_job_after_s ({after}) is below "
+                            f"cleanup.ttl_s ({cleanup['ttl_s']}); the RayJob can only go after "
+                            "its cluster.")
+        if kueue["queue"]:
+            raise UserError(
+                f"{where}: cleanup.delete_job_after_s cannot be used with kueue.queue: Kueue "
+                "admits only RayJobs with shutdownAfterJobFinishes, which KubeRay's deletion "
+                "rules exclude; keep cleanup.ttl_s (the cluster goes, the RayJob stays) or "
+                "have the operator set DELETE_RAYJOB_CR_AFTER_JOB_FINISHES.")

@@ -23,6 +23,9 @@ import yaml
 from pretrain.errors import UserError
 
 SHM_VOLUME = "dshm"
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+KUEUE_PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
+TOKEN_OWNER = "1000:100"   # the ray user of rayproject/ray images
 
 
 @dataclass(frozen=True)
@@ -116,7 +119,7 @@ def raycluster_spec(profile: dict, placement: Placement, grace_s: int) -> dict:
         "rayVersion": profile["ray_version"],
         "enableInTreeAutoscaling": False,  # sized for the job; no autoscaler to fight
         "headGroupSpec": {
-            "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
+            "rayStartParams": {"num-cpus": "0", "dashboard-host": dashboard_host(profile)},
             "serviceType": "ClusterIP",
             "template": {"spec": _pod_spec(
                 profile, "ray-head", head, gpus=0, grace_s=grace_s, shm=None,
@@ -184,8 +187,44 @@ def _pod_spec(profile: dict, container: str, node: dict, *, gpus: int, grace_s: 
 
 
 def _labels(profile: dict, name: str) -> dict:
-    return {"app.kubernetes.io/name": "tubevit-pretrain", "tubevit.io/job": name,
-            "tubevit.io/profile": k8s_name(profile["name"], 63)}
+    labels = {"app.kubernetes.io/name": "tubevit-pretrain", "tubevit.io/job": name,
+              "tubevit.io/profile": k8s_name(profile["name"], 63)}
+    kueue = profile["kueue"]
+    if kueue["queue"]:
+        labels[KUEUE_QUEUE_LABEL] = kueue["queue"]
+    if kueue["priority_class"]:
+        labels[KUEUE_PRIORITY_LABEL] = kueue["priority_class"]
+    return labels
+
+
+# ---------------------------------------------------------------------------------------
+# Exposure: who can reach the head's dashboard (its Jobs API runs any code it is sent)
+
+LOOPBACK = "127.0.0.1"
+
+
+def dashboard_host(profile: dict) -> str:
+    """Where the head's dashboard listens: every interface with token auth (nodes, the
+    KubeRay operator and port-forwards reach it, and it asks for the token); loopback only
+    without auth (reach it through `kubectl port-forward` / `ray dashboard`, which connect
+    from inside the head's network namespace)."""
+    return "0.0.0.0" if profile["auth"] == "token" else LOOPBACK
+
+
+def exposure_warning(profile: dict) -> str | None:
+    """A loud paragraph when the profile turns Ray's token auth off; None otherwise."""
+    if profile["auth"] == "token":
+        return None
+    reach = ("kubectl port-forward svc/NAME-head-svc 8265:8265" if profile["platform"] == "kubernetes"
+             else "ray dashboard cluster.yaml")
+    return (f"WARNING: cluster profile '{profile['name']}' has auth: disabled. Ray's Jobs API runs "
+            "any code it is sent, so without a token anyone who reaches the dashboard controls "
+            f"the cluster. The dashboard is therefore bound to {LOOPBACK} on the head: reach it "
+            f"with `{reach}`. "
+            + ("No rayjob.yaml is written: KubeRay's operator polls a RayJob's dashboard over the "
+               "cluster network, which would need it open to everyone there. "
+               if profile["platform"] == "kubernetes" else "")
+            + "Use auth: token (the default) for anything but a throw-away cluster.")
 
 
 def render_raycluster(profile: dict, placement: Placement, name: str, grace_s: int) -> dict:
@@ -206,11 +245,28 @@ def render_rayjob(profile: dict, placement: Placement, name: str, grace_s: int, 
         "runtimeEnvYAML": dump_yaml(runtime_env),
         "metadata": {k: str(v) for k, v in metadata.items()},
         "submissionMode": "K8sJobMode",
-        "shutdownAfterJobFinishes": True,
-        "ttlSecondsAfterFinished": 3600,
+        **cleanup_spec(profile["cleanup"]),
         "backoffLimit": 0,  # a failed run is resumed by resubmitting its name, not blindly
         "rayClusterSpec": raycluster_spec(profile, placement, grace_s),
     }}
+
+
+def cleanup_spec(cleanup: dict) -> dict:
+    """The RayJob fields for what happens after it finishes (profile `cleanup`).
+
+    By default the cluster is deleted `ttl_s` after the job ends and the RayJob stays
+    (shutdownAfterJobFinishes + ttlSecondsAfterFinished: what Kueue requires). With
+    `delete_job_after_s`, KubeRay's deletion rules delete the cluster at ttl_s and the RayJob
+    itself later, after success or failure alike; KubeRay makes those rules and
+    shutdownAfterJobFinishes mutually exclusive."""
+    ttl = int(cleanup["ttl_s"])
+    after = cleanup["delete_job_after_s"]
+    if after is None:
+        return {"shutdownAfterJobFinishes": True, "ttlSecondsAfterFinished": ttl}
+    rules = [{"condition": {"jobStatus": status, "ttlSeconds": seconds}, "policy": policy}
+             for policy, seconds in (("DeleteCluster", ttl), ("DeleteSelf", int(after)))
+             for status in ("SUCCEEDED", "FAILED")]
+    return {"shutdownAfterJobFinishes": False, "deletionStrategy": {"deletionRules": rules}}
 
 
 # ---------------------------------------------------------------------------------------
@@ -229,10 +285,14 @@ def render_launcher(profile: dict, placement: Placement, name: str) -> dict:
         env = f"RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={token_file} {env}".strip()
     env = (env + " ") if env else ""
     fetch_token = [] if profile["auth"] != "token" else [
-        # on the VM (outside the container): the token from Secret Manager, by name
+        # On the VM (outside the container): the token from Secret Manager, by name, into a
+        # file only its owner reads (created under umask 077, never world-readable), owned by
+        # the container's user (rayproject images: ray, uid 1000, gid 100), which reads it
+        # through the read-only mount below.
         f"sudo mkdir -p {token_file.rsplit('/', 1)[0]} && gcloud secrets versions access latest "
         f"--secret={shlex.quote(gcp['auth_secret'])} --project={shlex.quote(gcp['project_id'])} "
-        f"| sudo tee {token_file} > /dev/null && sudo chmod 0644 {token_file}"]
+        f"| sudo sh -c 'umask 077 && cat > {token_file}' && sudo chown {TOKEN_OWNER} "
+        f"{token_file} && sudo chmod 0600 {token_file}"]
     return {
         "cluster_name": k8s_name(name),
         "max_workers": max(placement.nodes, worker["max_nodes"]),
@@ -266,7 +326,8 @@ def render_launcher(profile: dict, placement: Placement, name: str) -> dict:
         "head_start_ray_commands": [
             "ray stop",
             f"ulimit -n 65536; {env}ray start --head --port=6379 --num-cpus=0 "
-            "--dashboard-host=0.0.0.0 --autoscaling-config=~/ray_bootstrap_config.yaml",
+            f"--dashboard-host={dashboard_host(profile)} "
+            "--autoscaling-config=~/ray_bootstrap_config.yaml",
         ],
         "worker_start_ray_commands": [
             "ray stop",

@@ -87,6 +87,63 @@ def absolute_locations(tree: dict, cwd: str | os.PathLike | None = None) -> dict
     return out
 
 
+# ---- credentials in URIs --------------------------------------------------------------------
+#
+# A location with credentials in it (https://user:password@host/..., s3://KEY:SECRET@bucket)
+# would be copied into everything that records a location: MLflow params and config.yaml,
+# checkpoint manifests (COMMIT.json), a job's runtime env, rendered manifests and printed
+# summaries. The project refuses such locations instead of redacting each of those places
+# (one check at the start rather than a redaction every writer must remember); credentials
+# go in the environment (MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD or
+# MLFLOW_TRACKING_TOKEN for MLflow; Google / AWS default credentials for buckets), and on a
+# cluster in a Kubernetes secret referenced by the profile (kubernetes.secret_env).
+
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/@\s]+)@")
+CREDENTIALS_HOWTO = (
+    "Pass credentials through the environment instead: MLFLOW_TRACKING_USERNAME and "
+    "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) for MLflow, the cloud's default "
+    "credentials (GOOGLE_APPLICATION_CREDENTIALS, AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) "
+    "for buckets; on a cluster, reference a Kubernetes secret in the profile "
+    "(kubernetes.secret_env: [{env: MLFLOW_TRACKING_PASSWORD, secret: NAME, key: KEY}]), "
+    "so the value is never written into configs, manifests, MLflow or checkpoints.")
+
+
+def credentials_in(text: str) -> bool:
+    """`text` holds a URI with credentials: a password (scheme://user:pass@...) or, for
+    http(s), any user part (https://TOKEN@host)."""
+    for m in _USERINFO.finditer(text):
+        scheme = m.group("scheme")[:-3].lower()
+        if ":" in m.group("userinfo") or scheme in ("http", "https"):
+            return True
+    return False
+
+
+def redact_text(text: str) -> str:
+    """`text` with the user part of every URI in it replaced by ***."""
+    return _USERINFO.sub(lambda m: m.group("scheme") + "***@", text)
+
+
+def refuse_credentials(value: str, what: str) -> None:
+    """UserError when `value` (named `what`, e.g. a config key) holds credentials in a URI."""
+    if isinstance(value, str) and credentials_in(value):
+        raise UserError(f"{what} holds credentials inside a URI ({redact_text(value)}); they "
+                        f"would be stored wherever the location is recorded. {CREDENTIALS_HOWTO}")
+
+
+def refuse_credentials_in_tree(tree: dict, prefix: str = "config key ") -> None:
+    """refuse_credentials for every string in a nested config tree, named by its dotted key."""
+    def walk(node, path: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{path}.{k}" if path else str(k))
+        elif isinstance(node, (list, tuple)):
+            for i, v in enumerate(node):
+                walk(v, f"{path}[{i}]")
+        elif isinstance(node, str):
+            refuse_credentials(node, f"{prefix}'{path}'")
+    walk(tree, "")
+
+
 def join(base: str, *parts: str) -> str:
     """`base` and `parts` joined by single slashes, for URIs and local paths alike.
 

@@ -108,6 +108,8 @@ def render_job(profile_name: str, config: str, workers: int, *, name: str | None
                                runtime_env=runtime_env, metadata=metadata)
     validate.check_manifest(cluster, what)
     validate.check_manifest(job, what)
+    if render.exposure_warning(profile):   # no auth: the RayJob would need an open dashboard
+        return {"raycluster.yaml": cluster}
     return {"raycluster.yaml": cluster, "rayjob.yaml": job}
 
 
@@ -123,12 +125,14 @@ def _render(args) -> int:
     config, *overrides = args.config
     files = render_job(args.profile, config, args.workers, name=args.name,
                        overrides=overrides, profile_overrides=args.profile_overrides)
-    if need is not None:
-        from cluster.profiles import load_profile
+    from cluster.profiles import load_profile
 
-        warning = render.decode_cores_warning(load_profile(args.profile, args.profile_overrides), need)
-        if warning:
-            print(textwrap.fill(warning, width=100, subsequent_indent="  "), file=sys.stderr)
+    profile = load_profile(args.profile, args.profile_overrides)
+    warnings = [render.exposure_warning(profile)]
+    if need is not None:
+        warnings.append(render.decode_cores_warning(profile, need))
+    for warning in filter(None, warnings):
+        print(textwrap.fill(warning, width=100, subsequent_indent="  "), file=sys.stderr)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
