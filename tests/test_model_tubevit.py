@@ -149,7 +149,8 @@ def test_create_model_rejects_unknown_names_and_options():
         model_config("tubevit-b", heads=7)
     with pytest.raises(UserError, match="gate_layer=12"):
         model_config("tubevit-b", gate_layer=12)
-    assert list_models() == ["tubevit-ti", "tubevit-s", "tubevit-b", "tubevit-l", "tubevit-h"]
+    assert list_models() == ["tubevit-ti", "tubevit-s", "tubevit-b", "tubevit-l", "tubevit-h",
+                             "videomae-s", "videomae-b", "videomae-l", "videomae-h"]
 
 
 def test_config_round_trips_through_dicts():

@@ -15,7 +15,9 @@ from typing import Any, Callable
 from pretrain import config_loader
 from pretrain.errors import UserError
 from pretrain.model.family import ModelConfig
+from pretrain.model.mae import MaskedAutoencoder, MaskedAutoencoderConfig
 from pretrain.model.tubevit import TubeViT, TubeViTConfig
+from pretrain.model.videomae import VideoMAE, VideoMAEConfig
 
 
 @dataclass(frozen=True)
@@ -23,6 +25,7 @@ class ModelFamily:
     config: type[ModelConfig]
     model: Callable[[Any], Any]           # config -> nn.Module
     sizes: dict[str, dict[str, Any]]      # size name -> preset config values
+    key: str = "tubevit"                  # the family's name in model files (`family_key`)
 
 
 # TubeViT sizes, the ViT ladder (the paper's B, L and H plus the small ones):
@@ -35,9 +38,25 @@ SIZES: dict[str, tuple[int, int, int, int]] = {
     "tubevit-h": (32, 1280, 5120, 16),
 }
 
+# VideoMAE (pretrain/model/videomae.py): the same ladder over dense 2x16x16 cubes.
+VIDEOMAE_SIZES: dict[str, tuple[int, int, int, int]] = {
+    "videomae-s": (12, 384, 1536, 6),
+    "videomae-b": (12, 768, 3072, 12),
+    "videomae-l": (24, 1024, 4096, 16),
+    "videomae-h": (32, 1280, 5120, 16),
+}
+
+
+def _presets(sizes: dict[str, tuple[int, int, int, int]]) -> dict[str, dict[str, Any]]:
+    return {name: dict(zip(("depth", "dim", "mlp_dim", "heads"), size)) for name, size in sizes.items()}
+
+
 FAMILIES: list[ModelFamily] = [
-    ModelFamily(TubeViTConfig, TubeViT, {
-        name: dict(zip(("depth", "dim", "mlp_dim", "heads"), size)) for name, size in SIZES.items()}),
+    ModelFamily(TubeViTConfig, TubeViT, _presets(SIZES), key="tubevit"),
+    ModelFamily(VideoMAEConfig, VideoMAE, _presets(VIDEOMAE_SIZES), key="videomae"),
+    # A masked autoencoder (an encoder of the families above + decoder) has no size names:
+    # it is built around a model (pretrain/model/mae.py); registered so model files rebuild it.
+    ModelFamily(MaskedAutoencoderConfig, MaskedAutoencoder.from_config, {}, key="masked-autoencoder"),
 ]
 
 
@@ -57,6 +76,21 @@ def family_of(config: ModelConfig) -> ModelFamily:
             return family
     raise UserError(f"{type(config).__name__} is not a registered model family's config; "
                     f"registered: {', '.join(f.config.__name__ for f in FAMILIES)}")
+
+
+def family_key(config: ModelConfig) -> str:
+    """The name model files store for `config`'s family (metadata "family")."""
+    return family_of(config).key
+
+
+def stored_config(family: str | None, d: dict) -> ModelConfig:
+    """Rebuild a stored architecture dict (ModelConfig.to_dict) of the family called `family`;
+    None = "tubevit" (files written before model files named their family)."""
+    key = family or "tubevit"
+    for fam in FAMILIES:
+        if fam.key == key:
+            return fam.config.from_dict(d)
+    raise UserError(f"model family {key!r} is unknown; registered: {', '.join(f.key for f in FAMILIES)}")
 
 
 def model_config(name: str, **overrides) -> ModelConfig:

@@ -271,6 +271,26 @@ def count_tokens(tubes, size: tuple[int, ...], skip_unfit: bool = False) -> int:
     return sum(math.prod(g) for g in video_grids(tubes, tuple(size), skip_unfit))
 
 
+def tube_pixel_index(spec: TubeSpec, grid: tuple[int, int, int], volume: torch.Tensor) -> torch.Tensor:
+    """(N, V) ids of the pixels each token of a tube reads, t-major like the tokenizer.
+
+    `volume` (T, H, W) holds a pixel id per input position; V = prod(spec.span), each row
+    in (t, h, w) order of the token's span (the kernel, or with space-to-depth the S
+    neighbours' combined extent). Positions past the clip end (an S2D tube's last token,
+    which the tokenizer zero-pads) get id -1. Masked modelling reads a token's target
+    pixels and writes its reconstruction back through these ids (pretrain/model/mae.py).
+    """
+    extent = [(n - 1) * s + span for n, s, span in zip(grid, spec.stride, spec.span)]
+    (ot, oh, ow), (et, eh, ew) = spec.offset, extent
+    clip = volume[ot:ot + et, oh:oh + eh, ow:ow + ew]
+    short = [e - have for e, have in zip(extent, clip.shape)]
+    if any(short):
+        clip = F.pad(clip, (0, short[2], 0, short[1], 0, short[0]), value=-1)
+    for axis, (span, stride) in enumerate(zip(spec.span, spec.stride)):
+        clip = clip.unfold(axis, span, stride)          # (nt, nh, nw, st, sh, sw) at the end
+    return clip.reshape(math.prod(grid), math.prod(spec.span))
+
+
 # ---- the tokenizer -------------------------------------------------------------------------
 
 class TubeConv(nn.Module):

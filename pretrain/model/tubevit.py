@@ -27,6 +27,8 @@ sequence of forward_features as in timm); see posembed.LearnedPositionEmbedding.
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
@@ -37,8 +39,10 @@ from pretrain import config_loader
 from pretrain.config_loader import config_field
 from pretrain.errors import UserError
 from pretrain.model.family import ModelConfig
-from pretrain.model.posembed import FixedPositionEmbedding, LearnedPositionEmbedding
-from pretrain.model.tubes import TUBE_SETS, SparseTubeTokenizer, TubeSpec, image_tube_index, resolve_tubes
+from pretrain.model.posembed import (FixedPositionEmbedding, LearnedPositionEmbedding, sincos_embedding,
+                                     tube_coords)
+from pretrain.model.tubes import (TUBE_SETS, SparseTubeTokenizer, TubeSpec, image_grid, image_tube_index,
+                                  resolve_tubes)
 from pretrain.model.vit import AttentionPool, Block, TanhGate
 
 KERNEL_MODES = ("separate", "interpolated")
@@ -182,20 +186,62 @@ class TubeViT(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Video (B,3,T,H,W) or image (B,3,H,W) -> tokens (B, N, dim) after the final norm."""
+        return self.encode(self.tokens(x))
+
+    # ---- the masked-modelling interface (pretrain/model/mae.py) -------------------------
+    # tokens / encode split forward_features so an encoder can run on a subset of tokens;
+    # token_groups / pixel_volume / group_target_sizes / position_table describe each
+    # token's geometry (one group per tube) for masks, pixel targets and decoder positions.
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Input -> (B, N, dim) tube tokens with their position embedding (and input dropout)."""
         tokens = self.tokenizer(x)                                         # (B, N, d)
         grids = self.tokenizer.grids(tuple(x.shape))
         if isinstance(self.pos_embed, LearnedPositionEmbedding):
-            x = self.pos_drop(self.pos_embed(tokens, tuple(x.shape), grids))  # (B, [1+]N, d)
-        else:
-            pos = self.pos_embed(tuple(x.shape), grids, tokens.device, tokens.dtype)  # (N, d)
-            x = self.pos_drop(tokens + pos)                                # (B, N, d)
+            return self.pos_drop(self.pos_embed(tokens, tuple(x.shape), grids))  # (B, [1+]N, d)
+        pos = self.pos_embed(tuple(x.shape), grids, tokens.device, tokens.dtype)  # (N, d)
+        return self.pos_drop(tokens + pos)                                 # (B, N, d)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens (B, n, dim), all or any subset of `tokens(x)` -> after blocks and final norm."""
         z0 = x
         use_ckpt = self.grad_checkpointing and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
-            x = checkpoint(block, x, use_reentrant=False) if use_ckpt else block(x)  # (B, N, d)
+            x = checkpoint(block, x, use_reentrant=False) if use_ckpt else block(x)  # (B, n, d)
             if i == self.config.gate_layer:
                 x = self.gate(x, z0)
         return self.norm(x)
+
+    def pool_tokens(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, N, d) encoded tokens -> (B, d): the classification pooling (attention pool)."""
+        return self.pool(features)
+
+    def token_groups(self, shape: tuple[int, ...]) -> list[tuple[int, TubeSpec, tuple[int, int, int]]]:
+        """(group, tube geometry, grid) per tube that yields tokens, in token order; geometry
+        in the units of `pixel_volume(shape)`. Group = tube index (an image: the image tube,
+        read as one frame)."""
+        if len(shape) == 4:
+            i = self.tokenizer.image_index
+            spec = self.config.tubes[i]
+            one_frame = dataclasses.replace(spec, offset=(0, *spec.offset[1:]))
+            return [(i, one_frame, image_grid(self.config.tubes, tuple(shape[2:])))]
+        grids = self.tokenizer.grids(tuple(shape))
+        return [(i, spec, g) for i, (spec, g) in enumerate(zip(self.config.tubes, grids)) if math.prod(g)]
+
+    def pixel_volume(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """(T, H, W) id of each input pixel position (flat index into T*H*W, an image: H*W)."""
+        size = (1, *shape[2:]) if len(shape) == 4 else tuple(shape[2:])
+        return torch.arange(math.prod(size)).view(size)
+
+    def group_target_sizes(self) -> list[int]:
+        """Pixel values per token of each group (tube): channels x span volume."""
+        return [self.config.in_chans * math.prod(spec.span) for spec in self.config.tubes]
+
+    def position_table(self, shape: tuple[int, ...], dim: int) -> torch.Tensor:
+        """(N, dim) float64 fixed sin/cos embedding of every token's tube centre at width
+        `dim` (the decoder's positions; the encoder's own is `pos_embed`)."""
+        groups = self.token_groups(shape)
+        return torch.cat([sincos_embedding(tube_coords(spec, grid), dim) for _, spec, grid in groups])
 
     def forward_head(self, features: torch.Tensor, dataset: str | None = None) -> torch.Tensor:
         """(B, N, d) features -> (B, classes) logits of `dataset`'s head."""
