@@ -49,8 +49,24 @@ class CheckpointConfig:
         "rest for a later resume; trains a run in slices. 0: run to train.steps.", min=0)
     resume: bool = config_field(
         True, "Resume from the newest committed checkpoint under `uri` if there is one.")
+    resume_from: int | str | None = config_field(
+        None, "Resume from this checkpoint instead of the newest one that verifies: a step "
+        "number under `uri` (e.g. 1200) or a URI (a step folder, or another run's checkpoint "
+        "root to take its newest). null: the newest checkpoint under `uri` that verifies.")
     verify_checksums: bool = config_field(
-        True, "Check sha256 of every downloaded file against the manifest when restoring.")
+        True, "Check sha256 of every downloaded file against the manifest when restoring "
+        "(a checkpoint that fails is skipped for the next older one).")
+    max_failed_uploads: int = config_field(
+        3, "Stop the run with an error after this many checkpoints in a row could not be "
+        "uploaded (a single failure followed by good uploads does not stop it).", min=1)
+    lease_timeout_s: float = config_field(
+        300.0, "The running job holds a lease on `uri` and renews it; another job is refused "
+        "while the lease is fresh, and takes it over once its holder stopped renewing it for "
+        "this long (a crashed or preempted job).", min=10.0)
+    take_over_lease: bool = config_field(
+        False, "Take the lease on `uri` even though another job holds it and is still "
+        "renewing it (that job then stops at its next renewal). Only when you know it is gone "
+        "or must be replaced.")
 
     def validate(self) -> None:
         if self.keep_every and self.keep_every % self.every_steps:
@@ -58,6 +74,9 @@ class CheckpointConfig:
                 f"checkpoint.keep_every={self.keep_every} is not a multiple of "
                 f"checkpoint.every_steps={self.every_steps}, so no saved step would ever be kept "
                 f"by it; use a multiple of {self.every_steps} or 0 to turn it off.")
+        if isinstance(self.resume_from, int) and self.resume_from < 0:
+            raise UserError(f"checkpoint.resume_from={self.resume_from} is negative; give a "
+                            "step number, a checkpoint URI, or null for the newest one.")
         if self.uri is not None and not str(self.uri).strip():
             raise UserError("checkpoint.uri is an empty string; give a folder or fsspec URI "
                             "(e.g. gs://bucket/run) or null to disable checkpoints.")

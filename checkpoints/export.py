@@ -29,14 +29,15 @@ import torch
 
 from pretrain.errors import UserError
 
+from . import safe_load
 from .discovery import CheckpointInfo, resolve
-from .restore import download
+from .restore import CheckpointDamaged, fetch
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def _load(path: str) -> dict:
-    return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    return safe_load.load(path, mmap=True)   # weights_only: a checkpoint file runs no code
 
 
 def _read_range(flats: list[torch.Tensor], start: int, n: int) -> torch.Tensor:
@@ -138,7 +139,11 @@ def export_checkpoint(uri: str, out: str, dtype: str = "fp32", local_dir: str | 
         raise UserError(f"checkpoint {info.uri} has a model config that is not a TubeViT config "
                         f"({exc})") from None
     with tempfile.TemporaryDirectory(dir=local_dir, prefix="export-") as tmp:
-        folder = download(info, tmp)
+        try:
+            folder = fetch(info, tmp)
+        except CheckpointDamaged as exc:
+            raise CheckpointDamaged(f"{exc}. Export another step: `pretrain checkpoints list "
+                                    f"{info.uri.rsplit('/', 1)[0]}` shows which ones verify") from None
         state = consolidate(folder)
         with torch.device("meta"):
             expected = set(TubeViT(config).state_dict())

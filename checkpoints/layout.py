@@ -5,12 +5,15 @@
                                            every rank's DeepSpeed files, side by side
         run_state/rank_00000.pt            per rank: step, loader state, RNG states, extra
         markers/rank_00000.json            per rank, written after its files are uploaded:
-                                           the files it wrote with sizes and sha256
+                                           the files it wrote with sizes, sha256, crc32c
         COMMIT.json                        the manifest, written LAST by rank 0 once every
                                            rank's marker is in; the checkpoint exists for
                                            readers only when this exists and verifies
 
+    URI/LEASE.json                         the job that owns this URI (checkpoints.lease)
+
 There is no "latest" pointer: readers list step folders and trust manifests only.
+Format 2 adds crc32c to each file record; format-1 manifests (sha256 only) still load.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ STEP_DIR_RE = re.compile(r"^step_(\d{8,})$")
 MANIFEST = "COMMIT.json"
 MARKERS = "markers"
 RUN_STATE = "run_state"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 def step_dir(step: int) -> str:
@@ -49,6 +52,7 @@ class FileRecord:
     size: int
     sha256: str
     rank: int
+    crc32c: str = ""   # base64, as GCS reports it; "" in manifests of format 1
 
 
 @dataclass

@@ -11,6 +11,14 @@ It implements the loop's checkpoint seam (pretrain.train.checkpoint_hook.Checkpo
 and the lower-level calls behind it: `save`, `wait`, `restore`. Every method that touches
 the engine is collective (all ranks, same step): DeepSpeed's save and load are.
 
+Ownership: before it resumes or saves anything, rank 0 takes the lease on the URI
+(checkpoints.lease); another job's live lease refuses this one with a UserError on every
+rank. Failures stop the run at the next save, on every rank together: when
+`max_failed_uploads` checkpoints in a row could not be uploaded, or another job took the
+lease over. Resume tries the checkpoints newest first and loads the first that verifies
+(or exactly `resume_from`); one found damaged while being fetched gets one warning naming
+it and the next older one is tried.
+
 Saving blocks only while DeepSpeed gathers its state and we copy it to host memory
 (checkpoints.snapshot; with snapshot_in_memory=false: DeepSpeed's write to `local_dir`) plus
 a small run-state file; serialising, hashing, uploading, the per-rank markers and rank 0's
@@ -31,21 +39,25 @@ from typing import Any, Callable
 
 import torch
 
+from pretrain import storage
 from pretrain.errors import UserError
 
 from . import restore as _restore
+from . import safe_load
 from .config import CheckpointConfig
-from .discovery import CheckpointInfo, latest_committed
-from .layout import Manifest, run_state_name, step_dir
+from .discovery import CheckpointInfo, list_checkpoints, resume_candidates
+from .lease import Lease, LeaseHeld
+from .layout import MANIFEST, Manifest, run_state_name, step_dir
+from .restore import CheckpointDamaged
 from .retention import apply_retention
 from .rng import capture_rng, restore_rng
-from .upload import AsyncUploader, UploadJob
+from .upload import AsyncUploader, UploadJob, describe_failure
 
 log = logging.getLogger("checkpoints")
 
 
-class CheckpointSaveError(RuntimeError):
-    """One or more checkpoints could not be uploaded/committed (they stay invisible)."""
+class CheckpointSaveError(UserError):
+    """Checkpoints could not be uploaded/committed (they stay invisible); the run stops."""
 
 
 @dataclass
@@ -98,7 +110,7 @@ class CheckpointManager:
     def __init__(self, cfg: CheckpointConfig, *, rank: int | None = None,
                  world_size: int | None = None, zero_stage: int | None = None,
                  model_config: dict[str, Any] | None = None,
-                 run_config: dict[str, Any] | None = None):
+                 run_config: dict[str, Any] | None = None, job: str = ""):
         if not cfg.uri:
             raise UserError("checkpoint.uri is not set; give a folder or fsspec URI to save "
                             "checkpoints to (or do not create a CheckpointManager)")
@@ -109,6 +121,7 @@ class CheckpointManager:
         self.world_size = world_size if world_size is not None else (dist.get_world_size() if dist else 1)
         self.local_rank = int(os.environ.get("LOCAL_RANK", self.rank))
         self.zero_stage = zero_stage
+        self.job = job   # the launcher's job id (Ray job, torchrun run): same job, same owner
         self.model_config = model_config
         self.run_config = run_config or {}
         self.last_committed: str | None = None
@@ -120,6 +133,8 @@ class CheckpointManager:
         self._uploader: AsyncUploader | None = None
         self._saved: set[int] = set()
         self._resumed_step: int | None = None
+        self._lease: Lease | None = None
+        self._lease_checked = False
 
     # -- identity shared by the ranks of this attempt ------------------------------------
 
@@ -128,6 +143,53 @@ class CheckpointManager:
         if self._attempt is None:
             self._attempt = _broadcast(f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}")
         return self._attempt
+
+    def _ensure_lease(self) -> None:
+        """Rank 0 takes the lease on the URI (once); every rank raises if it is refused."""
+        if self._lease_checked:
+            return
+        attempt = self._attempt_id()
+        error = None
+        if self.rank == 0:
+            lease = Lease(self.uri, attempt=attempt, job=self.job,
+                          timeout_s=self.cfg.lease_timeout_s, take_over=self.cfg.take_over_lease)
+            try:
+                lease.acquire()
+                self._lease = lease
+            except LeaseHeld as exc:
+                error = str(exc)
+        error = _broadcast(error)
+        self._lease_checked = True
+        if error:
+            raise LeaseHeld(error)
+
+    def _check_health(self) -> None:
+        """Stop every rank together when checkpoints keep failing or the lease was lost
+        (collective: called at each save, on every rank)."""
+        mine = None
+        streak = self._uploader.failed_in_a_row() if self._uploader is not None else []
+        if len(streak) >= self.cfg.max_failed_uploads:
+            last = self.last_committed or "none"
+            mine = (f"{len(streak)} checkpoints in a row could not be saved to {self.uri} "
+                    f"(steps {', '.join(str(s.step) for s in streak)}; last error: "
+                    f"{streak[-1].error}). The run stops here rather than train on without "
+                    f"checkpoints (checkpoint.max_failed_uploads={self.cfg.max_failed_uploads}). "
+                    f"Check that the location is reachable and writable (credentials, quota, "
+                    f"free disk for checkpoint.local_dir), then run again: it resumes from the "
+                    f"newest committed checkpoint ({last}).")
+        elif self._lease is not None:
+            mine = self._lease.lost_message()
+        errors = _gather_errors(mine, raw=True)
+        if errors:
+            raise CheckpointSaveError(errors[0])
+
+    def _stage_root(self) -> str:
+        """Where this rank writes a checkpoint before it is uploaded. A local target gets it
+        inside the checkpoint URI, so that the "upload" is a rename, not a copy."""
+        if not storage.is_remote(self.uri):
+            return os.path.join(storage.local_path(self.uri), ".staging", self._attempt_id(),
+                                f"rank_{self.rank:05d}")
+        return os.path.join(self.cfg.local_dir, "save", self._attempt_id(), f"rank_{self.rank:05d}")
 
     def _get_uploader(self) -> AsyncUploader:
         if self._uploader is None:
@@ -143,7 +205,8 @@ class CheckpointManager:
         if self.last_committed is None or manifest.step >= _step_of(self.last_committed):
             self.last_committed = uri
         pending = self._uploader.pending_steps() - {manifest.step} if self._uploader else set()
-        apply_retention(self.uri, self.cfg.keep_last, self.cfg.keep_every, pending)
+        apply_retention(self.uri, self.cfg.keep_last, self.cfg.keep_every, pending,
+                        quiet_s=self.cfg.lease_timeout_s)
 
     # -- save -----------------------------------------------------------------------------
 
@@ -152,29 +215,41 @@ class CheckpointManager:
 
         Returns the URI the checkpoint will have once committed."""
         t0 = time.perf_counter()
-        attempt = self._attempt_id()
+        self._ensure_lease()
+        self._check_health()
         tag = step_dir(step)
-        stage_root = os.path.join(self.cfg.local_dir, "save", attempt, f"rank_{self.rank:05d}")
+        if self.rank == 0:
+            self._uncommit(step)
+        _barrier()   # no rank uploads a file of `step` while an old COMMIT.json still lists it
+        stage_root = self._stage_root()
         local = os.path.join(stage_root, tag)
-        shutil.rmtree(local, ignore_errors=True)
-        os.makedirs(stage_root, exist_ok=True)
         writer = None
-        if self.cfg.snapshot_in_memory:
-            from .snapshot import SnapshotCheckpointEngine
-
-            writer = SnapshotCheckpointEngine(engine.checkpoint_engine)
-            engine.checkpoint_engine = writer
+        error = None
         try:
-            engine.save_checkpoint(stage_root, tag=tag, save_latest=False)
-        finally:
-            if writer is not None:
-                engine.checkpoint_engine = writer.inner
-        extra = dict(extra or {})
-        run_state = {"step": step, "rank": self.rank, "world_size": self.world_size,
-                     "rng": capture_rng(), "extra": extra,
-                     "loader": loader.state_dict() if hasattr(loader, "state_dict") else None}
-        os.makedirs(os.path.join(local, "run_state"), exist_ok=True)
-        torch.save(run_state, os.path.join(local, run_state_name(self.rank)))
+            shutil.rmtree(local, ignore_errors=True)
+            os.makedirs(stage_root, exist_ok=True)
+            if self.cfg.snapshot_in_memory:
+                from .snapshot import SnapshotCheckpointEngine
+
+                writer = SnapshotCheckpointEngine(engine.checkpoint_engine)
+                engine.checkpoint_engine = writer
+            try:
+                engine.save_checkpoint(stage_root, tag=tag, save_latest=False)
+            finally:
+                if writer is not None:
+                    engine.checkpoint_engine = writer.inner
+            extra = dict(extra or {})
+            run_state = {"step": step, "rank": self.rank, "world_size": self.world_size,
+                         "rng": capture_rng(), "extra": extra,
+                         "loader": loader.state_dict() if hasattr(loader, "state_dict") else None}
+            os.makedirs(os.path.join(local, "run_state"), exist_ok=True)
+            torch.save(run_state, os.path.join(local, run_state_name(self.rank)))
+        except OSError as exc:   # e.g. a full staging disk: every rank stops, with the reason
+            shutil.rmtree(local, ignore_errors=True)
+            error = f"checkpoint step {step} could not be written locally: {describe_failure(exc, local)}"
+        errors = _gather_errors(error, raw=True)
+        if errors:
+            raise CheckpointSaveError(errors[0])
         fields = {}
         if self.rank == 0:
             fields = {"world_size": self.world_size, "zero_stage": self._stage(engine),
@@ -188,21 +263,42 @@ class CheckpointManager:
         self.blocked_s.append(time.perf_counter() - t0)
         return f"{self.uri}/{tag}"
 
-    def wait(self, timeout: float | None = None) -> str | None:
-        """Block until queued uploads are done (rank 0: committed); raise if any failed.
+    def _uncommit(self, step: int) -> None:
+        """Rank 0, before saving `step` again (a resumed run passes a step an earlier attempt
+        saved): its old COMMIT.json goes first, so the old manifest never lists new files."""
+        fs, root = storage.filesystem(self.uri)
+        manifest = f"{root}/{step_dir(step)}/{MANIFEST}"
+        try:
+            if fs.exists(manifest):
+                fs.rm_file(manifest)
+                fs.invalidate_cache()
+                log.info("checkpoint step %d is being saved again: removed its old %s", step,
+                         MANIFEST)
+        except FileNotFoundError:
+            pass
 
-        Returns the newest committed checkpoint URI known to this rank."""
+    def wait(self, timeout: float | None = None) -> str | None:
+        """Block until queued uploads are done (rank 0: committed).
+
+        Raises when the newest checkpoint could not be saved (the run's final state would be
+        lost); an earlier failure followed by a good checkpoint was already logged and is
+        not an error. Returns the newest committed checkpoint URI known to this rank."""
         if self._uploader is not None:
-            failed = self._uploader.wait(timeout)
-            if failed:
+            self._uploader.wait(timeout)
+            streak = self._uploader.failed_in_a_row()
+            if streak:
                 raise CheckpointSaveError(
-                    "checkpoint(s) could not be saved to " + self.uri + ": " +
-                    "; ".join(f"step {s.step}: {s.error}" for s in failed))
+                    f"the last checkpoint(s) could not be saved to {self.uri}: " +
+                    "; ".join(f"step {s.step}: {s.error}" for s in streak) +
+                    f". The newest committed checkpoint is {self.last_committed or 'none'}.")
         return self.last_committed
 
     def close(self) -> None:
         if self._uploader is not None:
             self._uploader.close()
+        if self._lease is not None:
+            self._lease.release()
+            self._lease = None
 
     def _stage(self, engine) -> int:
         if self.zero_stage is None:
@@ -216,29 +312,66 @@ class CheckpointManager:
 
     # -- resume ---------------------------------------------------------------------------
 
-    def find_latest(self) -> CheckpointInfo | None:
-        """Rank 0 picks the newest loadable checkpoint; every rank gets the same answer."""
-        info = latest_committed(self.uri) if self.rank == 0 else None
-        return _broadcast(info)
-
     def restore(self, engine, loader=None, info: CheckpointInfo | None = None) -> ResumeState | None:
-        """Load the newest committed checkpoint (or `info`) into engine (collective).
+        """Load a checkpoint into engine (collective): `info`, else checkpoint.resume_from,
+        else the newest one that verifies. Returns None when there is nothing to resume from."""
+        self._ensure_lease()
+        explicit = info is not None or self.cfg.resume_from not in (None, "")
+        candidates = None
+        if self.rank == 0:
+            candidates = iter([info]) if info is not None else None
+        damaged: list[str] = []
+        while True:
+            pick, error = None, None
+            if self.rank == 0:
+                try:
+                    if candidates is None:
+                        candidates = resume_candidates(self.uri, self.cfg.resume_from)
+                    pick = next(candidates, None)
+                    if pick is None and not damaged and any(
+                            i.committed for i in list_checkpoints(self.uri, verify="size")):
+                        damaged.append("(found damaged while listing, see the warnings above)")
+                except UserError as exc:
+                    error = str(exc)
+            pick, error = _broadcast((pick, error))
+            if error:
+                raise UserError(error)
+            if pick is None:
+                if damaged:
+                    raise CheckpointDamaged(
+                        f"no checkpoint under {self.uri} verifies against its manifest: "
+                        f"{'; '.join(damaged)}. Resume from another location with "
+                        "checkpoint.resume_from=URI, or start afresh with checkpoint.resume=false "
+                        "and a new checkpoint.uri.")
+                return None
+            try:
+                return self._load(engine, loader, pick)
+            except CheckpointDamaged as exc:
+                if explicit:
+                    raise CheckpointDamaged(
+                        f"{exc}. It was chosen explicitly (checkpoint.resume_from="
+                        f"{self.cfg.resume_from}), so no other checkpoint is tried; choose "
+                        "another step (see `pretrain checkpoints list`) or leave "
+                        "checkpoint.resume_from unset to take the newest one that verifies."
+                    ) from None
+                damaged.append(str(exc))
+                if self.rank == 0:
+                    log.warning("checkpoint step %d cannot be resumed from, %s; trying the next "
+                                "older one", pick.step, exc)
 
-        Returns None when there is nothing to resume from."""
-        info = info if info is not None else self.find_latest()
-        if info is None:
-            return None
+    def _load(self, engine, loader, info: CheckpointInfo) -> ResumeState:
         manifest = info.manifest
         _restore.check_compatible(manifest.model_config, self._model_config(engine), info.uri)
         stage = self._stage(engine)
         root = os.path.join(self.cfg.local_dir, "restore", self._attempt_id())
-        folder = os.path.join(root, step_dir(info.step))
+        in_place = not storage.is_remote(info.uri)
+        folder = storage.local_path(info.uri) if in_place else os.path.join(root, step_dir(info.step))
         convert = _restore.needs_conversion(manifest, self.world_size, stage)
         error = None
         if self.local_rank == 0:
             try:
-                _restore.download(info, root, self.cfg.verify_checksums, self.cfg.upload_threads * 2,
-                                  self.cfg.upload_retries)
+                _restore.fetch(info, root, self.cfg.verify_checksums, self.cfg.upload_threads * 2,
+                               self.cfg.upload_retries)
                 if convert:
                     log.warning("checkpoint %s was saved with %d ranks at ZeRO stage %d; converting "
                                 "it through DeepSpeed's universal format for %d ranks at stage %d",
@@ -249,6 +382,9 @@ class CheckpointManager:
                 error = exc
         errors = _gather_errors(error)
         if errors:
+            if any(e.startswith("CheckpointDamaged: ") for e in errors):
+                text = next(e for e in errors if e.startswith("CheckpointDamaged: "))
+                raise CheckpointDamaged(text[len("CheckpointDamaged: "):])
             if isinstance(error, Exception):
                 raise error
             raise RuntimeError(f"restoring {info.uri} failed on another rank: {errors[0]}")
@@ -256,10 +392,11 @@ class CheckpointManager:
             _restore.load_into_engine(engine, os.path.join(root, f"universal-{step_dir(info.step)}"),
                                       step_dir(info.step), universal=True)
         else:
-            _restore.load_into_engine(engine, root, step_dir(info.step), universal=False)
+            _restore.load_into_engine(engine, os.path.dirname(folder), step_dir(info.step),
+                                      universal=False)
         own = run_state_name(self.rank)
         name = own if own in manifest.files else run_state_name(0)
-        state = torch.load(os.path.join(folder, name), map_location="cpu", weights_only=False)
+        state = safe_load.load(os.path.join(folder, name))
         _barrier()
         if self.local_rank == 0:
             shutil.rmtree(root, ignore_errors=True)
@@ -279,6 +416,7 @@ class CheckpointManager:
     # -- the training loop's seam (pretrain.train.checkpoint_hook.CheckpointHook) -------
 
     def maybe_resume(self, engine, loader) -> tuple[int, dict[str, Any]]:
+        self._ensure_lease()
         if not self.cfg.resume:
             return 0, {}
         state = self.restore(engine, loader)
@@ -318,10 +456,14 @@ def _waiter(gate: threading.Event, step: int) -> Callable[[], None]:
     return wait
 
 
-def _gather_errors(error: Exception | None) -> list[str]:
-    """Every rank's error message (collective); empty when all went fine."""
+def _gather_errors(error: Exception | str | None, raw: bool = False) -> list[str]:
+    """Every rank's error message (collective); empty when all went fine. `raw`: `error`
+    is the message itself (no exception type in front)."""
     dist = _dist()
-    mine = None if error is None else f"{type(error).__name__}: {error}"
+    if error is None:
+        mine = None
+    else:
+        mine = str(error) if raw else f"{type(error).__name__}: {error}"
     if dist is None:
         return [mine] if mine else []
     out: list[Any] = [None] * dist.get_world_size()

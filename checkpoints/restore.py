@@ -1,5 +1,7 @@
 """Bringing a committed checkpoint back: download, verify, reshard if needed, load.
 
+A checkpoint on the local disk is loaded where it is (checked against its manifest, not
+copied); a remote one is downloaded to the staging folder, hashed on the way.
 Same world size and ZeRO stage as saved -> DeepSpeed's native load. Anything else (2 ranks
 -> 1, stage 2 -> 3, ...) -> the checkpoint is converted to DeepSpeed's universal format
 (`deepspeed.checkpoint.ds_to_universal`) in the local staging folder and loaded with the
@@ -20,7 +22,8 @@ from pretrain import storage
 from pretrain.errors import UserError
 from pretrain.process_env import cpu_tool_env
 
-from .discovery import CheckpointInfo
+from . import safe_load
+from .discovery import CheckpointInfo, inspect
 from .layout import MANIFEST, Manifest
 
 log = logging.getLogger("checkpoints")
@@ -42,6 +45,25 @@ def check_compatible(saved: dict[str, Any], current: dict[str, Any], where: str,
                         f"into this one; differing model config keys: {shown}. Resume with the "
                         "checkpoint's model settings, or point checkpoint.uri at a fresh folder "
                         "to start a new run.")
+
+
+class CheckpointDamaged(UserError):
+    """A committed checkpoint whose files no longer match its manifest."""
+
+
+def fetch(info: CheckpointInfo, dest_root: str, verify_checksums: bool = True,
+          threads: int = 8, retries: int = 5) -> str:
+    """A local folder holding the files of `info`, checked against its manifest: the
+    checkpoint's own folder when it is on the local disk (no copy), else a download into
+    dest_root. Raises CheckpointDamaged when a file does not match."""
+    fs, src = storage.filesystem(info.uri)
+    if not storage.is_local(fs):
+        return download(info, dest_root, verify_checksums, threads, retries)
+    fs.invalidate_cache()
+    checked = inspect(fs, src, "checksum" if verify_checksums else "size")
+    if not checked.loadable:
+        raise CheckpointDamaged(f"checkpoint {info.uri} is damaged: {'; '.join(checked.problems)}")
+    return src
 
 
 def download(info: CheckpointInfo, dest_root: str, verify_checksums: bool = True,
@@ -70,12 +92,11 @@ def download(info: CheckpointInfo, dest_root: str, verify_checksums: bool = True
                                       lambda: storage.get_file(fs, storage.join(src, rel), dst), retries)
         size = os.path.getsize(dst)
         if size != rec.size:
-            raise UserError(f"checkpoint {info.uri}: {rel} has {size} bytes, its manifest says "
-                            f"{rec.size}; the checkpoint is damaged")
+            raise CheckpointDamaged(f"checkpoint {info.uri} is damaged: {rel} has {size} bytes, "
+                                    f"its manifest says {rec.size}")
         if verify_checksums and digest != rec.sha256:
-            raise UserError(f"checkpoint {info.uri}: {rel} fails its sha256 checksum; the "
-                            "checkpoint is damaged (choose an older step, or set "
-                            "checkpoint.verify_checksums=false to skip the check)")
+            raise CheckpointDamaged(f"checkpoint {info.uri} is damaged: {rel} fails its sha256 "
+                                    "checksum (content changed)")
 
     try:
         with ThreadPoolExecutor(threads) as pool:
@@ -110,12 +131,15 @@ def convert_to_universal(folder: str, dest_root: str, workers: int = 2) -> tuple
         return final, tag
     tmp = os.path.join(dest_root, f"universal-{tag}.partial-{uuid.uuid4().hex[:8]}")
     os.makedirs(tmp)
-    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", folder,
+    # DeepSpeed's converter, with every torch.load it makes weights_only (checkpoints.safe_load).
+    cmd = [sys.executable, "-c", safe_load.TOOL_BOOTSTRAP, "deepspeed.checkpoint.ds_to_universal",
+           "--input_folder", folder,
            "--output_folder", os.path.join(tmp, tag), "--inject_missing_state",
            "--num_extract_workers", str(workers), "--num_merge_workers", str(workers)]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True,
-                              env=cpu_tool_env())
+        env = {**cpu_tool_env(), safe_load.FORCE_ENV: "1"}
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (_project_root(), env.get("PYTHONPATH")) if p)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             raise RuntimeError(f"converting {folder} to DeepSpeed's universal format failed "
                                f"(exit {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
@@ -152,7 +176,7 @@ def _bridge_optimizer_state(zero: str) -> None:
     import torch
 
     path = os.path.join(zero, "optimizer_state.pt")
-    sd = torch.load(path, map_location="cpu", weights_only=False)
+    sd = safe_load.load(path)
     params = sorted(d for d in os.listdir(zero) if os.path.isdir(os.path.join(zero, d)))
     step = None
     inner = sd.get("optimizer_state_dict")
@@ -161,7 +185,7 @@ def _bridge_optimizer_state(zero: str) -> None:
     for name in params:
         f = os.path.join(zero, name, "step.pt")
         if step is None and os.path.isfile(f):
-            step = torch.load(f, weights_only=False)
+            step = safe_load.load(f)
     if "optimizer_state_dict" not in sd:
         sd["optimizer_state_dict"] = {"state": {0: {"step": step}},
                                       "param_groups": sd.get("param_groups", [])}
@@ -182,9 +206,15 @@ def load_into_engine(engine, load_dir: str, tag: str, universal: bool) -> None:
     before = config.load_universal_checkpoint
     config.load_universal_checkpoint = universal
     try:
-        path, _ = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
-                                         load_lr_scheduler_states=True)
+        with safe_load.weights_only_loads():
+            path, _ = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
+                                             load_lr_scheduler_states=True)
     finally:
         config.load_universal_checkpoint = before
     if path is None:
         raise RuntimeError(f"DeepSpeed found no checkpoint files in {os.path.join(load_dir, tag)}")
+
+
+def _project_root() -> str:
+    """The folder holding the `checkpoints` package (for the converter's child process)."""
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

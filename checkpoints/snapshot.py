@@ -5,7 +5,8 @@ normally serialises it to disk there and then (the slow part of a save). While o
 the engine's checkpoint engine is swapped for `SnapshotCheckpointEngine`: it only copies the
 tensors (device -> host, or a host memcpy; the live tensors change with the next step) and
 remembers the target path; the background upload thread serialises the copies with
-`torch.save` before hashing and uploading them. Cost: host RAM for one copy of the rank's
+`torch.save`, hashing the bytes on their way to disk (so they are not read back to hash),
+before uploading them. Cost: host RAM for one copy of the rank's
 state per checkpoint in flight (bounded by checkpoint.max_uploads_in_flight).
 """
 from __future__ import annotations
@@ -16,6 +17,8 @@ from typing import Any
 
 import torch
 from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine
+
+from .integrity import Digests, HashingWriter
 
 
 def snapshot(obj: Any) -> Any:
@@ -61,9 +64,14 @@ class SnapshotCheckpointEngine(CheckpointEngine):
     def preserves_storage_sharing(self):
         return False  # snapshot() already copies each tensor compactly
 
-    def write_all(self) -> None:
-        """Serialise the snapshots (runs in the upload thread)."""
+    def write_all(self) -> dict[str, Digests]:
+        """Serialise the snapshots (runs in the upload thread); returns each file's digests."""
+        digests = {}
         while self.pending:
             state, path = self.pending.pop(0)
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            torch.save(state, path)
+            with open(path, "wb") as f:
+                writer = HashingWriter(f)
+                torch.save(state, writer)
+            digests[path] = writer.digests
+        return digests

@@ -1,9 +1,11 @@
 """Background upload of checkpoints and the commit that makes them visible.
 
 Each rank hands over a local folder (its files for one step) and goes back to training.
-A background thread per checkpoint hashes and uploads the files (a small thread pool per
-rank moves files in parallel, each with retries), then writes the rank's marker
-(markers/rank_R.json: its files, sizes, sha256). Rank 0's thread then waits until every
+A background thread per checkpoint finishes the files (serialising the in-memory snapshot,
+hashed while it is written: checkpoints.integrity.HashingWriter), uploads them (a small
+thread pool per rank moves files in parallel, each with retries; a local target gets the
+staged file renamed into place, no copy), then writes the rank's marker
+(markers/rank_R.json: its files, sizes, sha256, crc32c). Rank 0's thread then waits until every
 rank's marker of the same attempt is present, checks the files' sizes in storage, and
 writes COMMIT.json last. No collective runs here, so training never waits on a slow rank's
 upload; at most `max_in_flight` checkpoints are in flight per rank (a further `submit`
@@ -11,6 +13,7 @@ waits: back-pressure instead of an ever-growing local staging folder).
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -22,6 +25,7 @@ from typing import Any, Callable
 
 from pretrain import storage
 
+from .integrity import Digests, digest_file
 from .layout import MANIFEST, FileRecord, Manifest, RankMarker, marker_name, step_dir
 
 log = logging.getLogger("checkpoints")
@@ -32,7 +36,9 @@ class UploadJob:
     step: int
     local_folder: str              # this rank's files for the step, relative paths kept
     manifest_fields: dict[str, Any] = field(default_factory=dict)  # rank 0: world_size, ...
-    prepare: Callable[[], None] | None = None  # finishes the local files (in the background)
+    # Finishes the local files in the background; returns the digests of the files it wrote
+    # by local path (those are not read again to hash them).
+    prepare: Callable[[], dict[str, Digests]] | None = None
     before_commit: Callable[[], None] | None = None  # rank 0: blocks until the commit may go
 
 
@@ -44,6 +50,7 @@ class UploadStats:
     commit_wait_s: float = 0.0
     committed: bool = False
     error: str | None = None
+    finished: bool = False
 
 
 class CommitTimeout(RuntimeError):
@@ -104,6 +111,15 @@ class AsyncUploader:
         with self._lock:
             return [s for s in self.stats if s.error]
 
+    def failed_in_a_row(self) -> list[UploadStats]:
+        """The finished checkpoints that failed after the last one that went through."""
+        with self._lock:
+            done = sorted((s for s in self.stats if s.finished), key=lambda s: s.step)
+        streak: list[UploadStats] = []
+        for s in done:
+            streak = streak + [s] if s.error else []
+        return streak
+
     def close(self) -> None:
         self._closing.set()
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -114,9 +130,9 @@ class AsyncUploader:
         folder = storage.join(self.root, step_dir(job.step))
         try:
             t0 = time.perf_counter()
-            if job.prepare is not None:
-                job.prepare()
-            records = self._upload_files(job.local_folder, folder)
+            known = job.prepare() if job.prepare is not None else {}
+            records = self._upload_files(job.local_folder, folder,
+                                          {os.path.normpath(k): v for k, v in (known or {}).items()})
             marker = RankMarker(self.rank, job.step, self.attempt, records)
             storage.with_retries(f"writing marker for step {job.step}",
                                  lambda: storage.write_atomic(self.fs, storage.join(folder, marker_name(self.rank)),
@@ -136,25 +152,29 @@ class AsyncUploader:
                 if self.on_commit is not None:
                     self.on_commit(manifest, storage.uri_of(self.fs, folder))
         except BaseException as exc:  # reported by wait(); the checkpoint stays uncommitted
-            stats.error = f"{type(exc).__name__}: {exc}"
+            stats.error = describe_failure(exc, job.local_folder)
             log.error("checkpoint step %d (rank %d) was not saved: %s", job.step, self.rank,
                       stats.error)
+            # Free the staging disk: a half-written local copy is never used again.
+            shutil.rmtree(job.local_folder, ignore_errors=True)
         finally:
             with self._lock:
                 self._pending.discard(job.step)
+                stats.finished = True
             self._slots.release()
 
-    def _upload_files(self, local_folder: str, folder: str) -> dict[str, FileRecord]:
+    def _upload_files(self, local_folder: str, folder: str,
+                      known: dict[str, Digests]) -> dict[str, FileRecord]:
         names = sorted(os.path.relpath(os.path.join(d, f), local_folder)
                        for d, _, files in os.walk(local_folder) for f in files)
 
         def one(name: str) -> tuple[str, FileRecord]:
             src = os.path.join(local_folder, name)
-            digest = storage.sha256_file(src)
+            d = known.get(os.path.normpath(src)) or digest_file(src)
             dst = storage.join(folder, name.replace(os.sep, "/"))
-            storage.with_retries(f"uploading {dst}", lambda: storage.put_file(self.fs, src, dst),
+            storage.with_retries(f"uploading {dst}", lambda: put(self.fs, src, dst),
                                  self.retries, self.retry_base_delay)
-            return name.replace(os.sep, "/"), FileRecord(os.path.getsize(src), digest, self.rank)
+            return name.replace(os.sep, "/"), FileRecord(d.size, d.sha256, self.rank, d.crc32c)
 
         return dict(self._pool.map(one, names))
 
@@ -205,3 +225,36 @@ class AsyncUploader:
         log.info("committed checkpoint step %d (%d files, %.1f MB)", job.step, len(files),
                  manifest.total_bytes / 1e6)
         return manifest
+
+
+def put(fs, src: str, dst: str) -> None:
+    """One staged file to its place in the checkpoint: renamed when the target is on the same
+    local filesystem (no copy), else copied or uploaded."""
+    if storage.is_local(fs) and _move_into_place(src, dst):
+        return
+    storage.put_file(fs, src, dst)
+
+
+def _move_into_place(src: str, dst: str) -> bool:
+    """Rename a staged file to its place in a local checkpoint folder (flushed to disk
+    first, as a copy would be). False when they are on different filesystems."""
+    with open(src, "rb+") as f:
+        os.fsync(f.fileno())
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    try:
+        os.replace(src, dst)
+    except OSError as exc:
+        if exc.errno == errno.EXDEV:
+            return False
+        raise
+    return True
+
+
+def describe_failure(exc: BaseException, local_folder: str) -> str:
+    """One line saying why a checkpoint could not be saved; a full disk is named as such."""
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        where = exc.filename or local_folder
+        return (f"no space left on the device holding {where} (ENOSPC); the checkpoint was "
+                "not committed and its partial files were removed. Free space there or point "
+                "checkpoint.local_dir at a larger disk")
+    return f"{type(exc).__name__}: {exc}"

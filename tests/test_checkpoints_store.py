@@ -20,6 +20,7 @@ from checkpoints.discovery import latest_committed, list_checkpoints, resolve
 from checkpoints.layout import MANIFEST, Manifest, marker_name, step_dir
 from checkpoints.restore import check_compatible, download
 from checkpoints.retention import apply_retention, plan_deletions
+from checkpoints import upload
 from checkpoints.upload import AsyncUploader, UploadJob
 from pretrain.errors import UserError
 
@@ -110,7 +111,7 @@ def test_stale_marker_of_another_attempt_is_not_counted(tmp_path):
 
 
 def test_transient_errors_are_retried(tmp_path, monkeypatch):
-    real = storage.put_file
+    real = upload.put
     calls = {"n": 0}
 
     def flaky(fs, src, dst):
@@ -119,7 +120,7 @@ def test_transient_errors_are_retried(tmp_path, monkeypatch):
             raise ConnectionError("connection reset by peer")
         return real(fs, src, dst)
 
-    monkeypatch.setattr(storage, "put_file", flaky)
+    monkeypatch.setattr(upload, "put", flaky)
     uri = str(tmp_path / "ck")
     save_step(uploaders(uri, 1, retries=5), tmp_path, 10)
     assert latest_committed(uri).step == 10
@@ -128,14 +129,14 @@ def test_transient_errors_are_retried(tmp_path, monkeypatch):
 def test_permanent_failure_leaves_no_loadable_checkpoint(tmp_path, monkeypatch):
     uri = str(tmp_path / "ck")
     save_step(uploaders(uri, 1), tmp_path, 10)
-    real = storage.put_file
+    real = upload.put
 
     def broken(fs, src, dst):
         if "optim_states" in dst:
             raise ConnectionError("storage unavailable")
         return real(fs, src, dst)
 
-    monkeypatch.setattr(storage, "put_file", broken)
+    monkeypatch.setattr(upload, "put", broken)
     (up,) = uploaders(uri, 1, retries=2)
     up.submit(UploadJob(20, stage_files(tmp_path, 0, 20), {"world_size": 1, "zero_stage": 2}))
     failed = up.wait(30)
@@ -144,13 +145,13 @@ def test_permanent_failure_leaves_no_loadable_checkpoint(tmp_path, monkeypatch):
 
 
 def test_back_pressure_bounds_uploads_in_flight(tmp_path, monkeypatch):
-    real = storage.put_file
+    real = upload.put
 
     def slow(fs, src, dst):
         time.sleep(0.3)
         return real(fs, src, dst)
 
-    monkeypatch.setattr(storage, "put_file", slow)
+    monkeypatch.setattr(upload, "put", slow)
     (up,) = uploaders(str(tmp_path / "ck"), 1, max_in_flight=1, threads=4)
     folders = {s: stage_files(tmp_path, 0, s) for s in (1, 2, 3)}   # staged before timing
     waited = [up.submit(UploadJob(s, folders[s], {"world_size": 1, "zero_stage": 2}))
@@ -166,14 +167,14 @@ KILL_SCRIPT = textwrap.dedent("""
     import sys, time
     from pathlib import Path
     sys.path.insert(0, {repo!r})
-    from pretrain import storage
+    from checkpoints import upload
     from checkpoints.upload import AsyncUploader, UploadJob
-    real = storage.put_file
+    real = upload.put
     def put_then_hang(fs, src, dst):
         real(fs, src, dst)
         print("UPLOADED", flush=True)
         time.sleep(3600)
-    storage.put_file = put_then_hang
+    upload.put = put_then_hang
     up = AsyncUploader({uri!r}, rank=0, world_size=1, attempt="k", threads=1)
     up.submit(UploadJob(30, {folder!r}, {{"world_size": 1, "zero_stage": 2}}))
     up.wait()
@@ -257,12 +258,16 @@ def test_checksum_mismatch_found_when_asked_and_on_download(tmp_path, caplog):
     data = bytearray(target.read_bytes())
     data[0] ^= 0xFF  # same size, different bytes
     target.write_bytes(bytes(data))
-    assert latest_committed(uri).step == 2  # sizes only: not noticed
+    assert latest_committed(uri, verify="size").step == 2  # sizes only: not noticed
     with caplog.at_level(logging.WARNING, logger="checkpoints"):
-        assert latest_committed(uri, verify_checksums=True).step == 1
+        assert latest_committed(uri, verify="full").step == 1
     assert "fails its sha256 checksum" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="checkpoints"):
+        assert latest_committed(uri).step == 1   # the default check reads the content too
+    assert "fails its crc32c checksum" in caplog.text and step_dir(2) in caplog.text
     with pytest.raises(UserError, match="sha256"):
-        download(latest_committed(uri), str(tmp_path / "dl"))
+        download(latest_committed(uri, verify="size"), str(tmp_path / "dl"))
     assert not (tmp_path / "dl" / step_dir(2)).exists()  # no partial download left visible
 
 

@@ -2,7 +2,9 @@
 
 One row per step folder: step, commit time, size, world size, ZeRO stage, whether it is
 committed, and for folders that cannot be loaded, why (no commit record, missing file,
-size or checksum mismatch, corrupt manifest).
+size or checksum mismatch, corrupt manifest). Content is checked by default, cheaply
+(checkpoints.integrity: the store's own crc32c, or one read of a local file); `--verify`
+reads every byte and compares sha256; `--sizes-only` skips the content check.
 """
 from __future__ import annotations
 
@@ -19,8 +21,14 @@ def add_arguments(parser) -> None:
                        description="List checkpoints under URI: step, time, size, world size, ZeRO "
                                    "stage, committed, and what is wrong with unloadable ones.")
     p.add_argument("uri", metavar="URI", help="checkpoint root (the run's checkpoint.uri)")
-    p.add_argument("--verify-checksums", action="store_true",
-                   help="also read every file and check its sha256 against the manifest (slow)")
+    level = p.add_mutually_exclusive_group()
+    level.add_argument("--verify", "--verify-checksums", dest="verify", action="store_const",
+                       const="full", default="checksum",
+                       help="read every file and check its sha256 against the manifest (reads "
+                            "all bytes; by default content is checked by crc32c, from the "
+                            "store's metadata where it keeps one)")
+    level.add_argument("--sizes-only", dest="verify", action="store_const", const="size",
+                       help="check only that the files exist with the recorded sizes")
     p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
 
 
@@ -35,11 +43,12 @@ def _size(n: int) -> str:
 def run(args) -> int:
     from checkpoints.discovery import list_checkpoints
 
-    infos = list_checkpoints(args.uri, verify_checksums=args.verify_checksums)
+    infos = list_checkpoints(args.uri, verify=args.verify)
     rows = [i.summary() for i in infos]
     latest = next((i.uri for i in reversed(infos) if i.loadable), None)
     if args.json:
-        print(json.dumps({"uri": args.uri, "checkpoints": rows, "latest_committed": latest}))
+        print(json.dumps({"uri": args.uri, "verify": args.verify, "checkpoints": rows,
+                          "latest_committed": latest}))
         return 0
     if not rows:
         print(f"no checkpoints under {args.uri}")

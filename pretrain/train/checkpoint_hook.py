@@ -29,6 +29,8 @@ format when the worker count or ZeRO stage changed).
 """
 from __future__ import annotations
 
+import os
+import sys
 import threading
 from typing import Any, Callable, Protocol
 
@@ -67,4 +69,17 @@ def make_checkpoint_hook(cfg: ExperimentConfig, rank: int, world_size: int) -> C
     from checkpoints.manager import CheckpointManager
 
     return CheckpointManager(cfg.checkpoint, rank=rank, world_size=world_size,
-                             zero_stage=cfg.train.zero_stage, run_config=to_dict(cfg))
+                             zero_stage=cfg.train.zero_stage, run_config=to_dict(cfg),
+                             job=launcher_job_id())
+
+
+def launcher_job_id() -> str:
+    """The id of the launcher job this process belongs to ("" when none): a restarted
+    worker group of the same job takes the checkpoint URI's lease over at once, another
+    job has to wait for it to go stale (checkpoints.lease). Ray is asked only when this
+    process already runs under it (the worker must run without Ray too)."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        return f"ray:{ray.get_runtime_context().get_job_id()}"
+    elastic = os.environ.get("TORCHELASTIC_RUN_ID")
+    return f"torchrun:{elastic}" if elastic else ""

@@ -1,0 +1,78 @@
+"""Reading checkpoint files back without running code from them.
+
+A pickle can name any importable callable, so `torch.load(weights_only=False)` on a file
+from a bucket runs whatever its writer wanted. Everything the project reads back goes
+through `torch.load(weights_only=True)`, which rebuilds tensors, containers and plain
+values only, plus the few classes listed here:
+
+- DeepSpeed's own checkpoint files hold three small classes besides tensors (a ZeRO stage
+  enum, the loss-scaler settings, the addresses of parameter fragments);
+- run-state files written before this module (checkpoint format 1) hold numpy's RNG state
+  as a numpy array; new ones store it as a tensor.
+
+DeepSpeed's loaders call `torch.load(..., weights_only=False)` themselves; inside
+`weights_only_loads()` the environment variable TORCH_FORCE_WEIGHTS_ONLY_LOAD makes torch
+treat every such call as weights_only=True, with this allow-list. The universal-format
+conversion runs in a child process under the same rule (`TOOL_BOOTSTRAP`).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from typing import Any, Iterator
+
+import torch
+
+FORCE_ENV = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+
+
+def allowed_globals() -> list[Any]:
+    """The classes (beyond tensors and plain containers) checkpoint files may name."""
+    import numpy as np
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    try:
+        reconstruct = np._core.multiarray._reconstruct
+    except AttributeError:   # numpy < 2
+        reconstruct = np.core.multiarray._reconstruct
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address,
+            reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def load(path: str, **kwargs) -> Any:
+    """torch.load of a checkpoint file with weights_only=True and the allow-list."""
+    kwargs.setdefault("map_location", "cpu")
+    with torch.serialization.safe_globals(allowed_globals()):
+        return torch.load(path, weights_only=True, **kwargs)
+
+
+_env_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def weights_only_loads() -> Iterator[None]:
+    """Every torch.load in this process (DeepSpeed's included) is weights_only inside."""
+    with _env_lock:
+        before = os.environ.get(FORCE_ENV)
+        os.environ[FORCE_ENV] = "1"
+    try:
+        with torch.serialization.safe_globals(allowed_globals()):
+            yield
+    finally:
+        with _env_lock:
+            if before is None:
+                os.environ.pop(FORCE_ENV, None)
+            else:
+                os.environ[FORCE_ENV] = before
+
+
+# `python -c TOOL_BOOTSTRAP MODULE ARGS...`: run a tool module (DeepSpeed's
+# ds_to_universal) with the allow-list in place; FORCE_ENV=1 must be in its environment.
+TOOL_BOOTSTRAP = (
+    "import runpy, sys, torch; from checkpoints.safe_load import allowed_globals; "
+    "torch.serialization.add_safe_globals(allowed_globals()); "
+    "mod = sys.argv[1]; sys.argv = [mod] + sys.argv[2:]; "
+    "runpy.run_module(mod, run_name='__main__', alter_sys=True)")
