@@ -44,6 +44,39 @@ def test_plan_bad_input_is_one_paragraph_and_exit_2(capsys, args, expected):
     assert expected in err.replace("\n  ", " ") and "Traceback" not in err
 
 
+def test_plan_videomae_b_full_and_masked(capsys):
+    """VideoMAE-B at 16x224x224: 1568 tokens, 360 GFLOPs; with --mask-ratio 0.9 the masked
+    forward (tube masks: 20 of 196 positions visible per time step), against the formula."""
+    full = plan_json(capsys, "--model", "videomae-b", "--frames", "16")
+    assert full["video_tokens"] == 1568 and full["image_tokens"] == 196
+    assert round(full["params"] / 1e6) == 87 and full["gflops_per_clip"] == pytest.approx(360, rel=0.01)
+    out = plan_json(capsys, "--model", "videomae-b", "--frames", "16", "--mask-ratio", "0.9",
+                    "--accelerator", "h100")
+    n, v, d, m, dd, L, DL, P = 1568, 8 * (196 - 176), 768, 3072, 384, 12, 4, 2 * 16 * 16 * 3
+    blocks = lambda tokens, w, hidden, depth: depth * (2 * tokens * w * (4 * w + 2 * hidden) + 4 * tokens * tokens * w)  # noqa: E731
+    flops = (2 * n * d * P + blocks(v, d, m, L)                              # cube embedding, encoder
+             + 2 * v * d * dd + blocks(n, dd, 4 * dd, DL) + 2 * (n - v) * dd * P)   # decoder
+    assert out["visible_tokens"] == v == 160
+    assert out["gflops_per_clip"] == pytest.approx(flops / 1e9, abs=1e-3)
+    assert out["gflops_per_clip_full"] == full["gflops_per_clip"]
+    block_params = 12 * dd * dd + 13 * dd
+    assert out["decoder_params"] == (d * dd + dd) + dd + DL * block_params + 2 * dd + (dd * P + P)
+    assert out["visible_image_tokens"] == 49                                 # images: 0.75
+    # A masked run trains at the masked forward's FLOPs: 3 x forward per clip.
+    assert out["train_clips_per_s"] == pytest.approx(0.5 * 989e12 / (3 * flops), rel=1e-3)
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--model", "tubevit-b", "--mask-ratio", "0.9", "--mask-scheme", "tube"], "mask scheme 'tube'"),
+    (["--model", "videomae-b", "--frames", "16", "--mask-ratio", "1.2"], "mask ratio 1.2 must be in (0, 1)"),
+    (["--model", "videomae-b", "--mask-scheme", "random"], "add --mask-ratio"),
+])
+def test_plan_mask_flags_errors(capsys, args, expected):
+    assert main(["plan", *args]) == 2
+    err = capsys.readouterr().err
+    assert expected in err.replace("\n  ", " ") and "Traceback" not in err
+
+
 # ------------------------------------------------------------------ data pipeline sizing
 
 def test_plan_feed_arithmetic(capsys):

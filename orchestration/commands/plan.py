@@ -27,6 +27,17 @@ def add_arguments(parser) -> None:
                              "charades, dense-2x16x16")
     parser.add_argument("--skip-unfit-tubes", action="store_true",
                         help="tubes that do not fit the clip give 0 tokens instead of an error")
+    masked = parser.add_argument_group(
+        "masked pretraining (pretrain/model/mae.py, the decoder at its defaults)")
+    masked.add_argument("--mask-ratio", type=float, default=None, metavar="R",
+                        help="share of a clip's tokens hidden, in (0, 1): gflops_per_clip becomes the "
+                             "masked forward (encoder on visible tokens + decoder on all), adds "
+                             "visible_tokens and decoder_params")
+    masked.add_argument("--image-mask-ratio", type=float, default=0.75, metavar="R",
+                        help="with --mask-ratio: share of an image's tokens hidden (default 0.75)")
+    masked.add_argument("--mask-scheme", default=None,
+                        help="with --mask-ratio: tube, random or aligned (default: tube for one "
+                             "token grid such as videomae-*, else random)")
     mem = parser.add_argument_group("memory per worker (pretrain/train/memory.py)")
     mem.add_argument("--workers", type=int, default=1, help="data-parallel workers (default 1)")
     mem.add_argument("--zero-stage", type=int, default=0, choices=(0, 1, 2, 3),
@@ -68,11 +79,35 @@ def _build_meta_model(args):
 
     from pretrain.model import create_model
 
-    overrides = {"skip_unfit_tubes": bool(args.skip_unfit_tubes)}
+    overrides = {"skip_unfit_tubes": True} if args.skip_unfit_tubes else {}
     if args.tubes:
         overrides["tubes"] = args.tubes
     with torch.device("meta"):
         return create_model(args.model, **overrides)
+
+
+def _build_meta_mae(args, model):
+    import torch
+
+    from pretrain.model.mae import MaskedAutoencoder
+
+    with torch.device("meta"):
+        return MaskedAutoencoder(model)
+
+
+def masked_flops(args, model, size: tuple[int, ...]) -> dict | None:
+    """count_masked_flops of `model` in a meta MaskedAutoencoder at --mask-ratio (None without)."""
+    from pretrain.errors import UserError
+    from pretrain.model import count_masked_flops
+
+    if args.mask_ratio is None:
+        if args.mask_scheme is not None:
+            raise UserError("--mask-scheme applies to masked pretraining; add --mask-ratio R, e.g. 0.9")
+        return None
+    image = len(size) == 2
+    ratio = args.image_mask_ratio if image else args.mask_ratio
+    return count_masked_flops(_build_meta_mae(args, model), size, ratio,
+                              "random" if image else args.mask_scheme)
 
 
 def model_section(args) -> dict:
@@ -81,7 +116,6 @@ def model_section(args) -> dict:
 
     from pretrain.errors import UserError
     from pretrain.model import count_flops, count_params, param_breakdown
-    from pretrain.model.tubes import image_tube_index
 
     if args.frames < 1 or args.size < 1:
         raise UserError(f"--frames {args.frames} and --size {args.size} must both be positive integers, e.g. --frames 32 --size 224")
@@ -102,16 +136,32 @@ def model_section(args) -> dict:
         "gflops_per_clip": round(video["total"] / 1e9, 3),
         "gflops_per_clip_by_part": {k: round(v / 1e9, 3) for k, v in video.items() if k not in ("tokens", "total")},
     }
-    if image_tube_index(cfg.tubes) is not None:
+    if model.accepts_images:
         image = count_flops(model, (args.size, args.size))
         out.update(image_tokens=image["tokens"], gflops_per_image=round(image["total"] / 1e9, 3))
     else:  # e.g. the dense baseline has no 2D tube
         out.update(image_tokens=None, gflops_per_image=None)
+    masked = masked_flops(args, model, clip)
+    if masked is not None:
+        from pretrain.model.mae import Decoder
+
+        out["mask_ratio"] = args.mask_ratio
+        out["visible_tokens"] = masked["visible_tokens"]
+        out["gflops_per_clip_full"] = out["gflops_per_clip"]
+        out["gflops_per_clip"] = round(masked["total"] / 1e9, 3)
+        out["gflops_per_clip_by_part"] = {k: round(masked[k] / 1e9, 3) for k in ("tokenizer", "encoder", "decoder")}
+        mae = _build_meta_mae(args, model)
+        out["decoder_params"] = count_params(mae.decoder)
+        if model.accepts_images:
+            image = masked_flops(args, model, (args.size, args.size))
+            out.update(image_mask_ratio=args.image_mask_ratio, visible_image_tokens=image["visible_tokens"],
+                       gflops_per_image=round(image["total"] / 1e9, 3))
     out["config"] = {
         "depth": cfg.depth, "dim": cfg.dim, "mlp_dim": cfg.mlp_dim, "heads": cfg.heads,
-        "kernel_mode": cfg.kernel_mode, "heads_by_dataset": cfg.num_classes,
-        "tubes": [t.describe() for t in cfg.tubes],
+        "heads_by_dataset": cfg.num_classes, "tubes": [t.describe() for t in cfg.tubes],
     }
+    if hasattr(cfg, "kernel_mode"):
+        out["config"]["kernel_mode"] = cfg.kernel_mode
     out["flops_convention"] = "forward, batch 1, multiply-add = 2 FLOPs, convs + linears + attention matmuls"
     return out
 
@@ -147,7 +197,6 @@ def feed_section(args) -> dict:
     --measure-decode). Nothing without --accelerator."""
     from pretrain.errors import UserError
     from pretrain.model import count_flops
-    from pretrain.model.tubes import image_tube_index
     from pretrain.train.metrics import named_peak
 
     decode_flag = ("--decode-rate" if args.decode_rate is not None
@@ -163,11 +212,13 @@ def feed_section(args) -> dict:
     model = _build_meta_model(args)
     # Training costs 3 x forward: the backward pass is two matmuls per forward matmul.
     achieved = args.mfu * peak
-    clip_flops = count_flops(model, (args.frames, args.size, args.size))["total"]
+    clip = (args.frames, args.size, args.size)
+    clip_flops = (masked_flops(args, model, clip) or count_flops(model, clip))["total"]
     out = {"accelerator": args.accelerator, "accelerator_peak_tflops": round(peak / 1e12, 1),
            "mfu": args.mfu, "train_clips_per_s": round(achieved / (3 * clip_flops), 2)}
-    if image_tube_index(model.config.tubes) is not None:
-        image_flops = count_flops(model, (args.size, args.size))["total"]
+    if model.accepts_images:
+        image = (args.size, args.size)
+        image_flops = (masked_flops(args, model, image) or count_flops(model, image))["total"]
         out["train_images_per_s"] = round(achieved / (3 * image_flops), 2)
     else:
         out["train_images_per_s"] = None

@@ -53,6 +53,12 @@ def _tokenizer_flops(model, size: tuple[int, ...]) -> tuple[int, int]:
     return tokens, flops
 
 
+def token_count(model, size: tuple[int, ...]) -> int:
+    """Tokens the blocks see for one input of `size` ((T, H, W) or (H, W)), CLS included."""
+    return (sum(math.prod(g) for _, _, g in model.token_groups(_input_shape(model, size)))
+            + int(getattr(model.config, "class_token", False)))
+
+
 def blocks_flops(blocks, n: int) -> dict[str, int]:
     """Attention projections, the two attention matmuls and the MLP of `blocks` on n tokens."""
     out = {"attention_linear": 0, "attention_matmul": 0, "mlp": 0}

@@ -275,6 +275,11 @@ class TubeViT(nn.Module):
         """
         self.all_parameters_in_forward = enable
 
+    @property
+    def accepts_images(self) -> bool:
+        """Whether images (B, C, H, W) go through: the tubes include a 2D image tube."""
+        return self.tokenizer.image_index is not None
+
     def _smallest_clip(self) -> tuple[int, int, int, int, int]:
         """(1, C, T, H, W): the smallest clip on which every tube yields a token."""
         specs = self.tokenizer.specs

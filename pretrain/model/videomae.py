@@ -141,6 +141,8 @@ class VideoMAE(nn.Module):
 
     # ---- input ---------------------------------------------------------------------------
 
+    accepts_images = True   # repeated to a cube-deep clip (as_clip)
+
     def as_clip(self, x: torch.Tensor) -> torch.Tensor:
         """Video (B,C,T,H,W) unchanged; images (B,C,H,W) repeated to a cube-deep clip."""
         if x.ndim == 5:

@@ -61,7 +61,7 @@ def plan_memory(model: nn.Module, size: tuple[int, ...], *, micro_batch: int, wo
     None trains everything. Works on a meta-device model.
     """
     from pretrain.model.bootstrap import frozen_prefix
-    from pretrain.model.tubes import image_grid, video_grids
+    from pretrain.model.flops import token_count
 
     if precision not in DTYPE_BYTES:
         raise ValueError(f"precision {precision!r}: one of {', '.join(DTYPE_BYTES)}")
@@ -72,12 +72,7 @@ def plan_memory(model: nn.Module, size: tuple[int, ...], *, micro_batch: int, wo
     trainable = sum(_numel(p) for n, p in named if gate_layer is None or not frozen_prefix(n, gate_layer))
 
     cfg = model.config
-    tok = model.tokenizer
-    if len(size) == 2:
-        grids = [image_grid(tok.specs, tuple(size))]
-    else:
-        grids = video_grids(tok.specs, tuple(size), tok.skip_unfit)
-    tokens = sum(math.prod(g) for g in grids) + int(cfg.class_token)
+    tokens = token_count(model, size)
     d, m = cfg.dim, cfg.mlp_dim
     per_block = (9 * tokens * d + 2 * tokens * m) * b                   # bytes, one sample
     trained_blocks = cfg.depth - (gate_layer or 0)

@@ -78,15 +78,31 @@ def named_peak(name: str, precision: str = "bf16") -> float:
     return table[key]
 
 
-def sample_costs(model, info: DataInfo) -> dict[str, tuple[int, float]]:
-    """modality -> (tokens per sample, training FLOPs per sample = 3 x forward)."""
-    from pretrain.model import count_flops
+def sample_costs(model, info: DataInfo,
+                 masking: dict[str, tuple[float, str]] | None = None) -> dict[str, tuple[int, float]]:
+    """modality -> (tokens per sample, training FLOPs per sample = 3 x forward).
 
+    A masked autoencoder (pretrain/model/mae.py) needs `masking`: modality -> (mask ratio,
+    scheme); its forward is the masked one (flops.count_masked_flops: encoder on the visible
+    tokens, decoder on all), so a masked run's MFU counts the work it does, not the full
+    model's. The token count stays the input's tokens.
+    """
+    from pretrain.model import count_flops, count_masked_flops
+    from pretrain.model.mae import MaskedAutoencoder
+
+    model = getattr(model, "module", model)
+    masked = isinstance(model, MaskedAutoencoder)
+    if masked and masking is None:
+        raise ValueError("sample_costs of a MaskedAutoencoder needs masking={modality: (ratio, scheme)}")
     out = {}
     for modality, size in (("video", info.video_size), ("image", info.image_size)):
         if size is None:
             continue
-        f = count_flops(model, size, info.dataset_of[modality])
+        if masked:
+            ratio, scheme = masking[modality]
+            f = count_masked_flops(model, size, ratio, scheme)
+        else:
+            f = count_flops(model, size, info.dataset_of[modality])
         out[modality] = (f["tokens"], 3.0 * f["total"])
     return out
 
