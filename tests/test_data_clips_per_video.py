@@ -44,20 +44,26 @@ def _run(loader, steps: int, save_at: int | None = None):
     return out, state
 
 
+def _frames_decoded(crops) -> list[int]:
+    """The sorted frame indices one `media.decode_crops` call decodes (the union of its
+    clips' frames)."""
+    return sorted({int(i) for crop in crops for i in crop.indices})
+
+
 def test_a_batch_holds_k_clips_of_each_of_b_over_k_videos(small_synthetic, monkeypatch):
     starts, decodes = [], []
-    real_indices, real_decode = transforms.clip_indices, samples_mod.decode_frames
+    real_indices, real_decode = transforms.clip_indices, samples_mod.decode_crops
 
     def spy_indices(start, *args):
         starts.append(start)
         return real_indices(start, *args)
 
     def spy_decode(*args, **kw):
-        decodes.append(args[1])
+        decodes.append(_frames_decoded(args[2]))
         return real_decode(*args, **kw)
 
     monkeypatch.setattr(transforms, "clip_indices", spy_indices)
-    monkeypatch.setattr(samples_mod, "decode_frames", spy_decode)
+    monkeypatch.setattr(samples_mod, "decode_crops", spy_decode)
     cfg = _cfg(small_synthetic, batch_size=6, video_ratio=1.0, image_uri=None)
     loader = JointLoader(cfg, seed=3)
     try:
@@ -96,13 +102,13 @@ def test_one_decode_cuts_k_clips_of_a_real_video_inside_the_window(media_dir, mo
            "width": meta.width, "height": meta.height}
     spec = ClipSpec(frames=4, size=24, stride=2, fps=None, crop_scale=0.4, hflip=True)
     decodes = []
-    real_decode = samples_mod.decode_frames
+    real_decode = samples_mod.decode_crops
 
     def spy_decode(*args, **kw):
-        decodes.append(list(args[1]))
+        decodes.append(_frames_decoded(args[2]))
         return real_decode(*args, **kw)
 
-    monkeypatch.setattr(samples_mod, "decode_frames", spy_decode)
+    monkeypatch.setattr(samples_mod, "decode_crops", spy_decode)
     for seed in range(6):
         decodes.clear()
         clips = train_clips(raw, spec, random.Random(seed), 3)

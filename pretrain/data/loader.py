@@ -37,7 +37,7 @@ from streaming import StreamingDataset
 from torch.utils.data import DataLoader, Dataset
 
 from pretrain import storage
-from pretrain.data import shards, shared_memory
+from pretrain.data import shards, shared_memory, transforms
 from pretrain.data.config import DataConfig, parse_bytes
 from pretrain.data.media import BadMedia
 from pretrain.data.metadata import DataInfo, describe
@@ -113,7 +113,12 @@ def _image_spec(cfg: DataConfig, hflip_ok: bool) -> ImageSpec:
 
 
 class _TrainShards(StreamingDataset):
-    """StreamingDataset that decodes and augments each sample in the loader worker."""
+    """StreamingDataset that decodes and augments each sample in the loader worker.
+
+    Video clips are written straight into their slot of the batch they will travel in
+    (`_BatchSlots`): the collate then hands that buffer over as the batch, without the copy
+    (and, in a worker, the copy into shared memory) that stacking finished clips costs.
+    """
 
     def __init__(self, *, modality: str, spec, aug_seed: int, clips_per_video: int = 1,
                  **kwargs) -> None:
@@ -121,42 +126,103 @@ class _TrainShards(StreamingDataset):
         self.modality, self.spec, self.aug_seed = modality, spec, aug_seed
         self.clips_per_video = clips_per_video
         self._epoch = 0
+        self._slots: _BatchSlots | None = None
 
     def _resume_incr_epoch(self) -> tuple[int, int]:
         epoch, offset = super()._resume_incr_epoch()
         self._epoch = epoch  # this worker's epoch, for per-sample augmentation seeds
         return epoch, offset
 
+    def __iter__(self):
+        if self.modality == "video":
+            k = self.clips_per_video
+            shape = ((k,) if k > 1 else ()) + (self.spec.frames, self.spec.size,
+                                               self.spec.size, 3)
+            self._slots = _BatchSlots(self.batch_size, shape)  # a new epoch starts a batch
+        yield from super().__iter__()
+
     def get_item(self, sample_id: int, retry: int = 7) -> dict:
         raw = super().get_item(sample_id, retry)
         rng = sample_rng(self.aug_seed, self._epoch, int(sample_id))
+        slot = self._slots.next() if self.modality == "video" and self._slots else None
         try:
             if self.modality == "video" and self.clips_per_video > 1:
-                x = train_clips(raw, self.spec, rng, self.clips_per_video)  # (k, 3, T, S, S)
+                x = train_clips(raw, self.spec, rng, self.clips_per_video,
+                                out=None if slot is None else slot.array)  # (k, 3, T, S, S)
             elif self.modality == "video":
-                x = train_clip(raw, self.spec, rng)
+                x = train_clip(raw, self.spec, rng, out=None if slot is None else slot.array)
             else:
                 x = train_image(raw, self.spec, rng)
         except SAMPLE_ERRORS as exc:
             return {"skip": f"{raw.get('key', sample_id)}: {exc}", "id": int(sample_id)}
-        return {"x": x, "y": int(raw["label"]), "id": int(sample_id)}
+        return {"x": x, "y": int(raw["label"]), "id": int(sample_id), "slot": slot}
+
+
+@dataclass
+class _Slot:
+    buffer: torch.Tensor   # (batch, ...) channels-last clips of one batch
+    index: int
+    array: object          # numpy view of buffer[index], where the clip is decoded
+
+
+class _BatchSlots:
+    """Where consecutive samples of one loader process write their clips: sample i of each
+    run of `batch` samples goes to row i of that run's buffer (DataLoader batches a worker's
+    consecutive samples). Buffers are in shared memory inside a loader worker, so the batch
+    crosses to the training process as it is; a new one per batch (the trainer may still
+    hold the last). `_collate` checks the rows before trusting them (see `_batch_buffer`)."""
+
+    def __init__(self, batch: int, shape: tuple[int, ...]) -> None:
+        self.batch, self.shape = batch, shape
+        self.buffer: torch.Tensor | None = None
+        self.index = batch
+
+    def next(self) -> _Slot:
+        if self.index == self.batch:
+            self.buffer, self.index = _new_buffer((self.batch, *self.shape)), 0
+        slot = _Slot(self.buffer, self.index, self.buffer[self.index].numpy())
+        self.index += 1
+        return slot
+
+
+def _new_buffer(shape: tuple[int, ...]) -> torch.Tensor:
+    """uint8 tensor, in shared memory inside a loader worker (as torch's collate allocates)."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(shape, dtype=torch.uint8)
+    storage = torch.UntypedStorage._new_shared(math.prod(shape))
+    return torch.empty(0, dtype=torch.uint8).new(storage).view(shape)
+
+
+def _batch_buffer(samples: list[dict]) -> torch.Tensor | None:
+    """The shared buffer when the samples are exactly its rows 0..n-1, in order (no sample
+    skipped, the batch aligned with the slots); else None and the clips are stacked."""
+    slots = [s.get("slot") for s in samples]
+    if not slots or any(s is None for s in slots):
+        return None
+    buffer = slots[0].buffer
+    if buffer.shape[0] != len(slots) or any(
+            s.buffer is not buffer or s.index != i for i, s in enumerate(slots)):
+        return None
+    return buffer
 
 
 def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
     """torch.stack, straight into shared memory inside a loader worker (as torch's default
     collate does), so sending the batch to the trainer process copies nothing more."""
-    if torch.utils.data.get_worker_info() is None:
-        return torch.stack(tensors)
     first = tensors[0]
-    storage = first.untyped_storage()._new_shared(len(tensors) * first.numel() * first.element_size())
-    out = first.new(storage).view(len(tensors), *first.shape)
+    out = _new_buffer((len(tensors), *first.shape))
     return torch.stack(tensors, out=out)
 
 
 def _collate(samples: list[dict]) -> dict:
     good = [s for s in samples if "x" in s]
+    buffer = _batch_buffer(samples)
+    if buffer is not None:  # clips already in place: (B, [k,] T, S, S, 3) -> (B, [k,] 3, T, S, S)
+        x = transforms.channels_first(buffer)
+    else:
+        x = _stack([s["x"] for s in good]) if good else None
     return {
-        "x": _stack([s["x"] for s in good]) if good else None,
+        "x": x,
         "y": torch.tensor([s["y"] for s in good], dtype=torch.long),
         "ids": torch.tensor([s["id"] for s in good], dtype=torch.long),
         "valid": torch.tensor([s.get("valid", True) for s in good], dtype=torch.bool),

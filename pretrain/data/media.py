@@ -1,13 +1,24 @@
 """Decoding encoded media with PyAV (video) and Pillow (images).
 
 Video clips are decoded straight from the encoded bytes stored in the shards. Only the frames
-a clip needs are converted to RGB, and the conversion does the resize in the same swscale pass
-(`VideoFrame.reformat`), which is much cheaper than converting at full size and resizing after.
+a clip needs are converted to RGB, and the conversion does the resize in the same swscale pass,
+which is much cheaper than converting at full size and resizing after:
+
+- `decode_frames` (evaluation views, checks): whole frames at one output size
+  (`VideoFrame.reformat`);
+- `decode_crops` (training clips): each clip's random crop box is cut from the decoded frame
+  (libavfilter's crop: pointer arithmetic, no copy), scaled to S x S, mirrored when the clip
+  is flipped and converted to RGB, one filter graph per clip, written into the caller's
+  array. Only the S x S pixels a clip keeps are ever converted: scaling whole frames so that
+  the crop became S x S converted 2-6x more pixels (and most training crops zoom in), and
+  cropping, flipping and reordering them afterwards cost numpy copies (a flipped copy of
+  packed RGB is the slowest of them).
 
 Determinism: `decode_frames` pixels depend only on (bytes, indices, fps, out_size), not on
 the process, on earlier calls, or on timing: decoding is single-threaded and the one swscale
 context per process runs with one thread and is reconfigured for each size (checked by
-tests/test_data_determinism.py). They are bit-identical on the same CPU family and FFmpeg
+tests/test_data_determinism.py). `decode_crops` builds its filter graphs per call, with one
+thread each, so its pixels depend only on its arguments too. They are bit-identical on the same CPU family and FFmpeg
 build; FAST_BILINEAR's SIMD paths are not bit-exact across CPU families. Equal pixels from
 two copies of a dataset also need equal bytes: see pretrain/data/synthetic.py for how
 synthetic data is made reproducible.
@@ -17,7 +28,8 @@ from __future__ import annotations
 import io
 import os
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from fractions import Fraction
+from typing import Callable, Iterator, Sequence
 
 import av
 import numpy as np
@@ -108,6 +120,41 @@ def probe_video(data: bytes,
         container.close()
 
 
+def _frames_at(data: bytes, indices: Sequence[int], fps: float) -> Iterator[tuple[int, object]]:
+    """(position in `indices`, decoded frame) for each of the sorted, unique frame indices.
+
+    Index i means the frame shown at time i / fps from the stream start: the first frame at
+    or after (i / fps - half a frame). A stream that ends before the last index (fewer
+    frames than the stored count promised) repeats the last frame it gave rather than fail.
+    """
+    container, stream = _open(data)
+    try:
+        start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
+        half = 0.5 / fps
+        targets = [i / fps for i in indices]
+        if targets[0] > 1.0:
+            # Seek lands on the keyframe at or before the target; decode forward from there.
+            container.seek(int((start + targets[0] - half) / stream.time_base), stream=stream,
+                           backward=True, any_frame=False)
+        j = 0
+        last = prev = None  # the last frame yielded, the last frame decoded
+        for frame in container.decode(stream):
+            t = (frame.time if frame.time is not None else 0.0) - start
+            while j < len(targets) and t >= targets[j] - half:
+                yield j, frame
+                last = frame
+                j += 1
+            if j == len(targets):
+                return
+            prev = frame
+        if prev is None:
+            raise BadMedia(f"no frames decoded for clip at indices {indices[0]}..{indices[-1]}")
+        for k in range(j, len(targets)):
+            yield k, last if last is not None else prev
+    finally:
+        container.close()
+
+
 def decode_frames(data: bytes, indices: Sequence[int], fps: float,
                   out_size: tuple[int, int] | None = None) -> list[np.ndarray]:
     """Frames at the given (sorted, unique) indices as RGB uint8 arrays (H, W, 3).
@@ -117,40 +164,79 @@ def decode_frames(data: bytes, indices: Sequence[int], fps: float,
     """
     if not len(indices):
         return []
-    container, stream = _open(data)
+    width, height = out_size if out_size else (None, None)
     try:
-        start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
-        half = 0.5 / fps
-        targets = [i / fps for i in indices]
-        first_t = targets[0]
-        if first_t > 1.0:
-            # Seek lands on the keyframe at or before the target; decode forward from there.
-            container.seek(int((start + first_t - half) / stream.time_base), stream=stream,
-                           backward=True, any_frame=False)
-        width, height = out_size if out_size else (None, None)
-        out: list[np.ndarray] = []
-        j = 0
-        prev = None
-        for frame in container.decode(stream):
-            t = (frame.time if frame.time is not None else 0.0) - start
-            # The first frame at or after (target - half a frame) is the one shown at target.
-            while j < len(targets) and t >= targets[j] - half:
-                out.append(_rgb(frame, width, height))
-                j += 1
-            if j == len(targets):
-                break
-            prev = frame
-        if j < len(targets):
-            if prev is None:
-                raise BadMedia(f"no frames decoded for clip at indices {indices[0]}..{indices[-1]}")
-            # Fewer frames than the stored count promised: repeat the last one rather than fail.
-            last = out[-1] if out else _rgb(prev, width, height)
-            out.extend(last for _ in range(len(targets) - j))
-        return out
+        return [_rgb(frame, width, height) for _, frame in _frames_at(data, indices, fps)]
     except (av.FFmpegError, ValueError, OSError) as exc:
         raise BadMedia(f"decoding failed ({exc.__class__.__name__}: {exc})") from None
-    finally:
-        container.close()
+
+
+@dataclass(frozen=True)
+class Crop:
+    """One training clip to cut from a decode: `indices` (T frame indices, any order, repeats
+    allowed), `box` (x, y, w, h) in stored pixels, mirrored when `flip`."""
+
+    indices: Sequence[int]
+    box: tuple[int, int, int, int]
+    flip: bool
+
+
+def decode_crops(data: bytes, fps: float, crops: Sequence[Crop], size: int,
+                 out: np.ndarray) -> None:
+    """Decode the union of the crops' frames once and write clip j's frame t, its box scaled
+    to size x size in RGB, into out[j, t]: `out` is uint8 (len(crops), T, size, size, 3).
+
+    Frame indices follow `decode_frames`. Each clip has its own filter graph
+    (crop -> scale -> hflip -> rgb24, one thread): the crop selects the box without copying,
+    so only the size x size output pixels are scaled and converted.
+    """
+    where: dict[int, list[tuple[int, int]]] = {}  # frame index -> [(clip, t)]
+    for j, crop in enumerate(crops):
+        for t, i in enumerate(crop.indices):
+            where.setdefault(int(i), []).append((j, t))
+    unique = sorted(where)
+    if not unique:
+        return
+    graphs: list = [None] * len(crops)
+    try:
+        for pos, frame in _frames_at(data, unique, fps):
+            for j, t in where[unique[pos]]:
+                if graphs[j] is None:
+                    graphs[j] = _crop_graph(frame, crops[j], size)
+                dst = out[j, t]
+                if not dst.flags.writeable:
+                    raise ValueError("decode_crops needs a writable output array")
+                graphs[j].push(frame)
+                _copy_rgb(graphs[j].vpull(), dst)
+    except (av.FFmpegError, ValueError, OSError) as exc:
+        raise BadMedia(f"decoding failed ({exc.__class__.__name__}: {exc})") from None
+
+
+def _crop_graph(frame, crop: Crop, size: int):
+    import av.filter
+
+    x, y, w, h = crop.box
+    graph = av.filter.Graph()
+    graph.threads = 1  # one process per core: no slice threads on top
+    # FAST_BILINEAR, as `_rgb`: half of BILINEAR's cost; random-crop training tolerates
+    # its slight aliasing on strong down-scaling.
+    nodes = [graph.add_buffer(width=frame.width, height=frame.height, format=frame.format,
+                              time_base=frame.time_base or Fraction(1, 1000)),
+             graph.add("crop", f"{w}:{h}:{x}:{y}:exact=1"),
+             graph.add("scale", f"{size}:{size}:flags=fast_bilinear:threads=1")]
+    if crop.flip:
+        nodes.append(graph.add("hflip"))
+    nodes += [graph.add("format", "rgb24"), graph.add("buffersink")]
+    graph.link_nodes(*nodes).configure()
+    return graph
+
+
+def _copy_rgb(frame, dst: np.ndarray) -> None:
+    """An rgb24 frame's pixels into dst (H, W, 3), one copy (rows padded to line_size)."""
+    plane = frame.planes[0]
+    h, w = dst.shape[:2]
+    rows = np.frombuffer(plane, np.uint8).reshape(h, plane.line_size)
+    np.copyto(dst, rows[:, :w * 3].reshape(h, w, 3))
 
 
 _reformatter: tuple[int, object] | None = None  # (pid, VideoReformatter)

@@ -1,7 +1,10 @@
 """Turning one stored sample into a training or eval tensor (runs in loader workers).
 
 Outputs are uint8 pixels, channels first ((3, T, S, S) clips, (3, S, S) images); the
-trainer normalises them on its device (`transforms.normalize`).
+trainer normalises them on its device (`transforms.normalize`). Training clips are stored
+channels last ((T, S, S, 3) in memory, a permuted view in shape): each decoded frame is
+then one contiguous copy into its place, and the channel reorder happens on the device, in
+the same pass as the float conversion.
 
 Augmentation randomness is seeded by (seed, epoch, sample id), not by worker state, so the
 same sample gets the same crop whatever the number of workers or ranks, and a resumed run
@@ -16,7 +19,7 @@ import numpy as np
 import torch
 
 from pretrain.data import transforms as T
-from pretrain.data.media import BadMedia, decode_frames, decode_image
+from pretrain.data.media import BadMedia, Crop, decode_crops, decode_frames, decode_image
 
 
 @dataclass(frozen=True)
@@ -65,20 +68,27 @@ def _gather(raw: dict, indices: list[int], out_size: tuple[int, int] | None) -> 
     return np.stack([frames[pos[i]] for i in indices])
 
 
-def train_clip(raw: dict, spec: ClipSpec, rng: random.Random) -> torch.Tensor:
-    """Random temporal crop, random resized crop, optional flip -> uint8 (3, T, S, S)."""
+def train_clip(raw: dict, spec: ClipSpec, rng: random.Random,
+               out: np.ndarray | None = None) -> torch.Tensor:
+    """Random temporal crop, random resized crop, optional flip -> uint8 (3, T, S, S).
+
+    The pixels are stored channels last: the result is a (3, T, S, S) view of `out`, uint8
+    (T, S, S, 3), which the loader may pass (a slot of its batch buffer, so the clip is
+    written once, straight where the trainer receives it); a new array when None.
+    """
     n = int(raw["num_frames"])
     if n <= 0:
         raise BadMedia("stored frame count is 0")
     step = _frame_step(raw, spec)
     start = T.train_start(rng, spec.frames, step, n)
     indices = _clip_frames(raw, spec, start)
-    w, h = int(raw["width"]), int(raw["height"])
-    box = T.random_resized_box(rng, w, h, spec.crop_scale)
-    sw, sh, x0, y0 = T.scaled_frame_size(box, w, h, spec.size)
-    frames = _gather(raw, indices, (sw, sh))  # (T, sh, sw, 3)
+    box = T.random_resized_box(rng, int(raw["width"]), int(raw["height"]), spec.crop_scale)
     flip = spec.hflip and rng.random() < 0.5
-    return T.clip_tensor(frames, x0, y0, spec.size, flip)  # (3, T, S, S) uint8
+    if out is None:
+        out = np.empty((spec.frames, spec.size, spec.size, 3), dtype=np.uint8)
+    decode_crops(raw["video"], float(raw["fps"]), [Crop(indices, box, flip)], spec.size,
+                 out[None])
+    return T.channels_first(torch.from_numpy(out))  # (3, T, S, S) view
 
 
 # Repeated sampling (data.clips_per_video = k): the k clips of one video start inside one
@@ -87,22 +97,23 @@ def train_clip(raw: dict, spec: ClipSpec, rng: random.Random) -> torch.Tensor:
 # before the first frame), instead of k seeks anywhere in the video: drawing the k starts over
 # the whole video (MAE-ST) would cost up to k decodes' worth of seeking and decoding. Inside
 # the window each clip's offset is drawn independently, in whole frame steps: clips that
-# overlap in time then share frames (one conversion serves both), where a fraction of a step
-# apart (no augmentation to speak of) they would need disjoint frames, up to k x as many.
+# overlap in time then share decoded frames, where a fraction of a step apart (no
+# augmentation to speak of) they would need disjoint frames, up to k x as many.
 # 1.5, not 2: on a 10 s 640x360 x264 source (T=32, stride 2, 224 px, one core) k=2 gave
 # 21 clips/s at 1.5 spans and 17 at 2 (k=1: 12.5); clips still start up to half a span
 # (~1 s there) apart.
 REPEAT_WINDOW = 1.5
 
 
-def train_clips(raw: dict, spec: ClipSpec, rng: random.Random, k: int) -> torch.Tensor:
+def train_clips(raw: dict, spec: ClipSpec, rng: random.Random, k: int,
+                out: np.ndarray | None = None) -> torch.Tensor:
     """k training clips of one video from one decode -> uint8 (k, 3, T, S, S).
 
     Each clip has its own start (inside the shared window, see REPEAT_WINDOW), its own random
     resized crop and its own flip, all drawn from `rng` (the sample's seeded generator, so a
-    resumed run cuts the same clips). Frames are decoded once, at the scale of the clip whose
-    crop needs the most pixels (so no clip is upsampled); that clip's window is cut as
-    `train_clip` cuts one, the others' crops are shrunk to S x S from the same frames.
+    resumed run cuts the same clips). Frames are decoded once; each clip's crop is scaled to
+    S x S from the decoded frames (`media.decode_crops`). Channels last as in `train_clip`:
+    a view of `out`, uint8 (k, T, S, S, 3).
     """
     n = int(raw["num_frames"])
     if n <= 0:
@@ -113,33 +124,16 @@ def train_clips(raw: dict, spec: ClipSpec, rng: random.Random, k: int) -> torch.
     first = rng.uniform(0, n - window) if n > window else 0.0
     max_offset = int(max(window - span, 0.0) // step)  # in frame steps
     w, h = int(raw["width"]), int(raw["height"])
-    clips = []  # (frame indices, crop box in source pixels, flip)
+    crops = []
     for _ in range(k):
         start = first + step * rng.randint(0, max_offset)
         box = T.random_resized_box(rng, w, h, spec.crop_scale)
         flip = spec.hflip and rng.random() < 0.5
-        clips.append((T.clip_indices(start, spec.frames, step, n), box, flip))
-    scaled = [T.scaled_frame_size(box, w, h, spec.size) for _, box, _ in clips]
-    dw, dh = max(s[0] for s in scaled), max(s[1] for s in scaled)
-    unique = sorted({i for indices, _, _ in clips for i in indices})
-    decoded = dict(zip(unique, decode_frames(raw["video"], unique, float(raw["fps"]),
-                                             (dw, dh))))  # frame index -> (dh, dw, 3)
-    out = np.empty((k, 3, spec.frames, spec.size, spec.size), dtype=np.uint8)
-    for j, ((indices, (x, y, bw, bh), flip), (sw, sh, x0, y0)) in enumerate(zip(clips, scaled)):
-        if (sw, sh) == (dw, dh):
-            x, y, bw, bh = x0, y0, spec.size, spec.size  # the window at the decode's scale
-        else:  # the crop box in the decoded frames' pixels (at least one, inside the frame)
-            fx, fy = dw / w, dh / h
-            x, y = min(int(round(x * fx)), dw - 1), min(int(round(y * fy)), dh - 1)
-            bw = max(1, min(int(round(bw * fx)), dw - x))
-            bh = max(1, min(int(round(bh * fy)), dh - y))
-        # Copy only the crop of each frame: (T, bh, bw, 3).
-        frames = np.stack([decoded[i][y:y + bh, x:x + bw] for i in indices])
-        if (bw, bh) == (spec.size, spec.size):
-            T.clip_tensor(frames, 0, 0, spec.size, flip, out=out[j])
-        else:
-            T.resized_clip_tensor(frames, spec.size, flip, out[j])
-    return torch.from_numpy(out)
+        crops.append(Crop(T.clip_indices(start, spec.frames, step, n), box, flip))
+    if out is None:
+        out = np.empty((k, spec.frames, spec.size, spec.size, 3), dtype=np.uint8)
+    decode_crops(raw["video"], float(raw["fps"]), crops, spec.size, out)
+    return T.channels_first(torch.from_numpy(out))  # (k, 3, T, S, S) view
 
 
 def eval_clip(raw: dict, spec: ClipSpec) -> torch.Tensor:

@@ -68,22 +68,6 @@ def random_resized_box(rng: random.Random, width: int, height: int, min_scale: f
     return (width - side) // 2, (height - side) // 2, side, side
 
 
-def scaled_frame_size(box: tuple[int, int, int, int], width: int, height: int,
-                      size: int) -> tuple[int, int, int, int]:
-    """Scale the whole frame so that `box` becomes size x size.
-
-    Returns (scaled_w, scaled_h, x0, y0): decode at (scaled_w, scaled_h), then take the
-    size x size window at (x0, y0). Scaling whole frames in swscale is cheaper than converting
-    at full size and resampling the crop afterwards.
-    """
-    x, y, w, h = box
-    sx, sy = size / w, size / h
-    sw, sh = max(size, round(width * sx)), max(size, round(height * sy))
-    x0 = min(int(round(x * sx)), sw - size)
-    y0 = min(int(round(y * sy)), sh - size)
-    return sw, sh, x0, y0
-
-
 def short_side_size(width: int, height: int, size: int) -> tuple[int, int]:
     """(w, h) with the short side scaled to `size`, aspect kept."""
     if width <= height:
@@ -119,19 +103,10 @@ def clip_tensor(frames: np.ndarray, x0: int, y0: int, size: int, flip: bool = Fa
     return torch.from_numpy(out)
 
 
-def resized_clip_tensor(frames: np.ndarray, size: int, flip: bool, out: np.ndarray) -> None:
-    """uint8 (T, H, W, 3) crop -> `out` uint8 (3, T, size, size): resized to size x size
-    (bilinear, in uint8), mirrored when `flip`.
-
-    For the clips of one decode that do not match its scale (`samples.train_clips`): the
-    frames were decoded at the scale of the most zoomed-in clip, so this only shrinks.
-    """
-    window = torch.from_numpy(frames).permute(0, 3, 1, 2)  # (T, 3, H, W), channels last
-    resized = torch.nn.functional.interpolate(window, size=(size, size), mode="bilinear",
-                                              align_corners=False, antialias=False)
-    if flip:
-        resized = resized.flip(-1)
-    torch.from_numpy(out).copy_(resized.transpose(0, 1))  # (3, T, S, S)
+def channels_first(clips: torch.Tensor) -> torch.Tensor:
+    """uint8 (..., T, H, W, 3) channels-last clips -> the (..., 3, T, H, W) view of them (no
+    copy; `normalize` makes the model input contiguous on the device)."""
+    return clips.movedim(-1, -4)
 
 
 def image_tensor(img: np.ndarray) -> torch.Tensor:
@@ -146,8 +121,8 @@ _AFFINE: dict = {}  # (device, dtype) -> (scale, shift) per channel, x_norm = pi
 
 def normalize(x: torch.Tensor, device: torch.device | str | None = None,
               dtype: torch.dtype = torch.float32, non_blocking: bool = True) -> torch.Tensor:
-    """Loader pixels -> model input, on `device`: uint8 (B, 3, T, H, W) or (B, 3, H, W) ->
-    `dtype`, ImageNet mean/std normalised.
+    """Loader pixels -> model input, on `device`: uint8 (B, 3, T, H, W) or (B, 3, H, W) in
+    any memory layout -> contiguous `dtype`, ImageNet mean/std normalised.
 
     The uint8 tensor crosses to the device first (4x fewer bytes than float32), then the
     conversion and the affine run there. The affine is computed in float32 and cast to
@@ -155,9 +130,9 @@ def normalize(x: torch.Tensor, device: torch.device | str | None = None,
     already normalised and only moved and cast (so callers may pass either).
     """
     device = torch.device(device) if device is not None else x.device
-    x = x.to(device, non_blocking=non_blocking)
+    x = x.to(device, non_blocking=non_blocking)  # keeps the loader's strides: no host copy
     if x.is_floating_point():
-        return x.to(dtype)
+        return x.to(dtype, memory_format=torch.contiguous_format)
     key = (device, x.dim())
     affine = _AFFINE.get(key)
     if affine is None:
@@ -165,5 +140,8 @@ def normalize(x: torch.Tensor, device: torch.device | str | None = None,
         scale = (1.0 / (255.0 * _STD)).view(shape).to(device)
         shift = (-_MEAN / _STD).view(shape).to(device)
         affine = _AFFINE[key] = (scale, shift)
-    out = torch.addcmul(affine[1], x.to(torch.float32), affine[0])  # one pass after the cast
+    # The cast also makes the layout contiguous (training clips arrive channels last), then
+    # the affine runs in place: two passes over the float tensor in all.
+    out = x.to(torch.float32, memory_format=torch.contiguous_format)
+    out = torch.addcmul(affine[1], out, affine[0], out=out)
     return out if dtype == torch.float32 else out.to(dtype)
