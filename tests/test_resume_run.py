@@ -14,109 +14,20 @@ smoke model on tiny synthetic data, MLflow in a sqlite file.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-SMOKE = str(ROOT / "configs" / "smoke.yaml")
+from tests.fixtures.pretrain_run import Run, committed, history, overrides
 
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
     return tmp_path_factory.mktemp("resume-data") / "synthetic"
-
-
-def overrides(data: Path, steps: int, every: int, *extra: str) -> list[str]:
-    return [f"train.steps={steps}", "train.warmup_steps=1", f"checkpoint.every_steps={every}",
-            "train.log_every=1", "train.progress_every_s=0", "train.eval_at_end=false",
-            f"data.synthetic.root={data}", "data.synthetic.videos=64", "data.synthetic.images=32",
-            f"data.video_uri={data}/video/train", f"data.video_eval_uri={data}/video/val",
-            f"data.image_uri={data}/image/train", f"data.image_eval_uri={data}/image/val",
-            "tracking.flush_every_s=0.5", *extra]
-
-
-class Run:
-    """`pretrain run SMOKE ... --json` as a subprocess; output in files (no pipe stalls)."""
-
-    def __init__(self, cwd: Path, *args: str, env: dict | None = None):
-        cwd.mkdir(parents=True, exist_ok=True)
-        self.out, self.err = cwd / f"out-{time.monotonic_ns()}.txt", cwd / f"err-{time.monotonic_ns()}.txt"
-        full = dict(os.environ, DS_ACCELERATOR="cpu", RAY_USAGE_STATS_ENABLED="0", **(env or {}))
-        full.pop("RAY_ADDRESS", None)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "orchestration.cli", "run", SMOKE, *args, "--json"],
-            cwd=cwd, env=full, stdout=self.out.open("w"), stderr=self.err.open("w"))
-
-    def stderr(self) -> str:
-        return self.err.read_text(errors="replace")
-
-    def wait_for(self, text: str, timeout: float = 240) -> None:
-        deadline = time.monotonic() + timeout
-        while text not in self.stderr():
-            assert self.proc.poll() is None, f"exited {self.proc.returncode}:\n{self.stderr()[-4000:]}"
-            assert time.monotonic() < deadline, f"no {text!r} in:\n{self.stderr()[-4000:]}"
-            time.sleep(0.2)
-
-    def finish(self, code: int = 0, timeout: float = 400) -> dict:
-        try:
-            rc = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            raise
-        assert rc == code, self.stderr()[-6000:]
-        if code != 0:
-            return {}
-        return json.loads(self.out.read_text().strip().splitlines()[-1])
-
-    def train_workers(self) -> list[int]:
-        """Pids of the RayTrainWorker processes under this run (embedded Ray: its descendants)."""
-        children: dict[int, list[int]] = {}
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            try:
-                pid, rest = stat.read_text().split(" ", 1)
-                ppid = int(rest.rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            children.setdefault(ppid, []).append(int(pid))
-        found, todo = [], [self.proc.pid]
-        while todo:
-            pid = todo.pop()
-            for child in children.get(pid, []):
-                try:
-                    cmd = Path(f"/proc/{child}/cmdline").read_bytes()
-                except OSError:
-                    continue
-                if cmd.startswith(b"ray::RayTrainWorker"):
-                    found.append(child)   # not its children: data-loader forks share the title
-                else:
-                    todo.append(child)
-        return sorted(found)
-
-    def __del__(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-
-
-def history(tracking_uri: str, run_id: str, key: str = "train/loss") -> list[tuple[int, float]]:
-    from mlflow.tracking import MlflowClient
-
-    return sorted((m.step, m.value) for m in
-                  MlflowClient(tracking_uri).get_metric_history(run_id, key))
-
-
-def committed(uri: str):
-    from checkpoints.discovery import latest_committed
-
-    return latest_committed(uri)
 
 
 @pytest.fixture(scope="module")
