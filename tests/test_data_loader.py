@@ -292,3 +292,18 @@ def test_loaders_built_again_and_again_leak_no_descriptors_or_shared_memory(data
     counts = json.loads(out.stdout.strip().splitlines()[-1])
     assert len(counts) == 12 and counts[-1] <= counts[0] + 2, counts
     assert blocks() - before == set()
+
+
+def test_measured_decode_rate_counts_the_clips_of_each_decode(data_root):
+    """`pretrain plan --measure-decode`'s figure: with clips_per_video = k every decode counts
+    k clips (what the loader gets from it), and k < 1 is refused by name."""
+    from pretrain.data.decode_rate import measure_decode
+
+    uri = str(data_root / "real")
+    one = measure_decode(uri, frames=4, size=24, frame_stride=2, clips=3)
+    two = measure_decode(uri, frames=4, size=24, frame_stride=2, clips=3, clips_per_video=2)
+    assert (one["clips"], one["clips_per_video"]) == (3, 1)
+    assert (two["clips"], two["clips_per_video"]) == (6, 2)
+    assert two["clips_per_s_per_core"] == pytest.approx(6 / two["cpu_s"], rel=0.01)
+    with pytest.raises(UserError, match="clips_per_video"):
+        measure_decode(uri, frames=4, size=24, frame_stride=2, clips_per_video=0)

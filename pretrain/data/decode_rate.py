@@ -3,7 +3,9 @@
 `pretrain plan --measure-decode URI` sizes the data pipeline with this figure: the clips are
 read the way the training loader reads them (a StreamingDataset over the shards, the loader's
 own clip spec from a `DataConfig`, `samples.train_clip`: seek, decode, crop, resize), so the
-rate is what one loader process achieves on this machine's cores.
+rate is what one loader process achieves on this machine's cores. With data.clips_per_video
+= k each decode gives k clips (`samples.train_clips`, as the loader cuts them), and the rate
+counts clips, not decodes.
 
 Decoding is single-threaded (pretrain/data/media.py), so the CPU time of the calling thread
 around `train_clip` is one core's work, free of streaming's background threads and of other
@@ -24,16 +26,18 @@ TIME_LIMIT_S = 60.0   # wall-clock bound, so a slow or huge dataset cannot stall
 
 
 def measure_decode(uri: str, frames: int, size: int, frame_stride: int, fps: float | None = None,
-                   clips: int = CLIPS, time_limit_s: float = TIME_LIMIT_S, seed: int = 0) -> dict:
-    """{"clips", "cpu_s", "clips_per_s_per_core"} from decoding up to `clips` training clips of
-    the video dataset at `uri`, spread evenly over its samples, within `time_limit_s`."""
+                   clips: int = CLIPS, time_limit_s: float = TIME_LIMIT_S, seed: int = 0,
+                   clips_per_video: int = 1) -> dict:
+    """{"clips", "cpu_s", "clips_per_s_per_core", "clips_per_video"} from decoding up to
+    `clips` samples of the video dataset at `uri` (each giving `clips_per_video` training
+    clips), spread evenly over its samples, within `time_limit_s`."""
     from streaming import StreamingDataset
 
     from pretrain.data import shared_memory
     from pretrain.data.config import DataConfig
     from pretrain.data.loader import SAMPLE_ERRORS, clip_spec
     from pretrain.data.remote import make_stream
-    from pretrain.data.samples import sample_rng, train_clip
+    from pretrain.data.samples import sample_rng, train_clip, train_clips
     from pretrain.data.shards import dataset_info
 
     info = dataset_info(uri)
@@ -42,6 +46,8 @@ def measure_decode(uri: str, frames: int, size: int, frame_stride: int, fps: flo
                         "video shards written by `pretrain prepare video|synthetic`")
     if info["num_samples"] < 1:
         raise UserError(f"--measure-decode '{uri}' holds no samples")
+    if clips_per_video < 1:
+        raise UserError(f"clips per video {clips_per_video} must be >= 1 (data.clips_per_video)")
     # The loader's own spec, so the measurement follows whatever the loader decodes.
     cfg = DataConfig(frames=frames, size=size, frame_stride=frame_stride, fps=fps)
     spec = clip_spec(cfg, info["hflip_ok"])
@@ -59,12 +65,15 @@ def measure_decode(uri: str, frames: int, size: int, frame_stride: int, fps: flo
             rng = sample_rng(seed, k // n, sample_id)  # a new epoch's crop for a repeated sample
             t0 = time.thread_time()
             try:
-                train_clip(raw, spec, rng)
+                if clips_per_video > 1:
+                    train_clips(raw, spec, rng, clips_per_video)
+                else:
+                    train_clip(raw, spec, rng)
             except SAMPLE_ERRORS as exc:
                 bad.append(f"{raw.get('key', sample_id)}: {exc}")
                 continue
             cpu_s += time.thread_time() - t0
-            done += 1
+            done += clips_per_video
     finally:
         shared_memory.release(ds)
         if cache:
@@ -72,5 +81,5 @@ def measure_decode(uri: str, frames: int, size: int, frame_stride: int, fps: flo
     if not done:
         raise UserError(f"--measure-decode '{uri}': no clip of the {min(clips, n)} tried decodes "
                         f"({'; '.join(bad[:3])}); check the dataset with `pretrain prepare`")
-    return {"clips": done, "cpu_s": round(cpu_s, 4),
+    return {"clips": done, "cpu_s": round(cpu_s, 4), "clips_per_video": clips_per_video,
             "clips_per_s_per_core": done / max(cpu_s, 1e-9)}
