@@ -93,9 +93,13 @@ def test_bad_choice(tmp_path):
 
 
 def test_objective_is_chosen_by_name_from_the_registered_ones(tmp_path):
-    assert load_config(write(tmp_path, MINIMAL)).train.objective == "classification"
-    msg = error_of(tmp_path, MINIMAL, ["train.objective=masked"])
-    assert "'train.objective'" in msg and "classification" in msg
+    assert load_config(write(tmp_path, MINIMAL)).train.objective == "supervised"
+    assert load_config(write(tmp_path, MINIMAL), ["train.objective=masked"]).train.objective == "masked"
+    # the old name of supervised (configs of runs made before the rename) still loads
+    old = load_config(write(tmp_path, MINIMAL), ["train.objective=classification"])
+    assert old.train.objective == "supervised"
+    msg = error_of(tmp_path, MINIMAL, ["train.objective=contrastive"])
+    assert "'train.objective'" in msg and "supervised" in msg and "masked" in msg
 
 
 def test_missing_required_key(tmp_path):

@@ -136,7 +136,7 @@ def test_classification_top1_averages_views_and_skips_padding():
     logits = torch.tensor([[0.0, 2.0], [1.0, 0.0], [3.0, 0.0], [3.0, 0.0], [0.0, 5.0], [0.0, 5.0]])
     batch = _Batch("vid", torch.zeros(6, 3, 1, 1, 1), torch.tensor([1, 1, 1]), views=2,
                    valid=torch.tensor([True, True, False]))
-    got = make_objective("classification").evaluate(Fixed(logits), "video", [batch], world=1)
+    got = make_objective("supervised").evaluate(Fixed(logits), "video", {"held_out": [batch]}, world=1)
     assert got == {"eval/video_top1": 0.5}
 
 

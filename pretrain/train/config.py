@@ -2,7 +2,8 @@
 
 A config is a YAML file whose top-level sections map onto the dataclasses below (`model` is
 the chosen model family's own config, pretrain/model/registry.py; `data` is owned by
-pretrain.data, `checkpoint` by checkpoints, `bootstrap` by pretrain.model). Precedence:
+pretrain.data, `checkpoint` by checkpoints, `bootstrap` by pretrain.model, `masked` by the
+masked-modelling objective in pretrain/train/masked.py). Precedence:
 `key.sub=value` overrides from the command line > the file (and the files it derives from
 with `base: other.yaml`) > the model size preset named by `model.name` > the dataclass
 defaults. Types, ranges, choices and unknown keys are checked by the loader, cross-field
@@ -29,7 +30,10 @@ from pretrain.errors import UserError
 from pretrain.model.bootstrap_config import BootstrapConfig
 from pretrain.model.family import ModelConfig
 from pretrain.model.registry import model_config, presets
+from pretrain.train.masked import MaskedConfig
+from pretrain.train.objectives import ALIASES as OBJECTIVE_ALIASES
 from pretrain.train.objectives import OBJECTIVES
+from pretrain.train.objectives import canonical as canonical_objective
 
 # The experiment API: the loader's functions applied to ExperimentConfig.
 __all__ = ["ExperimentConfig", "apply_overrides", "describe", "flatten", "from_dict", "load_config",
@@ -66,8 +70,14 @@ class TrainConfig:
         False, "ZeRO-3 only: keep parameters and optimizer state in CPU memory")
     activation_checkpointing: bool = config_field(False, "recompute block activations in backward")
     objective: str = config_field(
-        "classification", "what the loss is (pretrain/train/objectives.py): classification = "
-        "cross-entropy through each dataset's head", choices=tuple(OBJECTIVES))
+        "supervised", "what the loss is (pretrain/train/objectives.py): supervised = "
+        "cross-entropy through each dataset's head (the old name 'classification' is accepted); "
+        "masked = masked autoencoding, settings in the 'masked' section",
+        choices=(*OBJECTIVES, *OBJECTIVE_ALIASES))
+    layer_decay: float = config_field(
+        1.0, "layer-wise lr decay: blocks[i] learn at lr x layer_decay^(depth - i), the "
+        "embedding one factor lower, heads and final norm at lr (1 = off; VideoMAE fine-tunes "
+        "with 0.75)", min=0.0, max=1.0)
     seed: int = config_field(0, "seed for model init, data order and the image/video mix", min=0)
     log_every: int = config_field(
         10, "steps between metric log points (train/loss is the mean since the previous one)",
@@ -76,6 +86,9 @@ class TrainConfig:
     eval_at_end: bool = config_field(True, "evaluate after the last step")
     progress_every_s: float = config_field(
         10.0, "seconds between progress lines on the console", min=0.0)
+
+    def __post_init__(self) -> None:
+        self.objective = canonical_objective(self.objective)   # an old name -> today's
 
     def validate(self) -> None:
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
@@ -131,6 +144,7 @@ class ExperimentConfig:
     checkpoint: CheckpointConfig = config_field(factory=CheckpointConfig)
     tracking: TrackingConfig = config_field(factory=TrackingConfig)
     bootstrap: BootstrapConfig = config_field(factory=BootstrapConfig)
+    masked: MaskedConfig = config_field(factory=MaskedConfig)
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:

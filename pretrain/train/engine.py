@@ -102,7 +102,7 @@ def build_engine(model: torch.nn.Module, cfg: ExperimentConfig, world_size: int)
     offload_on_gpu = t.cpu_offload and cfg.resources.use_gpu
     optimizer = build_optimizer(model, lr=t.lr, weight_decay=t.weight_decay,
                                 betas=(t.betas[0], t.betas[1]), eps=t.eps,
-                                fused_cpu_adam=offload_on_gpu)
+                                fused_cpu_adam=offload_on_gpu, layer_decay=t.layer_decay)
     scheduler = build_scheduler(optimizer, lr=t.lr, min_lr=t.min_lr,
                                 warmup_steps=t.warmup_steps, total_steps=t.steps)
     engine, optimizer, _, scheduler = deepspeed.initialize(

@@ -1,48 +1,104 @@
 """What the model is trained to do: the seam between the training loop and the loss.
 
 The loop asks an `Objective` for the loss of (model, batch) and, at eval points, for the
-metrics of the held-out sets; it never knows which objective it runs. An objective adds
-what it needs to the step (a masked-modelling objective would mask and reconstruct in its
-`loss`) and names its own metrics. Registered by name in `OBJECTIVES`; `make_objective`
-builds one (UserError for an unknown name).
+metrics of the held-out sets; it never knows which objective it runs. Two are registered
+in `OBJECTIVES` (config key `train.objective`):
+
+- `supervised`: cross-entropy through each dataset's head (`Supervised`, below); the name
+  `classification` (what the key held before) is accepted as an alias;
+- `masked`: masked autoencoding, VideoMAE's recipe (pretrain/train/masked.py).
+
+An objective adds what it needs to the step (the masked one draws masks in its `loss`),
+names its own metrics, says which splits an evaluation reads per modality
+(`eval_splits`: "held_out", and "train" for a memory bank), whether the run evaluates
+before its first step (`eval_at_start`) and which data it cannot train on (`check_data`).
+Its resumable state (`state_dict`/`load_state_dict`, e.g. the mask RNG) travels in the
+checkpoint's extra state.
 
 Batches arrive as model input on the device (pretrain.train.device_batches): x, y, the
 dataset (head) name; eval batches also `views` (views per clip, consecutive) and `valid`.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, Protocol
+from typing import Any, Callable, Iterable, Mapping, Protocol
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from pretrain.data.metadata import DataInfo
 from pretrain.errors import UserError
+
+SUPERVISED, MASKED = "supervised", "masked"
+# Old names of objectives, still accepted (configs and MLflow config.yaml files of runs made
+# before the rename say `train.objective: classification`).
+ALIASES = {"classification": SUPERVISED}
 
 
 class Objective(Protocol):
+    eval_splits: tuple[str, ...]   # per modality: "held_out" and/or "train"
+    eval_at_start: bool            # evaluate before the first step (step 0)
+    pictures: dict[str, bytes]     # modality -> PNG made by the last evaluate (rank 0)
+
+    def check_data(self, info: DataInfo) -> None:
+        """UserError when the configured datasets cannot train this objective."""
+        ...
+
+    def masking(self) -> dict[str, tuple[float, str]] | None:
+        """Modality -> (mask ratio, scheme) for the FLOP count of a sample; None: unmasked."""
+        ...
+
     def loss(self, model, batch) -> torch.Tensor:
         """The scalar training loss of `batch` (on the device, differentiable)."""
         ...
 
-    def evaluate(self, model, modality: str, batches: Iterable, world: int) -> dict[str, float]:
-        """Metrics over one held-out set (collective: every rank runs its own share, all
-        ranks the same number of forwards). The model is in eval mode, without grad."""
+    def evaluate(self, model, modality: str, splits: Mapping[str, Iterable], world: int,
+                 step: int) -> dict[str, float]:
+        """Metrics over one modality's eval splits (split -> batches; collective: every rank
+        runs its own share, all ranks the same number of forwards). The model is in eval
+        mode, without grad."""
         ...
 
+    def state_dict(self) -> dict[str, Any]: ...
 
-class Classification:
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def unlabelled_datasets(info: DataInfo) -> list[str]:
+    """The training datasets (modality keys) that carry no labels."""
+    return [m for m in info.dataset_of if not info.datasets[m].get("labelled", True)]
+
+
+class Supervised:
     """Supervised classification: cross-entropy through the batch's dataset head; eval
     metric `eval/<modality>_top1` (a video clip's prediction: the mean of its views'
     softmax; padding repeats, `valid=False`, run but do not count)."""
+
+    eval_splits = ("held_out",)
+    eval_at_start = False
+
+    def __init__(self) -> None:
+        self.pictures: dict[str, bytes] = {}
+
+    def check_data(self, info: DataInfo) -> None:
+        missing = unlabelled_datasets(info)
+        if missing:
+            uris = ", ".join(f"data.{m}_uri ({info.datasets[m]['name']})" for m in missing)
+            raise UserError(f"train.objective is 'supervised' but {uris} has no labels; a "
+                            "supervised run needs labelled data. Pretrain on it with "
+                            "train.objective=masked, or prepare a manifest with a label column")
+
+    def masking(self) -> None:
+        return None
 
     def loss(self, model, batch) -> torch.Tensor:
         logits = model(batch.x, dataset=batch.dataset)            # (B, classes)
         return F.cross_entropy(logits.float(), batch.y)
 
-    def evaluate(self, model, modality: str, batches: Iterable, world: int) -> dict[str, float]:
+    def evaluate(self, model, modality: str, splits: Mapping[str, Iterable], world: int,
+                 step: int = 0) -> dict[str, float]:
         stats = torch.zeros(2, dtype=torch.float64)   # correct, counted
-        for batch in batches:
+        for batch in splits["held_out"]:
             logits = model(batch.x, dataset=batch.dataset).float()                 # (B*V, C)
             probs = logits.softmax(-1).view(len(batch.y), batch.views, -1).mean(1)  # (B, C)
             hit = (probs.argmax(-1) == batch.y).cpu()                               # (B,)
@@ -54,13 +110,41 @@ class Classification:
         correct, total = stats.tolist()
         return {f"eval/{modality}_top1": correct / total} if total else {}
 
+    def state_dict(self) -> dict[str, Any]:
+        return {}
 
-OBJECTIVES: dict[str, Callable[[], Objective]] = {
-    "classification": Classification,
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+# Kept for code that imported the old name.
+Classification = Supervised
+
+
+def _masked(cfg, rank: int) -> Objective:
+    from pretrain.train.masked import MaskedModelling
+
+    if cfg is None:
+        raise UserError("the masked objective needs the experiment config (its 'masked' section)")
+    return MaskedModelling(cfg.masked, seed=cfg.train.seed, rank=rank)
+
+
+# name -> factory(experiment config or None, rank)
+OBJECTIVES: dict[str, Callable[[Any, int], Objective]] = {
+    SUPERVISED: lambda cfg, rank: Supervised(),
+    MASKED: _masked,
 }
 
 
-def make_objective(name: str) -> Objective:
-    if name not in OBJECTIVES:
-        raise UserError(f"unknown training objective {name!r}; valid: {', '.join(sorted(OBJECTIVES))}")
-    return OBJECTIVES[name]()
+def canonical(name: str) -> str:
+    """The registered name of objective `name` (aliases resolved)."""
+    return ALIASES.get(name, name)
+
+
+def make_objective(name: str, cfg=None, rank: int = 0) -> Objective:
+    """The objective called `name` (an alias is fine) for experiment config `cfg` on `rank`."""
+    key = canonical(name)
+    if key not in OBJECTIVES:
+        raise UserError(f"unknown training objective {name!r}; valid: {', '.join(OBJECTIVES)} "
+                        f"(also accepted: {', '.join(f'{a} = {n}' for a, n in ALIASES.items())})")
+    return OBJECTIVES[key](cfg, rank)

@@ -11,8 +11,9 @@ imports Ray.
 
 Step anatomy (every rank, same order): next batch from the joint loader, on the device (one
 modality per micro-batch, the same modality on every rank because the mixer is seeded
-identically) -> the objective's loss (classification: forward through that dataset's
-head, cross-entropy) -> engine.backward -> engine.step (DeepSpeed applies the optimizer at
+identically) -> the objective's loss (supervised: forward through that dataset's head,
+cross-entropy; masked: draw a mask, reconstruct the hidden tokens, see
+pretrain/train/masked.py) -> engine.backward -> engine.step (DeepSpeed applies the optimizer at
 the accumulation boundary). The loss stays on the device; figures are reduced across ranks
 only at log points.
 """
@@ -37,12 +38,14 @@ from pretrain.train.device_batches import DeviceBatches, eval_batches, train_bat
 from pretrain.train.engine import autocast_dtype, build_engine, device_for_rank
 from pretrain.train.evaluate import evaluate
 from pretrain.train.metrics import IntervalTotals, accelerator_peak, sample_costs, skipped_samples
-from pretrain.train.objectives import Classification, Objective, make_objective
+from pretrain.train.masked import training_model
+from pretrain.train.objectives import Objective, Supervised, make_objective
+from pretrain.train.recon_grid import log_png
 from pretrain.train.preempt import StopAgreement, install_sigterm_handler, training
 from pretrain.train.tracking import NullLogger, Tracking, open_tracking
 
 Report = Callable[[dict[str, Any]], None]
-CLASSIFICATION = Classification()
+SUPERVISED = Supervised()
 
 
 def init_distributed(cfg: ExperimentConfig) -> tuple[int, int]:
@@ -64,22 +67,27 @@ def seed_everything(seed: int) -> None:
 
 
 def build_model(cfg: ExperimentConfig, num_classes: dict[str, int]) -> torch.nn.Module:
-    from pretrain.model import load_model, model_from_config
+    """The module this config trains: the encoder (one head per dataset; from a bootstrap
+    file, from `model.init_from` or freshly initialised), wrapped for the objective (masked:
+    with the decoder, pretrain/train/masked.py training_model)."""
+    from pretrain.model import model_from_config
+    from pretrain.model.io import load_encoder
 
     if cfg.bootstrap.init_from:   # image-to-video bootstrap (pretrain/model/bootstrap.py)
         from pretrain.model.bootstrap import init_from_file
         from pretrain.train.engine import zero3_build_hooks
-        return init_from_file(cfg.bootstrap, num_classes, seed=cfg.train.seed, **zero3_build_hooks(cfg))
-    if cfg.model.init_from:
-        model = load_model(cfg.model.init_from)
-        missing = set(num_classes) - set(model.datasets)
-        if missing:
-            raise ValueError(f"model file {cfg.model.init_from} has no head for {sorted(missing)}")
-        return model
-    return model_from_config(cfg.model, num_classes)
+        encoder = init_from_file(cfg.bootstrap, num_classes, seed=cfg.train.seed,
+                                 **zero3_build_hooks(cfg))
+    elif cfg.model.init_from:
+        # Any model file: a supervised export, or a masked-pretraining export whose decoder is
+        # dropped; heads the file lacks for this config's datasets are created fresh.
+        encoder = load_encoder(cfg.model.init_from, num_classes)
+    else:
+        encoder = model_from_config(cfg.model, num_classes)
+    return training_model(encoder, cfg, pretrained=bool(cfg.bootstrap.init_from or cfg.model.init_from))
 
 
-def train_micro_step(engine, batch, objective: Objective = CLASSIFICATION) -> torch.Tensor:
+def train_micro_step(engine, batch, objective: Objective = SUPERVISED) -> torch.Tensor:
     """Forward + backward of one micro-batch (already on the device) for `objective`; the
     optimizer steps at the accumulation boundary inside engine.step(). Returns the (device)
     loss."""
@@ -125,7 +133,7 @@ class Trainer:
         self.report_to, self.show_progress = report, progress
         # What `close` releases: nothing until setup makes it.
         self.loader: DeviceBatches | None = None
-        self.eval_loaders: dict[str, DeviceBatches] = {}
+        self.eval_loaders: dict[str, dict[str, DeviceBatches]] = {}   # modality -> split ->
         self.tracking = Tracking(None, None, NullLogger())
         self.finished = False
 
@@ -150,17 +158,20 @@ class Trainer:
         seed_everything(cfg.train.seed)   # same init on every rank
 
         self.info = DataInfo.from_config(cfg.data)   # the datasets' metadata, read once
-        self.objective = make_objective(cfg.train.objective)
+        self.objective = make_objective(cfg.train.objective, cfg, self.rank)
+        self.objective.check_data(self.info)
         model = build_model(cfg, self.info.num_classes)
         self.engine, _, self.scheduler = build_engine(model, cfg, self.world)
         self.dtype = autocast_dtype(cfg)
-        self.per_sample = sample_costs(model, self.info)   # modality -> (tokens, train FLOPs)
+        # modality -> (tokens, train FLOPs); a masked model's FLOPs are the masked forward's
+        self.per_sample = sample_costs(model, self.info, self.objective.masking())
         _, self.peak = accelerator_peak(cfg.resources.accelerator, cfg.train.precision)
 
         self.loader = train_batches(cfg.data, self.info, self.rank, self.world, cfg.train.seed,
                                     device=self.device, dtype=self.dtype)
         self.hook = self.hook or make_checkpoint_hook(cfg, self.rank, self.world)
         self.start_step, extra = self.hook.maybe_resume(self.engine, self.loader)
+        self.objective.load_state_dict(extra.get("objective") or {})   # e.g. the mask RNG
         self.totals = IntervalTotals.from_carry(extra.get("loss_window"))
         if self.start_step and self.rank == 0:
             print(f"resumed from {self.hook.last_committed} at step {self.start_step}",
@@ -182,18 +193,17 @@ class Trainer:
         """Optimizer steps from the one after the resume point to train.steps, or to the
         step at which all ranks agreed to stop."""
         t = self.cfg.train
-        self.engine.train()
         self.t_start = time.perf_counter()
+        if self.start_step == 0 and self.objective.eval_at_start and (t.eval_every or t.eval_at_end):
+            self.timed_eval(0)   # the baseline a self-supervised monitor rises from
+        self.engine.train()
         for step in range(self.start_step + 1, t.steps + 1):
             self.step = step
             self.train_step()
             if step % t.log_every == 0 or step == t.steps:
                 self.log_metrics(step)
             if t.eval_every and step % t.eval_every == 0 and step != t.steps:
-                t0 = time.perf_counter()
-                self.evaluate_and_log(step)
-                self.engine.train()
-                self.totals.start += time.perf_counter() - t0   # eval time is not throughput
+                self.timed_eval(step)
             self.hook.maybe_save(step, self.engine, self.loader, self.extra_state)
             if step < t.steps and self.stopper(step):
                 self.stopped = True
@@ -201,6 +211,13 @@ class Trainer:
                     print(f"stopping at step {step}/{t.steps}: writing a final checkpoint",
                           file=sys.stderr, flush=True)
                 return
+
+    def timed_eval(self, step: int) -> None:
+        """An eval point inside the run: its time is not counted as training throughput."""
+        t0 = time.perf_counter()
+        self.evaluate_and_log(step)
+        self.engine.train()
+        self.totals.start += time.perf_counter() - t0
 
     def train_step(self) -> None:
         """One optimizer step: grad_accum_steps micro-batches, each timed and counted."""
@@ -217,7 +234,8 @@ class Trainer:
         """A log point (collective): the interval's totals reduced to metrics, then a new
         interval. `steps` in the totals counts micro-batches; loss is their mean."""
         t0 = time.perf_counter()
-        lr = self.scheduler.get_last_lr()[0] if self.scheduler is not None else self.cfg.train.lr
+        # The top layer's lr (with train.layer_decay the lower layers' groups are scaled down).
+        lr = max(self.scheduler.get_last_lr()) if self.scheduler is not None else self.cfg.train.lr
         metrics = self.totals.reduce(self.world, self.peak, lr)
         metrics["data/skipped_samples"] = skipped_samples(self.loader, self.world)
         self.tracking.logger.log(metrics, step)
@@ -229,23 +247,40 @@ class Trainer:
         self.totals.log_s += time.perf_counter() - t0
 
     def evaluate_and_log(self, step: int) -> None:
-        """The objective's held-out metrics (collective: every rank runs the eval loaders)."""
+        """The objective's held-out metrics (collective: every rank runs the eval loaders);
+        its pictures (masked: input / masked / reconstruction) go to MLflow as artifacts."""
         if not self.eval_loaders:
             for modality in self.info.held_out:   # built at the first eval, kept for the next
-                self.eval_loaders[modality] = eval_batches(
-                    self.cfg.data, self.info, modality, self.rank, self.world,
-                    device=self.device, dtype=self.dtype)
-        ev = evaluate(self.engine, self.objective, self.eval_loaders, self.world)
+                self.eval_loaders[modality] = {split: self.eval_split(modality, split)
+                                               for split in self.objective.eval_splits}
+        ev = evaluate(self.engine, self.objective, self.eval_loaders, self.world, step)
+        if self.rank == 0 and self.tracking.uri and self.tracking.run_id:
+            for modality, png in self.objective.pictures.items():
+                log_png(self.tracking.uri, self.tracking.run_id,
+                        f"reconstructions/{modality}_step_{step:07d}.png", png)
         self.tracking.logger.log(ev, step)
         self.last.update(ev)
         self.progress.line(step, ev)
         if self.report:
             self.report({"step": step, **ev})
 
+    def eval_split(self, modality: str, split: str) -> DeviceBatches:
+        """One pass over `modality`'s held-out split ("held_out") or, for a memory bank, its
+        training split read like held-out data (centre views, no augmentation; "train")."""
+        if split == "held_out":
+            return eval_batches(self.cfg.data, self.info, modality, self.rank, self.world,
+                                device=self.device, dtype=self.dtype)
+        from pretrain.data.loader import EvalLoader
+
+        uri = getattr(self.cfg.data, f"{modality}_uri")
+        return DeviceBatches(EvalLoader(self.cfg.data, modality, self.rank, self.world, uri=uri),
+                             self.device, self.dtype)
+
     def extra_state(self) -> dict[str, Any]:
         """What a checkpoint needs beyond the engine and loader (collective: the hook calls
         it on every rank when it saves)."""
-        return {"loss_window": self.totals.carry(self.world), "mlflow_run_id": self.tracking.run_id}
+        return {"loss_window": self.totals.carry(self.world), "mlflow_run_id": self.tracking.run_id,
+                "objective": self.objective.state_dict()}
 
     # -- finish and teardown -------------------------------------------------------------
 
@@ -262,7 +297,8 @@ class Trainer:
         try:
             self.tracking.close(failed=not self.finished)
         finally:
-            for loader in [self.loader, *self.eval_loaders.values()]:
+            splits = [loader for by_split in self.eval_loaders.values() for loader in by_split.values()]
+            for loader in [self.loader, *splits]:
                 if loader is not None:
                     loader.close()
 
