@@ -48,7 +48,7 @@ def test_prepare_video_skips_broken_and_reports(media_dir, tmp_path, capsys):
     info = shards.dataset_info(out)
     assert info == {"num_classes": 4, "labels": ["down", "left", "right", "up"],
                     "num_samples": len(media_dir["videos"]), "modality": "video",
-                    "dataset": "moves", "hflip_ok": True}
+                    "dataset": "moves", "hflip_ok": True, "num_unlabelled": 0, "labelled": True}
 
 
 def test_stored_metadata_matches_the_files(media_dir, tmp_path):

@@ -2,6 +2,7 @@
 
     pretrain prepare video --manifest FILE.csv --out URI [--dataset kinetics400]
     pretrain prepare image --manifest FILE.csv --out URI      (or --folder DIR/<class>/<file>)
+    pretrain prepare video --manifest FILE.csv --out gs://... --ray [--address HOST:PORT]
     pretrain prepare synthetic --out URI --videos N --images M
 
 Videos and images are stored re-encoded for training (videos: H.264, short side 256, at most
@@ -11,11 +12,22 @@ input files' bytes instead. Synthetic data is stored as generated.
 
 URI is a local path or any fsspec URI (gs://, s3://, file://). Unusable inputs are skipped and
 listed with their reason (also in URI/prepare_report.json); the exit code is 1 only when
-nothing could be written.
+nothing could be written. Re-running into the same URI replaces what differs (shards are
+compared by content) and removes shards the new run does not write.
+
+The manifest's label column may be missing or have empty cells: those inputs are stored
+unlabelled (label -1), for masked pretraining. Paths with a URL scheme (http://, gs://, ...)
+are refused unless --allow-scheme names the scheme; inputs outside the manifest's folder are
+named in the summary and the report.
+
+--ray runs the check/re-encode/write phases as Ray tasks on the cluster at RAY_ADDRESS (or
+--address), --chunk-size inputs per task, each chunk a part folder of URI (see
+pretrain/data/prepare_ray.py); the same command again resumes, keeping finished chunks.
 """
 from __future__ import annotations
 
 import json
+import os
 
 HELP = "write image/video MDS shards (+ label map) from a CSV manifest, a class folder, or synthetic demo data"
 
@@ -27,8 +39,9 @@ def add_arguments(parser) -> None:
         p = sub.add_parser(kind, help=f"{kind} files listed in a CSV (path,label) or in class "
                                       "subfolders", description=f"Shard {kind} files.")
         src = p.add_mutually_exclusive_group(required=True)
-        src.add_argument("--manifest", help="CSV with a header holding at least path,label "
-                                            "(paths absolute or relative to the CSV's folder)")
+        src.add_argument("--manifest", help="CSV with a header holding at least path, usually "
+                                            "label (paths absolute or relative to the CSV's "
+                                            "folder; a missing or empty label: unlabelled)")
         src.add_argument("--folder", help="folder with one subfolder per class")
         p.add_argument("--out", required=True, help="output folder: local path or fsspec URI")
         p.add_argument("--dataset", help=f"dataset (head) name stored with the shards, e.g. "
@@ -51,6 +64,18 @@ def add_arguments(parser) -> None:
                            help="mark labels as direction-sensitive: loaders never flip them")
         p.add_argument("--work-dir", help="staging folder (default under ~/.cache/tubevit); "
                                           "a re-run with the same one resumes")
+        p.add_argument("--manifest-encoding", default="utf-8",
+                       help="text encoding of the manifest (default utf-8; e.g. latin-1, cp1252)")
+        p.add_argument("--allow-scheme", action="append", default=[], metavar="SCHEME",
+                       help="read manifest paths with this URL scheme through fsspec (e.g. gs, "
+                            "s3, http; repeatable); refused otherwise")
+        p.add_argument("--ray", action="store_true",
+                       help="run on the Ray cluster at RAY_ADDRESS or --address, one task per "
+                            "chunk; --out must be reachable from every node (gs://, or a shared "
+                            "filesystem)")
+        p.add_argument("--address", help="with --ray: the cluster's address (default RAY_ADDRESS)")
+        p.add_argument("--chunk-size", type=int, default=64,
+                       help="with --ray: inputs per task (default 64)")
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
         p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
     p = sub.add_parser("synthetic", help="demo data: moving-shape clips classed by motion "
@@ -92,10 +117,22 @@ def run(args) -> int:
         extra = {}
         if args.kind == "video":
             extra = {"min_frames": args.min_frames, "hflip_ok": not args.no_hflip}
-        result = prepare_from_manifest(
-            args.kind, args.manifest, args.folder, args.out, dataset=args.dataset, labels=labels,
-            workers=args.workers, work_dir=args.work_dir, shard_size=args.shard_size,
-            progress=not args.no_progress, keep_original=args.keep_original, **extra)
+        if args.address and not args.ray:
+            raise UserError("prepare: --address is the Ray cluster of --ray; pass --ray too")
+        connected = _connect_ray(args.address) if args.ray else False
+        try:
+            result = prepare_from_manifest(
+                args.kind, args.manifest, args.folder, args.out, dataset=args.dataset,
+                labels=labels, workers=args.workers, work_dir=args.work_dir,
+                shard_size=args.shard_size, progress=not args.no_progress,
+                keep_original=args.keep_original, manifest_encoding=args.manifest_encoding,
+                allow_schemes=args.allow_scheme, ray=args.ray, chunk_size=args.chunk_size,
+                **extra)
+        finally:
+            if connected:
+                import ray
+
+                ray.shutdown()
         results = {args.kind: result}
     for r in results.values():
         print(r.summary())
@@ -105,3 +142,37 @@ def run(args) -> int:
                           "skipped": sum(len(r.skipped) for r in results.values()),
                           "datasets": {k: r.to_json() for k, r in results.items()}}))
     return 0 if written else 1
+
+
+_LOOPBACK_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"   # orchestration.driver.LOOPBACK_ONLY_ENV
+
+
+def _connect_ray(address: str | None) -> bool:
+    """Connect this process to the cluster at `address` or RAY_ADDRESS; True when it did
+    (False: it already was)."""
+    from orchestration import ray_env
+    from pretrain.errors import UserError
+
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        raise UserError("prepare --ray runs on a Ray cluster: set RAY_ADDRESS or pass --address "
+                        "HOST:PORT (the address `ray start --head` printed)")
+    host = address.split("://")[-1].rsplit(":", 1)[0]
+    if host in ("127.0.0.1", "localhost", "::1", "[::1]"):
+        # A head on loopback (started with orchestration.driver.LOOPBACK_ONLY_ENV=0): Ray
+        # would otherwise swap 127.0.0.1 for this machine's external address, where nothing
+        # listens. Ray reads it when imported, hence set first, and named here because
+        # importing orchestration.driver imports ray.
+        os.environ.setdefault(_LOOPBACK_ONLY_ENV, "0")
+    import ray
+
+    if ray.is_initialized():
+        return False
+    try:
+        ray.init(address=address, log_to_driver=True, configure_logging=False,
+                 runtime_env=ray_env.runtime_env({}, pass_env=ray_env.WORKER_PASS_ENV))
+    except (ConnectionError, ValueError, RuntimeError) as exc:
+        raise UserError(f"prepare --ray: cannot join a Ray cluster at '{address}' "
+                        f"({exc.__class__.__name__}: {str(exc).strip().splitlines()[0]}); "
+                        "check --address / RAY_ADDRESS and that the head is up") from None
+    return True

@@ -42,7 +42,12 @@ def configured_uris(cfg: DataConfig) -> dict[str, str]:
 @dataclass(frozen=True)
 class DataInfo:
     """What the configured datasets are, keyed "video", "image", "video_eval", "image_eval"
-    (the URIs that are set): each `describe()`'s dict. The input sizes come from the config."""
+    (the URIs that are set): each `describe()`'s dict. The input sizes come from the config.
+
+    A dataset prepared from a manifest without labels (or with some rows unlabelled) has
+    "labelled": False, "num_unlabelled" > 0 and its class names (possibly none) in "labels";
+    its unlabelled samples carry label shards.UNLABELLED (-1). A masked run trains on it; a
+    supervised run refuses it (`labelled`, `unlabelled`)."""
     datasets: dict[str, dict]
     video_size: tuple[int, int, int] | None    # (T, H, W) of a training clip
     image_size: tuple[int, int] | None         # (H, W) of a training image
@@ -65,6 +70,17 @@ class DataInfo:
     def dataset_of(self) -> dict[str, str]:
         """Modality -> head name, for the modalities with training data."""
         return {m: d["name"] for m, d in self.datasets.items() if m in MODALITIES}
+
+    @property
+    def unlabelled(self) -> list[str]:
+        """Modalities whose training dataset has samples without a label."""
+        return [m for m in MODALITIES if m in self.datasets
+                and not self.datasets[m].get("labelled", True)]
+
+    @property
+    def labelled(self) -> bool:
+        """Every training sample has a label (what supervised training needs)."""
+        return not self.unlabelled
 
     @property
     def held_out(self) -> list[str]:

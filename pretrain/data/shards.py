@@ -6,11 +6,18 @@ A dataset folder (local path or fsspec URI) written by `pretrain prepare` contai
                             means the folder is complete
     shard.NNNNN.mds         MDS shards: encoded media bytes + label + sampling metadata
     labels.json             {"modality", "dataset", "labels": [class names, index order],
-                             "num_samples", "hflip_ok", ...}: the label map heads are sized by
-    prepare_report.json     which inputs were written or skipped, and why
+                             "num_samples", "hflip_ok", ...}: the label map heads are sized by;
+                             "unlabelled": N when N samples carry no label (key absent: none)
+    prepare_report.json     which inputs were written or skipped, and why; the folders read
+    part-NNNNN/             `prepare --ray` only: one folder per manifest chunk (its own
+                             index.json, shards and report); the top index.json lists their
+                             shards (basenames part-NNNNN/shard.NNNNN.mds)
 
 Video samples store the encoded file bytes, not decoded frames, with what clip sampling
 needs (fps, frame count, size, duration). Image samples store the encoded image bytes.
+A sample's label is its class's index in labels.json's "labels", or UNLABELLED (-1) for an
+input prepared without a label (masked pretraining needs none; a supervised run refuses a
+dataset with such samples, see `dataset_info`'s "labelled").
 """
 from __future__ import annotations
 
@@ -32,6 +39,7 @@ VIDEO_COLUMNS = {
 # original, which data.frame_stride counts in (datasets of original bytes need not).
 SOURCE_FPS_COLUMNS = {"source_fps": "float64"}
 IMAGE_COLUMNS = {"image": "bytes", "label": "int", "key": "str", "width": "int", "height": "int"}
+UNLABELLED = -1   # the label of a sample prepared without one
 
 
 def label_doc(modality: str, dataset: str, labels: list[str], num_samples: int,
@@ -42,7 +50,9 @@ def label_doc(modality: str, dataset: str, labels: list[str], num_samples: int,
 
 
 def dataset_info(uri: str) -> dict:
-    """Describe a prepared dataset: num_classes, labels, num_samples, modality, dataset, hflip_ok.
+    """Describe a prepared dataset: num_classes, labels, num_samples, modality, dataset,
+    hflip_ok, num_unlabelled (samples stored as UNLABELLED) and labelled (every sample has a
+    label: what a supervised run needs).
 
     Raises UserError naming the URI when it is missing, incomplete or not a prepared dataset.
     """
@@ -70,6 +80,7 @@ def dataset_info(uri: str) -> dict:
         raise UserError(f"dataset URI '{uri}': {LABELS} does not describe a video or image "
                         "dataset; re-run `pretrain prepare`")
     num_samples = sum(int(s.get("samples", 0)) for s in index.get("shards", []))
+    unlabelled = int(doc.get("unlabelled", 0))
     return {
         "num_classes": len(doc["labels"]),
         "labels": doc["labels"],
@@ -77,6 +88,8 @@ def dataset_info(uri: str) -> dict:
         "modality": doc["modality"],
         "dataset": doc.get("dataset") or doc["modality"],
         "hflip_ok": bool(doc.get("hflip_ok", True)),
+        "num_unlabelled": unlabelled,
+        "labelled": unlabelled == 0 and bool(doc["labels"]),
     }
 
 
