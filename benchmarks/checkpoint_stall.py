@@ -11,10 +11,16 @@ end. One CPU rank, ZeRO-2, fp32, DeepSpeed engine with AdamW. Figures:
 - sync_s: mean time of the same save followed by waiting for its upload and commit, i.e. a
   synchronous save+upload of the same bytes.
 - ratio = sync_s / blocked_s (higher is better; the goal is >= 10).
-- restore_MBps: committed checkpoint -> local (download with sha256 verification) ->
+- restore_MBps: committed checkpoint -> local (download, checked against the manifest) ->
   engine.load_checkpoint, bytes / seconds; raw_read_MBps: reading the same objects from the
-  emulator without doing anything with them; restore_vs_raw = restore_MBps / raw_read_MBps.
-- step_s_idle / step_s_during_upload: training-step time without and with an upload in flight.
+  emulator without doing anything with them; restore_vs_raw = restore_MBps / raw_read_MBps
+  (goal >= 0.8). Where restore time goes: download_s (download_vs_raw) and load_s.
+- step_s_idle / step_s_during_upload: training-step time without and with an upload in
+  flight; upload_slowdown = their ratio (goal <= 1.25).
+
+The emulator is a Python process on the same machine: its CPU time counts against the
+training steps and bounds every transfer, so on a 2-core machine shared with other work
+repeat the run and read the spread.
 """
 from __future__ import annotations
 
@@ -170,6 +176,7 @@ def run(args, tmp: str) -> dict:
     download_s = time.perf_counter() - t0
     load_into_engine(fresh, os.path.dirname(folder), os.path.basename(folder), universal=False)
     restore_s = time.perf_counter() - t0
+    load_s = restore_s - download_s
     dist.destroy_process_group()
 
     mean = lambda v: sum(v) / len(v)  # noqa: E731
@@ -181,10 +188,13 @@ def run(args, tmp: str) -> dict:
         "sync_s": round(sync_s, 4), "sync_s_each": [round(s, 4) for s in sync],
         "ratio": round(sync_s / blocked_s, 2),
         "step_s_idle": round(mean(idle), 4), "step_s_during_upload": round(mean(during), 4),
+        "upload_slowdown": round(mean(during) / mean(idle), 3),
         "raw_read_MBps": round(nbytes / raw_s / 1e6, 1),
         "download_verified_MBps": round(nbytes / download_s / 1e6, 1),
         "restore_MBps": round(nbytes / restore_s / 1e6, 1),
         "restore_vs_raw": round(raw_s / restore_s, 3),
+        "download_s": round(download_s, 3), "load_s": round(load_s, 3),
+        "download_vs_raw": round(raw_s / download_s, 3),
     }
 
 

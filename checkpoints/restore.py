@@ -24,6 +24,7 @@ from pretrain.process_env import cpu_tool_env
 
 from . import safe_load
 from .discovery import CheckpointInfo, inspect
+from .integrity import digest_file
 from .layout import MANIFEST, Manifest
 
 log = logging.getLogger("checkpoints")
@@ -66,13 +67,18 @@ def fetch(info: CheckpointInfo, dest_root: str, verify_checksums: bool = True,
     return src
 
 
+RANGE_BYTES = 16 << 20   # one request's share of a large file (parallel streams)
+
+
 def download(info: CheckpointInfo, dest_root: str, verify_checksums: bool = True,
              threads: int = 8, retries: int = 5) -> str:
     """Copy the manifest's files of `info` to dest_root/<step folder>; returns that folder.
 
-    Files are fetched in parallel into a temporary folder that is renamed into place only
-    when every file has the recorded size (and sha256), so a reader never sees a partial
-    download.
+    Every file is fetched as byte ranges of RANGE_BYTES, all files' ranges in parallel
+    (one stream per object is what limits a single reader), each written at its offset.
+    Each file is then checked against the manifest (size; crc32c, or sha256 for format-1
+    manifests) from the page cache. Everything lands in a temporary folder that is renamed
+    into place only when every file matches, so a reader never sees a partial download.
     """
     manifest = info.manifest
     assert manifest is not None, "download needs a committed checkpoint"
@@ -85,22 +91,48 @@ def download(info: CheckpointInfo, dest_root: str, verify_checksums: bool = True
                 return final  # already here (another rank on this node fetched it)
     tmp = f"{final}.partial-{uuid.uuid4().hex[:8]}"
 
-    def one(item):
-        rel, rec = item
-        dst = os.path.join(tmp, rel)
-        digest = storage.with_retries(f"downloading {rel}",
-                                      lambda: storage.get_file(fs, storage.join(src, rel), dst), retries)
-        size = os.path.getsize(dst)
-        if size != rec.size:
-            raise CheckpointDamaged(f"checkpoint {info.uri} is damaged: {rel} has {size} bytes, "
-                                    f"its manifest says {rec.size}")
-        if verify_checksums and digest != rec.sha256:
-            raise CheckpointDamaged(f"checkpoint {info.uri} is damaged: {rel} fails its sha256 "
-                                    "checksum (content changed)")
+    def damaged(rel: str, what: str) -> CheckpointDamaged:
+        return CheckpointDamaged(f"checkpoint {info.uri} is damaged: {rel} {what}")
 
+    def fetch_range(task: tuple[str, int, int]) -> None:
+        rel, start, end = task
+        data = storage.with_retries(f"downloading {rel}",
+                                    lambda: fs.cat_file(storage.join(src, rel), start=start, end=end),
+                                    retries)
+        if len(data) != end - start:
+            raise damaged(rel, f"is shorter than the {manifest.files[rel].size} bytes its "
+                               "manifest says")
+        fd = os.open(os.path.join(tmp, rel), os.O_WRONLY)
+        try:
+            os.pwrite(fd, data, start)
+        finally:
+            os.close(fd)
+
+    def check(item) -> None:
+        rel, rec = item
+        path = os.path.join(tmp, rel)
+        if os.path.getsize(path) != rec.size:
+            raise damaged(rel, f"has {os.path.getsize(path)} bytes, its manifest says {rec.size}")
+        if not verify_checksums:
+            return
+        d = digest_file(path)
+        if rec.crc32c and d.crc32c != rec.crc32c:
+            raise damaged(rel, "fails its crc32c checksum (content changed)")
+        if not rec.crc32c and d.sha256 != rec.sha256:
+            raise damaged(rel, "fails its sha256 checksum (content changed)")
+
+    tasks = []
+    for rel, rec in manifest.files.items():
+        path = os.path.join(tmp, rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.truncate(rec.size)
+        tasks += [(rel, start, min(rec.size, start + RANGE_BYTES))
+                  for start in range(0, rec.size, RANGE_BYTES)]
     try:
         with ThreadPoolExecutor(threads) as pool:
-            list(pool.map(one, manifest.files.items()))
+            list(pool.map(fetch_range, tasks))
+            list(pool.map(check, manifest.files.items()))
         with open(os.path.join(tmp, MANIFEST), "wb") as f:
             f.write(manifest.to_json())
         if os.path.isdir(final):
@@ -205,11 +237,14 @@ def load_into_engine(engine, load_dir: str, tag: str, universal: bool) -> None:
     config = engine._config
     before = config.load_universal_checkpoint
     config.load_universal_checkpoint = universal
+    reader = safe_load.MmapCheckpointEngine(engine.checkpoint_engine)
+    engine.checkpoint_engine = reader
     try:
         with safe_load.weights_only_loads():
             path, _ = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
                                              load_lr_scheduler_states=True)
     finally:
+        engine.checkpoint_engine = reader.inner
         config.load_universal_checkpoint = before
     if path is None:
         raise RuntimeError(f"DeepSpeed found no checkpoint files in {os.path.join(load_dir, tag)}")

@@ -10,7 +10,10 @@ values only, plus the few classes listed here:
 - run-state files written before this module (checkpoint format 1) hold numpy's RNG state
   as a numpy array; new ones store it as a tensor.
 
-DeepSpeed's loaders call `torch.load(..., weights_only=False)` themselves; inside
+DeepSpeed's engine reads its files through its checkpoint engine, swapped during a load
+for `MmapCheckpointEngine` (weights_only, memory-mapped: tensors are copied once, into the
+model and optimizer, not first into a loaded copy). Its other loaders call
+`torch.load(..., weights_only=False)` themselves; inside
 `weights_only_loads()` the environment variable TORCH_FORCE_WEIGHTS_ONLY_LOAD makes torch
 treat every such call as weights_only=True, with this allow-list. The universal-format
 conversion runs in a child process under the same rule (`TOOL_BOOTSTRAP`).
@@ -47,6 +50,20 @@ def load(path: str, **kwargs) -> Any:
     kwargs.setdefault("map_location", "cpu")
     with torch.serialization.safe_globals(allowed_globals()):
         return torch.load(path, weights_only=True, **kwargs)
+
+
+class MmapCheckpointEngine:
+    """Wraps a DeepSpeed checkpoint engine for one load: files are read with `load` above,
+    memory-mapped; everything else goes to the wrapped engine."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def load(self, path: str, map_location=None):
+        return load(path, map_location=map_location or "cpu", mmap=True)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
 
 
 _env_lock = threading.Lock()

@@ -70,7 +70,8 @@ class AsyncUploader:
         self.retry_base_delay = retry_base_delay
         self.on_commit = on_commit
         self._slots = threading.BoundedSemaphore(max_in_flight)
-        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ckpt-file")
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ckpt-file",
+                                        initializer=background_priority)
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         self._pending: set[int] = set()
@@ -127,6 +128,7 @@ class AsyncUploader:
     # -- background ---------------------------------------------------------------------
 
     def _run(self, job: UploadJob, stats: UploadStats) -> None:
+        background_priority()
         folder = storage.join(self.root, step_dir(job.step))
         try:
             t0 = time.perf_counter()
@@ -225,6 +227,19 @@ class AsyncUploader:
         log.info("committed checkpoint step %d (%d files, %.1f MB)", job.step, len(files),
                  manifest.total_bytes / 1e6)
         return manifest
+
+
+BACKGROUND_NICE = 10
+
+
+def background_priority() -> None:
+    """Lower the calling thread's CPU priority (Linux: a thread is its own task): serialising,
+    hashing and uploading a checkpoint must not take cores from the training step."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(),
+                       max(os.getpriority(os.PRIO_PROCESS, 0), BACKGROUND_NICE))
+    except (AttributeError, OSError):   # not Linux, or not allowed: run at normal priority
+        pass
 
 
 def put(fs, src: str, dst: str) -> None:
