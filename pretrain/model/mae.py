@@ -91,7 +91,12 @@ class MaskedAutoencoderConfig(ModelConfig):
 
 
 class Decoder(nn.Module):
-    """Encoder width -> decoder width, mask token, blocks over all tokens, one head per group."""
+    """Encoder width -> decoder width, mask tokens, blocks over all tokens, one head per group.
+
+    Its forward reads `mask_token` (and calls every layer but the heads), so hooks that
+    gather a module's parameters around its forward (DeepSpeed ZeRO-3) see them used; the
+    heads are called per group by the wrapper, each inside its own module call.
+    """
 
     def __init__(self, encoder_dim: int, c: DecoderConfig, target_sizes: list[int]):
         super().__init__()
@@ -102,6 +107,18 @@ class Decoder(nn.Module):
                                     for _ in range(c.depth))
         self.norm = norm(c.dim)
         self.heads = nn.ModuleList(nn.Linear(c.dim, p) for p in target_sizes)
+        self.grad_checkpointing = False
+
+    def forward(self, latent: torch.Tensor, pos_visible: torch.Tensor, pos_masked: torch.Tensor) -> torch.Tensor:
+        """Encoded visible tokens (B, n_v, D) and the positions (B, n, d) of the visible and
+        masked tokens -> decoder output of the masked tokens (B, n_m, d)."""
+        B, n_masked = pos_masked.shape[:2]
+        h = torch.cat([self.embed(latent) + pos_visible,
+                       self.mask_token.to(pos_masked.dtype).expand(B, n_masked, -1) + pos_masked], dim=1)
+        use_ckpt = self.grad_checkpointing and torch.is_grad_enabled()
+        for block in self.blocks:
+            h = checkpoint(block, h, use_reentrant=False) if use_ckpt else block(h)
+        return self.norm(h)[:, latent.shape[1]:]
 
 
 class MaskedAutoencoder(nn.Module):
@@ -115,7 +132,6 @@ class MaskedAutoencoder(nn.Module):
         self.encoder = encoder
         self.decoder_config = decoder
         self.decoder = Decoder(encoder.config.dim, decoder, encoder.group_target_sizes())
-        self.grad_checkpointing = False
         self.all_parameters_in_forward = False
         self._cache: dict[tuple, Any] = {}
         self.init_weights()
@@ -220,19 +236,13 @@ class MaskedAutoencoder(nn.Module):
         B, N, D = tokens.shape
         visible, masked = self._split(mask, N)
         latent = self.encoder.encode(tokens.gather(1, visible[..., None].expand(-1, -1, D)))  # (B, n_v, D)
-        dec = self.decoder
         pos = self._positions(tuple(x.shape), x.device, latent.dtype)   # (N, d)
-        h = torch.cat([dec.embed(latent) + pos[visible],
-                       dec.mask_token.to(latent.dtype).expand(B, masked.shape[1], -1) + pos[masked]], dim=1)
-        use_ckpt = self.grad_checkpointing and torch.is_grad_enabled()
-        for block in dec.blocks:
-            h = checkpoint(block, h, use_reentrant=False) if use_ckpt else block(h)
-        h = dec.norm(h)[:, visible.shape[1]:]                           # (B, n_m, d) masked only
-        return h, masked, latent
+        return self.decoder(latent, pos[visible], pos[masked]), masked, latent
 
     def _predictions(self, x: torch.Tensor, mask: torch.Tensor):
-        """Yield (group, predictions (M, P_g), raw target pixels (M, P_g), batch (M,), pixel ids
-        (M, V)) for the masked tokens of each group present, and the encoded visible tokens."""
+        """([(group, predictions (M, P_g), raw target pixels (M, P_g), batch (M,), pixel ids
+        (M, V)) for each group with masked tokens], encoded visible tokens, decoder output of
+        the masked tokens flattened (B * n_m, d))."""
         h, masked, latent = self._decode(x, mask)
         group_of, parts, _ = self._layout(tuple(x.shape), x.device)
         flat = self._flat(x.float())
@@ -322,8 +332,9 @@ class MaskedAutoencoder(nn.Module):
                         if len(getattr(p, "ds_shape", p.shape)) <= 1 or n == "mask_token"}
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute the encoder's and the decoder's block activations in backward."""
         self.encoder.set_grad_checkpointing(enable)
-        self.grad_checkpointing = enable
+        self.decoder.grad_checkpointing = enable
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -339,6 +350,3 @@ class MaskedAutoencoder(nn.Module):
                 nn.init.zeros_(module.bias)
         nn.init.trunc_normal_(self.decoder.mask_token, std=0.02)
 
-
-def masked_autoencoder_from_config(config: MaskedAutoencoderConfig) -> MaskedAutoencoder:
-    return MaskedAutoencoder.from_config(config)

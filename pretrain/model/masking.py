@@ -31,6 +31,7 @@ import math
 import torch
 
 from pretrain.errors import UserError
+from pretrain.model.posembed import tube_coords
 
 MASK_SCHEMES: tuple[str, ...] = ("tube", "random", "aligned")
 
@@ -113,8 +114,6 @@ def mask_tokens(model, x: torch.Tensor, ratio: float, scheme: str,
 
 def _cells(groups) -> tuple[torch.Tensor, int]:
     """Cell index of every token's centre; cell size per axis = the largest tube stride."""
-    from pretrain.model.posembed import tube_coords
-
     cell = [max(spec.stride[a] for _, spec, _ in groups) for a in range(3)]
     coords = torch.cat([tube_coords(spec, grid) for _, spec, grid in groups])   # (N, 3) t, y, x
     idx = (coords // torch.tensor(cell, dtype=coords.dtype)).long()           # (N, 3)
