@@ -15,7 +15,10 @@ and each parameter is assembled on its own from the slices the ranks hold:
 
 Buffers come from the module state dict. The result is written with
 pretrain.model.save_state_dict and the architecture config from the manifest, so
-pretrain.model.load_model reads it.
+pretrain.model.load_model reads it. The manifest's config is of whichever model family the
+run trained (`stored_model_config`): a masked-pretraining checkpoint exports its whole
+masked autoencoder (encoder + decoder, family "masked-autoencoder"); fine-tuning from the
+file takes the encoder (pretrain.model.io.load_encoder).
 """
 from __future__ import annotations
 
@@ -119,11 +122,26 @@ def consolidate(folder: str) -> dict[str, torch.Tensor]:
     return out
 
 
+def stored_model_config(d: dict):
+    """The model config a manifest records, of the one registered family whose keys it has
+    (their key sets differ: TubeViT's tubes, VideoMAE's tubelet, a masked autoencoder's
+    encoder and decoder)."""
+    from pretrain.model.registry import FAMILIES
+
+    errors = []
+    for family in FAMILIES:
+        try:
+            return family.config.from_dict(d)
+        except UserError as exc:
+            errors.append(f"{family.key}: {exc}")
+    raise UserError("the model config is not one of a registered family (" + "; ".join(errors) + ")")
+
+
 def export_checkpoint(uri: str, out: str, dtype: str = "fp32", local_dir: str | None = None) -> dict:
     """Write the model of checkpoint `uri` (a step folder or a run's root) to `out`.
 
     Returns a summary: source URI, step, tensors, params, bytes written."""
-    from pretrain.model import TubeViT, TubeViTConfig, save_state_dict
+    from pretrain.model import model_from_config, save_state_dict
 
     if dtype not in DTYPES:
         raise UserError(f"export dtype '{dtype}' is not supported; use one of {', '.join(DTYPES)}")
@@ -134,9 +152,9 @@ def export_checkpoint(uri: str, out: str, dtype: str = "fp32", local_dir: str | 
                         "exported file could not describe the model; it was not written by "
                         "`pretrain run`")
     try:
-        config = TubeViTConfig.from_dict(manifest.model_config)
+        config = stored_model_config(manifest.model_config)
     except Exception as exc:
-        raise UserError(f"checkpoint {info.uri} has a model config that is not a TubeViT config "
+        raise UserError(f"checkpoint {info.uri} has a model config no model family reads "
                         f"({exc})") from None
     with tempfile.TemporaryDirectory(dir=local_dir, prefix="export-") as tmp:
         try:
@@ -146,7 +164,7 @@ def export_checkpoint(uri: str, out: str, dtype: str = "fp32", local_dir: str | 
                                     f"{info.uri.rsplit('/', 1)[0]}` shows which ones verify") from None
         state = consolidate(folder)
         with torch.device("meta"):
-            expected = set(TubeViT(config).state_dict())
+            expected = set(model_from_config(config).state_dict())
         missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
         if missing or unexpected:
             raise UserError(f"checkpoint {info.uri} does not match its model config: missing "

@@ -276,11 +276,11 @@ def expected_model_config(cfg: ExperimentConfig,
     import torch
 
     from checkpoints.manager import model_config_of
-    from pretrain.model import model_from_config
+    from pretrain.train.worker import build_model
 
     num_classes = (data_info or DataInfo.from_config(cfg.data)).num_classes
     with torch.device("meta"):
-        model = model_from_config(cfg.model, num_classes)
+        model = build_model(cfg, num_classes)   # the objective's model (masked: with decoder)
     return model_config_of(model)
 
 

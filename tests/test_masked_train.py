@@ -267,7 +267,7 @@ def test_bootstrap_takes_its_tubes_from_a_masked_export(tmp_path):
 def test_a_supervised_run_on_unlabelled_data_is_a_clear_error_and_a_masked_one_is_fine():
     info = DataInfo({"video": {"name": "clips", "num_classes": 0, "labelled": False},
                      "image": {"name": "img", "num_classes": 3}}, (8, 16, 16), (16, 16))
-    with pytest.raises(UserError, match="data.video_uri.*no labels.*train.objective=masked"):
+    with pytest.raises(UserError, match="data.video_uri.*without a label.*train.objective=masked"):
         make_objective("supervised").check_data(info)
     cfg = load_config(CONFIGS / "smoke-masked.yaml")
     make_objective("masked", cfg).check_data(info)

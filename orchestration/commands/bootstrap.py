@@ -3,6 +3,8 @@
 
 The image checkpoint is a timm ViT state dict (safetensors or .pth, local or fsspec URI;
 layout: pretrain/model/image_vit_weights.py); the small model is any file `pretrain export` wrote. The
+small model may also be a masked-pretraining export (`pretrain export` of a
+`train.objective: masked` run): its encoder's tubes are used and its decoder dropped. The
 output is an ordinary self-describing model file (load_model reads it) whose metadata also
 records the bootstrap (image ViT, small model config, gate layer and its 0-based
 convention, width mapping and seed). Train it with a config's `bootstrap.init_from`
@@ -19,7 +21,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--image-checkpoint", required=True, metavar="PATH",
                         help="timm ViT weights: .safetensors or .pth/.pt/.bin, local path or fsspec URI")
     parser.add_argument("--tubes-from", required=True, metavar="FILE.safetensors",
-                        help="small TubeViT model file (from `pretrain export`) whose 3D tube kernels are reused")
+                        help="small TubeViT model file (from `pretrain export`, supervised or masked "
+                             "pretraining) whose 3D tube kernels are reused")
     parser.add_argument("--gate-layer", required=True, type=int, metavar="S",
                         help="0-based block index S: the gated skip is added to blocks[S]'s output; "
                              "blocks[:S] and the tokenizer are frozen in training (ViT-H, 32 blocks: "
@@ -51,11 +54,16 @@ def _num_classes(text: str | None) -> dict[str, int] | None:
 
 
 def run(args) -> int:
-    from pretrain.model import count_params, load_model, save_model
+    from pretrain.errors import UserError
+    from pretrain.model import TubeViT, count_params, save_model
     from pretrain.model.bootstrap import apply_freeze, bootstrap, trainable_summary
     from pretrain.model.image_vit_weights import read_state_dict
+    from pretrain.model.io import load_encoder
 
-    small = load_model(args.tubes_from)
+    small = load_encoder(args.tubes_from)   # a masked export: its encoder, decoder dropped
+    if not isinstance(small, TubeViT):
+        raise UserError(f"--tubes-from {args.tubes_from} holds a {type(small).__name__}; the "
+                        "bootstrap reuses a small TubeViT's tube kernels (export a tubevit-* run)")
     image_state = read_state_dict(args.image_checkpoint)
     model, meta = bootstrap(image_state, small, args.gate_layer, num_classes=_num_classes(args.num_classes),
                             heads=args.heads, seed=args.seed, source=args.image_checkpoint)

@@ -64,11 +64,6 @@ class Objective(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
-def unlabelled_datasets(info: DataInfo) -> list[str]:
-    """The training datasets (modality keys) that carry no labels."""
-    return [m for m in info.dataset_of if not info.datasets[m].get("labelled", True)]
-
-
 class Supervised:
     """Supervised classification: cross-entropy through the batch's dataset head; eval
     metric `eval/<modality>_top1` (a video clip's prediction: the mean of its views'
@@ -81,12 +76,13 @@ class Supervised:
         self.pictures: dict[str, bytes] = {}
 
     def check_data(self, info: DataInfo) -> None:
-        missing = unlabelled_datasets(info)
+        missing = info.unlabelled   # samples stored without a label (pretrain prepare)
         if missing:
             uris = ", ".join(f"data.{m}_uri ({info.datasets[m]['name']})" for m in missing)
-            raise UserError(f"train.objective is 'supervised' but {uris} has no labels; a "
-                            "supervised run needs labelled data. Pretrain on it with "
-                            "train.objective=masked, or prepare a manifest with a label column")
+            raise UserError(f"train.objective is 'supervised' but {uris} holds samples without "
+                            "a label (prepared from a manifest with an empty or missing label "
+                            "column); a supervised run needs every sample labelled. Pretrain on "
+                            "it with train.objective=masked, or prepare it with labels")
 
     def masking(self) -> None:
         return None

@@ -73,6 +73,10 @@ def build_model(cfg: ExperimentConfig, num_classes: dict[str, int]) -> torch.nn.
     from pretrain.model import model_from_config
     from pretrain.model.io import load_encoder
 
+    # A dataset without labels (masked pretraining only) still gets a head, of one class: the
+    # encoder has one head per dataset whatever the objective, so its export fine-tunes like
+    # any model file (load_encoder replaces heads whose size differs).
+    num_classes = {name: max(n, 1) for name, n in num_classes.items()}
     if cfg.bootstrap.init_from:   # image-to-video bootstrap (pretrain/model/bootstrap.py)
         from pretrain.model.bootstrap import init_from_file
         from pretrain.train.engine import zero3_build_hooks
