@@ -32,11 +32,12 @@ import time
 from typing import Any, Callable
 
 from orchestration import ray_env
+from orchestration.process_group import BoundStoreTorchConfig
 from pretrain.data.metadata import DataInfo
 from pretrain.errors import UserError
 from pretrain.process_env import config_env
 from pretrain.train.config import ExperimentConfig, to_dict
-from pretrain.train.tracking import end_run, resolve_tracking_uri, start_run
+from pretrain.train.tracking import end_run, start_run, usable_tracking_uri
 
 # Set to "0" before ray is imported, Ray keeps a 127.0.0.1 node address instead of swapping in
 # the machine's external one: every server of a local cluster then listens on loopback only.
@@ -144,53 +145,62 @@ def init_ray(cfg: ExperimentConfig) -> bool:
 
 def run_job(cfg: ExperimentConfig, config_name: str = "run",
             on_progress: Callable[[dict], None] | None = None,
-            data_info: DataInfo | None = None) -> dict[str, Any]:
+            data_info: DataInfo | None = None,
+            tags: dict[str, str] | None = None) -> dict[str, Any]:
     """Train `cfg` on Ray; returns the summary dict (see pretrain.train.worker.train).
-    `data_info`: the datasets' metadata when the caller has read it already."""
+    `data_info`: the datasets' metadata when the caller has read it already; `tags`: MLflow
+    run tags (`pretrain submit --tag`)."""
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
 
-    term = threading.Event()
-    previous = _on_sigterm(term)
-    tracking_uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
+    # Before anything starts: the resume point (a mismatch is a UserError) and the MLflow
+    # server (unreachable: a UserError within ~30 s, or the local fallback). SIGTERM still has
+    # its default action here: nothing is trained yet, so nothing is lost by dying.
     resume = resume_point(cfg, data_info)
+    tracking_uri = None
     if cfg.tracking.enabled:
+        tracking_uri = usable_tracking_uri(cfg.tracking)
         cfg.tracking.tracking_uri = tracking_uri
         if resume is not None and not cfg.tracking.run_id:
             cfg.tracking.run_id = _continued_run(resume, tracking_uri)
-        cfg.tracking.run_id = start_run(cfg, tracking_uri, run_name=config_name)
+        cfg.tracking.run_id = start_run(cfg, tracking_uri, run_name=config_name, tags=tags)
     if resume is not None:
         print(f"resuming from {resume.uri} (step {resume.step}"
               + (f", MLflow run {cfg.tracking.run_id}" if cfg.tracking.run_id else "") + ")",
               file=sys.stderr, flush=True)
-    started = init_ray(cfg)
-    _on_sigterm(term)   # ray.init replaces the SIGTERM handler with its own
-    sink = _sink_actor().remote()
-    status = "FAILED"
+    term = threading.Event()
+    previous = _on_sigterm(term)
+    ray_before = ray.is_initialized()
+    status = "FAILED"   # what the MLflow run ends as unless training returns normally
     summary: dict[str, Any] | None = None
     stop = threading.Event()
-
-    def poll() -> None:
-        nonlocal summary
-        asked = False
-        while True:
-            done = stop.is_set()
-            if term.is_set() and not asked:
-                sink.request_stop.remote()
-                asked = True
-            for item in ray.get(sink.drain.remote()):
-                if "summary" in item:
-                    summary = item["summary"]
-                elif on_progress:
-                    on_progress(item)
-            if done:
-                return
-            stop.wait(0.25 if not asked else 1.0)
-
-    poller = threading.Thread(target=poll, name="progress", daemon=True)
-    poller.start()
+    poller: threading.Thread | None = None
+    # Everything from here on, Ray's start included, ends the MLflow run in `finally`.
     try:
+        init_ray(cfg)
+        _on_sigterm(term)   # ray.init replaces the SIGTERM handler with its own
+        sink = _sink_actor().remote()
+
+        def poll() -> None:
+            nonlocal summary
+            asked = False
+            while True:
+                done = stop.is_set()
+                if term.is_set() and not asked:
+                    sink.request_stop.remote()
+                    asked = True
+                for item in ray.get(sink.drain.remote()):
+                    if "summary" in item:
+                        summary = item["summary"]
+                    elif on_progress:
+                        on_progress(item)
+                if done:
+                    return
+                stop.wait(0.25 if not asked else 1.0)
+
+        poller = threading.Thread(target=poll, name="progress", daemon=True)
+        poller.start()
         r = cfg.resources
         resources = {"CPU": r.cpus_per_worker}
         if r.use_gpu:
@@ -199,8 +209,8 @@ def run_job(cfg: ExperimentConfig, config_name: str = "run",
         trainer = TorchTrainer(
             _train_loop_per_worker,
             train_loop_config={**to_dict(cfg), "_sink": sink},
-            torch_config=TorchConfig(backend="nccl" if r.use_gpu else "gloo",
-                                     timeout_s=int(r.timeout_s)),
+            torch_config=BoundStoreTorchConfig(backend="nccl" if r.use_gpu else "gloo",
+                                               timeout_s=int(r.timeout_s)),
             scaling_config=ScalingConfig(num_workers=r.workers, use_gpu=r.use_gpu,
                                          resources_per_worker=resources),
             run_config=RunConfig(name=f"{config_name}-{int(time.time())}", storage_path=storage,
@@ -214,9 +224,13 @@ def run_job(cfg: ExperimentConfig, config_name: str = "run",
                 raise UserError(str(user)) from None
             raise
         status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
     finally:
         stop.set()
-        poller.join(30)
+        if poller is not None:
+            poller.join(30)
         if summary is not None and summary.get("stopped"):
             status = "KILLED"   # interrupted; a resume sets it RUNNING again
         if cfg.tracking.enabled and cfg.tracking.run_id:
@@ -224,7 +238,7 @@ def run_job(cfg: ExperimentConfig, config_name: str = "run",
                 end_run(tracking_uri, cfg.tracking.run_id, status)
             except Exception as exc:  # the run's data is in; only its status is stale
                 print(f"warning: could not mark MLflow run finished: {exc}", file=sys.stderr)
-        if started:
+        if not ray_before and ray.is_initialized():
             ray.shutdown()
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

@@ -13,12 +13,13 @@ Stopping: `pretrain stop` makes Ray send SIGTERM to this process; `pretrain run`
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 import tempfile
 from pathlib import Path
 
-from orchestration.ray_jobs import CONFIG_ENV, CWD_ENV, NAME_ENV
+from orchestration.ray_jobs import CONFIG_ENV, CWD_ENV, NAME_ENV, TAGS_ENV
 
 
 def main() -> int:
@@ -38,8 +39,10 @@ def main() -> int:
     print(f"pretrain job {name}: config {path}", flush=True)
 
     from orchestration.cli import main as cli
+    from orchestration.tags import as_args
 
-    return cli(["run", str(path), "--json"])
+    tags = json.loads(os.environ.get(TAGS_ENV) or "{}")   # `pretrain submit --tag`
+    return cli(["run", str(path), "--json", *as_args(tags)])
 
 
 if __name__ == "__main__":

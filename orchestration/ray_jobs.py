@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import urlparse
 
+from orchestration import tags as job_tags
 from orchestration.ray_env import runtime_env
 from pretrain import storage
 from pretrain.errors import UserError
@@ -62,6 +63,10 @@ LOOPBACK_PASS_ENV = PASS_ENV + ("STORAGE_EMULATOR_HOST",)
 META_NAME, META_ATTEMPT, META_CONFIG, META_CHECKPOINT = (
     "pretrain_name", "pretrain_attempt", "pretrain_config", "pretrain_checkpoint_uri")
 ACTIVE = ("PENDING", "RUNNING")
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+STATUS_TAIL_LINES = 2000               # what `status` reads of a job's log (its last lines)
+FOLLOW_GIVE_UP_S = 120                 # `logs --follow` stops after this long without a stream
+TAGS_ENV = "PRETRAIN_JOB_TAGS"         # the job's tags (JSON), for its MLflow run
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,50}$")
 _PROGRESS_RE = re.compile(r"^step (\d+)/(\d+)\s+(?:loss (\S+))?", re.MULTILINE)
 _MLFLOW_RE = re.compile(r"mlflow run ([0-9a-f]{32})")
@@ -88,6 +93,7 @@ def normalize_address(address: str) -> str:
             "HTTP address, e.g. http://HEAD:8265.")
     if "://" not in address:
         address = "http://" + address
+    storage.refuse_credentials(address, "the Ray Jobs API address")
     if not urlparse(address).hostname:
         raise UserError(f"address '{address}' has no host; give the Ray dashboard URL, e.g. "
                         "http://127.0.0.1:8265.")
@@ -137,6 +143,7 @@ class JobRecord:
     end_time: float | None
     checkpoint_uri: str | None
     config: str | None
+    tags: dict[str, str]
 
     @classmethod
     def from_details(cls, d: Any) -> "JobRecord":
@@ -148,7 +155,8 @@ class JobRecord:
             entrypoint=d.entrypoint, message=d.message or "",
             start_time=d.start_time / 1000 if d.start_time else None,
             end_time=d.end_time / 1000 if d.end_time else None,
-            checkpoint_uri=meta.get(META_CHECKPOINT) or None, config=meta.get(META_CONFIG))
+            checkpoint_uri=meta.get(META_CHECKPOINT) or None, config=meta.get(META_CONFIG),
+            tags=job_tags.from_metadata(meta))
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -162,6 +170,7 @@ class JobsClient:
         self._reachable(connect_timeout)
         token = auth_token(auth_mode)
         headers = {"Authorization": f"Bearer {token}"} if token else None
+        self._headers = headers or {}
         from ray.job_submission import JobSubmissionClient
 
         with self._errors(), _without_env("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
@@ -204,6 +213,13 @@ class JobsClient:
         except (ConnectionError, requests.exceptions.ConnectionError) as exc:
             raise UserError(self._unreachable(type(exc).__name__)) from None
         except RuntimeError as exc:
+            if "Version check returned" in str(exc):
+                # JobSubmissionClient's first request: something answers HTTP there, but it
+                # is not a Ray dashboard (another web server, a proxy, the wrong port).
+                raise UserError(
+                    f"{self.address} answers HTTP but is not a Ray dashboard ({str(exc).strip()}: "
+                    "it has no Ray Jobs API). Give the Ray head's dashboard address (port 8265 by "
+                    "default) with --address, RAY_ADDRESS or the cluster profile.") from None
             if job is not None and ("404" in str(exc) or "does not exist" in str(exc)):
                 raise UserError(self._unknown(job)) from None
             raise
@@ -251,21 +267,75 @@ class JobsClient:
         with self._errors(job):
             return self._client.get_job_logs(record.submission_id)
 
-    def follow(self, job: str) -> Iterator[str]:
-        """Log text as it is written, until the job ends."""
-        import asyncio
+    def logs_tail(self, job: str, lines: int = STATUS_TAIL_LINES) -> str:
+        """The last `lines` lines of a job's output, read by the head from the end of its log
+        file (the state API's log endpoint), not the whole log shipped here: logs of long
+        runs reach gigabytes. Falls back to the whole log where the endpoint is missing."""
+        import requests
 
         record = self.resolve(job)
+        url = f"{self.address}/api/v0/logs/file"
+        params = {"submission_id": record.submission_id, "lines": str(lines)}
+        try:
+            r = requests.get(url, params=params, headers=self._headers, timeout=60)
+        except requests.exceptions.RequestException as exc:
+            raise UserError(self._unreachable(type(exc).__name__)) from None
+        if r.status_code == 200:
+            return r.content.decode("utf-8", errors="replace")
+        return self.logs(record.submission_id)   # e.g. a job without a log file yet
+
+    def follow(self, job: str, reconnect_wait_s: float = 1.0,
+               give_up_after_s: float = FOLLOW_GIVE_UP_S) -> Iterator[str]:
+        """Log text as it is written, until the job ends: every line once, in order.
+
+        Ray's log stream (a websocket) starts at the beginning of the log each time it is
+        opened. A stream that breaks while the job runs is opened again and the text already
+        given is skipped; when the job has ended, one last full pass catches the lines a
+        stream may drop at its very end (a finished job's log no longer grows). Connection
+        trouble that lasts `give_up_after_s` is a UserError."""
+        record = self.resolve(job)
+        sid = record.submission_id
+        given = 0   # characters of the log handed out so far
+        trouble_since: float | None = None
+        while True:
+            try:
+                ended = self.resolve(sid).status in TERMINAL
+                seen = 0
+                for chunk in self._tail(sid):
+                    start, seen = seen, seen + len(chunk)
+                    if seen > given:
+                        yield chunk[max(0, given - start):]
+                        given = seen
+                    trouble_since = None
+                if ended:
+                    return
+            except UserError:
+                if trouble_since is None:
+                    trouble_since = time.monotonic()
+                if time.monotonic() - trouble_since > give_up_after_s:
+                    raise
+            except Exception:  # a dropped stream (RuntimeError, aiohttp errors): open it again
+                if trouble_since is None:
+                    trouble_since = time.monotonic()
+                if time.monotonic() - trouble_since > give_up_after_s:
+                    raise UserError(self._unreachable(
+                        f"the log stream of {sid} kept breaking for {give_up_after_s:.0f} s"))
+            time.sleep(reconnect_wait_s)
+
+    def _tail(self, submission_id: str) -> Iterator[str]:
+        """One pass of Ray's log stream: the log from its start, then text as it comes, until
+        the stream closes."""
+        import asyncio
+
         # tail_job_logs is an async generator; drive it chunk by chunk from sync code.
         loop = asyncio.new_event_loop()
-        gen = self._client.tail_job_logs(record.submission_id).__aiter__()
+        gen = self._client.tail_job_logs(submission_id).__aiter__()
         try:
-            with self._errors(job):
-                while True:
-                    try:
-                        yield loop.run_until_complete(gen.__anext__())
-                    except StopAsyncIteration:
-                        return
+            while True:
+                try:
+                    yield loop.run_until_complete(gen.__anext__())
+                except StopAsyncIteration:
+                    return
         finally:
             with contextlib.suppress(Exception):
                 loop.run_until_complete(gen.aclose())
@@ -360,7 +430,10 @@ def job_config(cfg, name: str, *, local_cwd: Path | None, where: str) -> dict:
     from pretrain.train.config import ExperimentConfig, from_dict, to_dict
 
     raw = to_dict(cfg)
+    storage.refuse_credentials_in_tree(raw)   # it travels in the runtime env and manifests
     raw["checkpoint"]["uri"] = named_checkpoint_uri(cfg.checkpoint.uri, name)
+    # The job's MLflow run is named after the job (unless the config names it).
+    raw["tracking"]["run_name"] = raw["tracking"].get("run_name") or name
     uri = raw["checkpoint"]["uri"]
     if local_cwd is not None:
         # Ray workers run in the job's working_dir copy, not where the user typed the
@@ -380,10 +453,17 @@ def job_config(cfg, name: str, *, local_cwd: Path | None, where: str) -> dict:
 def job_runtime_env(config_yaml: str, *, name: str, use_gpu: bool, grace_s: float,
                     working_dir: Path | None = PROJECT_ROOT, cwd: Path | None = None,
                     extra_env: dict[str, str] | None = None,
-                    pass_env: tuple[str, ...] = ()) -> dict:
-    """The runtime_env of a job: code (working_dir), resolved config, stop grace, env.
+                    pass_env: tuple[str, ...] = (), tags: dict[str, str] | None = None) -> dict:
+    """The runtime_env of a job: code (working_dir), resolved config, stop grace, env, tags.
 
-    `extra_env` (a profile's job env) wins over the `pass_env` variables of this process."""
+    `extra_env` (a profile's job env) wins over the `pass_env` variables of this process.
+    Values holding credentials in a URI are refused (pretrain/storage.py says why)."""
+    import json
+
+    for key in pass_env:
+        storage.refuse_credentials(os.environ.get(key, ""), f"${key}")
+    for key, value in (extra_env or {}).items():
+        storage.refuse_credentials(str(value), f"job env {key}")
     env = {
         CONFIG_ENV: config_yaml,
         NAME_ENV: name,
@@ -397,6 +477,8 @@ def job_runtime_env(config_yaml: str, *, name: str, use_gpu: bool, grace_s: floa
     }
     if cwd is not None:
         env[CWD_ENV] = str(cwd)
+    if tags:
+        env[TAGS_ENV] = json.dumps(tags, sort_keys=True)
     env.update(extra_env or {})
     return runtime_env(process_env(use_gpu), pass_env=pass_env, env=env,
                        working_dir=working_dir, excludes=UPLOAD_EXCLUDES)

@@ -111,8 +111,11 @@ def test_missing_required_key(tmp_path):
 def test_cross_field_rules(tmp_path):
     msg = error_of(tmp_path, MINIMAL, ["train.cpu_offload=true", "train.zero_stage=2"])
     assert "train.cpu_offload" in msg and "zero_stage" in msg
-    msg = error_of(tmp_path, MINIMAL, ["train.warmup_steps=50"])
-    assert "train.warmup_steps" in msg
+    msg = error_of(tmp_path, MINIMAL, ["train.min_lr=1.0"])
+    assert "train.min_lr" in msg and "train.lr" in msg
+    # a warm-up longer than the run is clamped to it (issue 14 §11), with a one-line note
+    cfg = load_config(write(tmp_path, MINIMAL), ["train.warmup_steps=50"])
+    assert cfg.train.warmup_steps == cfg.train.steps
 
 
 def test_malformed_override_and_missing_file(tmp_path):

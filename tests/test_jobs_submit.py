@@ -132,6 +132,99 @@ def test_status_logs_list_and_attempts_of_a_named_job(head):
     assert ids["hello-2"]["attempt"] == 2
 
 
+class DroppingProxy:
+    """A TCP forwarder on 127.0.0.1 to `target` whose open connections `drop()` cuts, as a
+    flaky network or a restarted port-forward would; new connections go through again."""
+
+    def __init__(self, target: str):
+        import socket
+        import threading
+        from urllib.parse import urlparse
+
+        url = urlparse(target)
+        self.target = (url.hostname, url.port)
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.address = f"http://127.0.0.1:{self.server.getsockname()[1]}"
+        self.pairs: list = []
+        self.drops = 0
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            with self.lock:
+                self.pairs.append((client, upstream))
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src, dst) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                with contextlib.suppress(OSError):
+                    sock.close()
+
+    def drop(self) -> None:
+        import socket
+
+        with self.lock:
+            pairs, self.pairs = self.pairs, []
+        for pair in pairs:
+            for sock in pair:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                    sock.close()
+        self.drops += 1
+
+    def close(self) -> None:
+        self.server.close()
+        self.drop()
+
+
+@pytest.mark.slow
+def test_follow_resumes_after_a_dropped_connection_and_status_reads_the_tail(head):
+    """`logs --follow` through a connection cut mid-stream gives every line once, in order,
+    and ends with the job; `status` finds the progress line in the log's last lines."""
+    lines = [f"line {i:03d}" for i in range(80)]
+    script = ("import time\n"
+              "for i in range(80):\n"
+              "    print(f'line {i:03d}', flush=True); time.sleep(0.05)\n"
+              "print('step 3/5  loss 0.5000  1.0 samples/s', flush=True)\n")
+    client = JobsClient(head)
+    client.submit(name="chatty", entrypoint=f"python -c \"{script}\"", runtime_env={},
+                  metadata={})
+    proxy = DroppingProxy(head)
+    try:
+        got = []
+        for chunk in JobsClient(proxy.address).follow("chatty", reconnect_wait_s=0.2):
+            got.append(chunk)
+            if proxy.drops == 0 and "".join(got).count("\n") >= 10:
+                proxy.drop()   # mid-stream: the job is still printing
+    finally:
+        proxy.close()
+    assert proxy.drops >= 1
+    followed = [x for x in "".join(got).splitlines() if x.startswith(("line", "step"))]
+    assert followed == lines + ["step 3/5  loss 0.5000  1.0 samples/s"]
+    assert client.resolve("chatty").status == "SUCCEEDED"   # follow ended with the job
+    tail = client.logs_tail("chatty", lines=3).splitlines()
+    assert len(tail) <= 3 and tail[-1] == "step 3/5  loss 0.5000  1.0 samples/s"
+    st = wait_for(head, "chatty")
+    assert (st["step"], st["steps"], st["loss"]) == (3, 5, 0.5)
+
+
 @pytest.mark.slow
 def test_stop_gives_the_job_its_grace_period_and_a_running_name_is_refused(head, tmp_path):
     marker = tmp_path / "final-checkpoint"
@@ -198,10 +291,11 @@ def test_invalid_config_never_reaches_the_cluster(head):
 def test_smoke_job_runs_to_succeeded(head, smoke_data, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code, out, err = run_cli("submit", SMOKE, *smoke_overrides(smoke_data, 4, 2),
-                             "--name", "smoke-ok", "--address", head, "--json")
+                             "--name", "smoke-ok", "--address", head, "--json",
+                             "--tag", "team=vision", "--tag", "sweep=lr-3")
     assert code == 0, err
     sub = last_json(out)
-    assert sub["job_id"] == "smoke-ok-1"
+    assert sub["job_id"] == "smoke-ok-1" and sub["tags"] == {"team": "vision", "sweep": "lr-3"}
     assert sub["checkpoint_uri"] == str(tmp_path / "runs" / "smoke" / "checkpoints" / "smoke-ok")
     code, out, _ = run_cli("logs", "smoke-ok", "--follow", "--address", head)
     st = wait_for(head, "smoke-ok")
@@ -210,6 +304,24 @@ def test_smoke_job_runs_to_succeeded(head, smoke_data, tmp_path, monkeypatch):
     assert st["checkpoint_step"] == 4 and st["checkpoint"].startswith(sub["checkpoint_uri"])
     assert st["mlflow_run_id"]
     assert "step 4/4" in out
+    # tags: in the job's metadata, as filters of `list`, and on the MLflow run named after it
+    assert st["tags"] == {"team": "vision", "sweep": "lr-3"}
+
+    def listed(*filters: str) -> set[str]:
+        code, out, err = run_cli("list", "--address", head, "--json", *filters)
+        assert code == 0, err
+        return {j["submission_id"] for j in last_json(out)["jobs"]}
+
+    assert "smoke-ok-1" in listed("--tag", "team=vision", "--status", "succeeded")
+    assert "smoke-ok-1" in listed("--tag", "team=vision", "--tag", "sweep=lr-3")
+    assert "smoke-ok-1" not in listed("--tag", "team=audio")
+    assert "smoke-ok-1" not in listed("--tag", "team=vision", "--status", "FAILED")
+    assert listed("--tag", "team=vision") <= listed()
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(st["tracking_uri"]).get_run(st["mlflow_run_id"])
+    assert run.data.tags["team"] == "vision" and run.data.tags["sweep"] == "lr-3"
+    assert run.info.run_name == "smoke-ok"
 
 
 @pytest.mark.slow

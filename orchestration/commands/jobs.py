@@ -1,11 +1,11 @@
 """`pretrain submit | status | logs | stop | list`: training jobs on a Ray cluster.
 
-    pretrain submit configs/smoke.yaml train.steps=50 --name smoke-a [--address URL] [--json]
+    pretrain submit configs/smoke.yaml train.steps=50 --name smoke-a [--tag team=vision] [--json]
     pretrain status smoke-a [--json]        # by name (newest attempt) or submission id
     pretrain logs smoke-a [--follow]
     pretrain stop smoke-a                   # SIGTERM: final checkpoint, then STOPPED
     pretrain submit configs/smoke.yaml --name smoke-a   # resumes from its checkpoints
-    pretrain list [--json]
+    pretrain list [--tag team=vision] [--status RUNNING] [--json]
 
 The cluster address comes from --address, else RAY_ADDRESS, else --profile's address, else
 http://127.0.0.1:8265. See orchestration/ray_jobs.py for names, attempts and resume.
@@ -28,6 +28,16 @@ def _add_arguments(verb: str, parser) -> None:
                             help="config overrides, e.g. train.steps=100")
         parser.add_argument("--name", help="job name; resubmitting a name resumes it from its "
                             "checkpoints (default: config name + random suffix)")
+        parser.add_argument("--tag", dest="tags", action="append", default=[],
+                            metavar="KEY=VALUE", help="tag the job (repeatable): kept in its "
+                            "Ray metadata and set on its MLflow run; `pretrain list --tag` "
+                            "filters on it")
+    elif verb == "list":
+        parser.add_argument("--tag", dest="tags", action="append", default=[],
+                            metavar="KEY=VALUE", help="only jobs with this tag (repeatable: "
+                            "all of them)")
+        parser.add_argument("--status", choices=ray_jobs_statuses(), type=str.upper,
+                            help="only jobs in this state")
     elif verb in ("status", "logs", "stop"):
         parser.add_argument("job", metavar="JOB", help="submission id, or a job name (its "
                             "newest attempt)")
@@ -44,6 +54,10 @@ def _add_arguments(verb: str, parser) -> None:
     if verb != "logs":
         parser.add_argument("--json", action="store_true",
                             help="print one JSON object on the last stdout line")
+
+
+def ray_jobs_statuses() -> tuple[str, ...]:
+    return ("PENDING", "RUNNING") + TERMINAL
 
 
 def _connect(args, profile=None):
@@ -63,7 +77,10 @@ def _submit(args) -> int:
     from orchestration import ray_jobs
     from pretrain.train.config import load_config
 
+    from orchestration.tags import parse_tags, to_metadata
+
     cfg = load_config(args.config, args.overrides)  # a bad config stops here, before any network
+    tags = parse_tags(args.tags)
     name = ray_jobs.check_name(args.name) if args.name else ray_jobs.default_name(args.config)
     profile = None
     if args.profile:
@@ -79,15 +96,16 @@ def _submit(args) -> int:
         yaml.safe_dump(raw, sort_keys=False), name=name, use_gpu=cfg.resources.use_gpu,
         grace_s=cfg.checkpoint.preempt_grace_s, cwd=Path.cwd() if loopback else None,
         extra_env=(profile or {}).get("job", {}).get("env", {}),
-        pass_env=ray_jobs.LOOPBACK_PASS_ENV if loopback else ray_jobs.PASS_ENV)
+        pass_env=ray_jobs.LOOPBACK_PASS_ENV if loopback else ray_jobs.PASS_ENV, tags=tags)
     checkpoint_uri = raw["checkpoint"]["uri"]
     client = ray_jobs.JobsClient(address, auth_mode=(profile or {}).get("auth"))
     resume = ray_jobs.latest_checkpoint(checkpoint_uri) if cfg.checkpoint.resume else None
     job_id = client.submit(
         name=name, entrypoint=ray_jobs.ENTRYPOINT, runtime_env=runtime_env,
-        metadata={ray_jobs.META_CONFIG: str(args.config), ray_jobs.META_CHECKPOINT: checkpoint_uri or ""})
+        metadata={ray_jobs.META_CONFIG: str(args.config),
+                  ray_jobs.META_CHECKPOINT: checkpoint_uri or "", **to_metadata(tags)})
     out = {"job_id": job_id, "name": name, "address": address, "checkpoint_uri": checkpoint_uri,
-           "resumes_from_step": resume["step"] if resume else None}
+           "resumes_from_step": resume["step"] if resume else None, "tags": tags}
     if args.json:
         print(json.dumps(out))
     else:
@@ -108,7 +126,8 @@ def job_status(client, job: str) -> dict:
     from orchestration import ray_jobs
 
     record = client.resolve(job)
-    progress = ray_jobs.progress_from_logs(client.logs(record.submission_id))
+    # The last lines hold the newest progress line and the summary; never the whole log.
+    progress = ray_jobs.progress_from_logs(client.logs_tail(record.submission_id))
     checkpoint = ray_jobs.latest_checkpoint(record.checkpoint_uri)
     summary = progress.get("summary") or {}
     out = {
@@ -122,7 +141,7 @@ def job_status(client, job: str) -> dict:
         "tracking_uri": summary.get("tracking_uri"),
         "metrics": summary.get("metrics"),
         "message": record.message, "start_time": record.start_time,
-        "end_time": record.end_time,
+        "end_time": record.end_time, "tags": record.tags,
     }
     return out
 
@@ -137,6 +156,8 @@ def _status(args) -> int:
           + (f"  loss {st['loss']:.4f}" if st["loss"] is not None else ""))
     if st["name"]:
         print(f"  name        {st['name']} (attempt {st['attempt']})")
+    if st["tags"]:
+        print(f"  tags        {_fmt_tags(st['tags'])}")
     print(f"  checkpoint  {st['checkpoint'] or 'none committed yet'}")
     if st["mlflow_run_id"]:
         print(f"  mlflow run  {st['mlflow_run_id']}"
@@ -183,19 +204,28 @@ def _stop(args) -> int:
 
 
 def _list(args) -> int:
-    records = _connect(args).list()
+    from orchestration.tags import matches, parse_tags
+
+    wanted = parse_tags(args.tags)
+    records = [r for r in _connect(args).list()
+               if matches(r.tags, wanted) and (not args.status or r.status == args.status)]
     if args.json:
         print(json.dumps({"jobs": [r.to_dict() for r in records]}, default=str))
         return 0
     if not records:
-        print("no jobs")
+        print("no jobs" + (" matching" if wanted or args.status else ""))
         return 0
-    print(f"{'JOB':32s} {'STATUS':10s} {'NAME':24s} {'STARTED':19s}")
+    print(f"{'JOB':32s} {'STATUS':10s} {'NAME':24s} {'STARTED':19s} TAGS")
     for r in records:
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.start_time)) \
             if r.start_time else "-"
-        print(f"{r.submission_id:32s} {r.status:10s} {r.name or '-':24s} {started:19s}")
+        print(f"{r.submission_id:32s} {r.status:10s} {r.name or '-':24s} {started:19s} "
+              f"{_fmt_tags(r.tags)}")
     return 0
+
+
+def _fmt_tags(tags: dict[str, str]) -> str:
+    return " ".join(f"{k}={v}" for k, v in sorted(tags.items()))
 
 
 # The verbs this module serves (orchestration/cli.py VERBS), each with the verb protocol's

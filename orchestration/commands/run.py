@@ -1,4 +1,4 @@
-"""`pretrain run CONFIG [key=value ...] [--json]`: the main job.
+"""`pretrain run CONFIG [key=value ...] [--tag k=v ...] [--json]`: the main job.
 
 Starts an embedded local Ray on 127.0.0.1 (or joins RAY_ADDRESS), prepares the synthetic
 demo data if the config asks for it and it is missing, trains with DeepSpeed on Ray Train
@@ -23,6 +23,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("config", help="experiment config YAML (e.g. configs/smoke.yaml)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides, e.g. train.steps=100 train.zero_stage=3")
+    parser.add_argument("--tag", dest="tags", action="append", default=[], metavar="KEY=VALUE",
+                        help="MLflow run tag (repeatable), e.g. --tag team=vision")
     parser.add_argument("--json", action="store_true",
                         help="print the summary as one JSON object on the last stdout line")
 
@@ -36,14 +38,25 @@ def run(args) -> int:
     from pretrain import process_env
     from pretrain.train.config import load_config
 
+    from orchestration.tags import parse_tags
+
+    tags = parse_tags(args.tags)
     cfg = absolute_paths(load_config(args.config, args.overrides))
     process_env.apply(process_env.config_env(cfg.resources))
+    if cfg.tracking.enabled:
+        # Checked before the data is prepared: an unreachable MLflow fails in seconds, with
+        # nothing prepared or trained (the driver uses the URI this settles on).
+        from pretrain.train.tracking import usable_tracking_uri
+
+        cfg.tracking.tracking_uri = usable_tracking_uri(cfg.tracking)
     data_info = ensure_data(cfg)
 
     from orchestration.driver import run_job
 
     t0 = time.monotonic()
-    name = Path(args.config).stem
+    # The MLflow run's name unless tracking.run_name says otherwise: a job's config carries its
+    # job name (orchestration/ray_jobs.job_config); a local run is its config's stem + time.
+    name = f"{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
 
     def on_progress(item: dict) -> None:
         step = item.get("step")
@@ -58,7 +71,8 @@ def run(args) -> int:
             figures = "  ".join(f"{k} {v:.4f}" for k, v in item.items() if k != "step")
             print(f"step {step}/{cfg.train.steps}  {figures}", file=sys.stderr, flush=True)
 
-    summary = run_job(cfg, config_name=name, on_progress=on_progress, data_info=data_info)
+    summary = run_job(cfg, config_name=name, on_progress=on_progress, data_info=data_info,
+                      tags=tags)
     summary["wall_s"] = time.monotonic() - t0
     _print_summary(summary, cfg)
     if args.json:
@@ -81,7 +95,9 @@ def absolute_paths(cfg):
     from pretrain import storage
     from pretrain.train.config import ExperimentConfig, from_dict, to_dict
 
-    return from_dict(ExperimentConfig, storage.absolute_locations(to_dict(cfg)))
+    tree = to_dict(cfg)
+    storage.refuse_credentials_in_tree(tree)   # see pretrain/storage.py: never recorded
+    return from_dict(ExperimentConfig, storage.absolute_locations(tree))
 
 
 def _print_summary(s: dict, cfg) -> None:

@@ -68,17 +68,33 @@ def _read(path: str) -> bytes:
         return storage.read_bytes(path)
     except FileNotFoundError:
         raise UserError(f"model file {path} does not exist") from None
+    except IsADirectoryError:
+        raise UserError(f"model file {path} is a folder; give the .safetensors file written by "
+                        "pretrain export / bootstrap (e.g. out/model.safetensors)") from None
+
+
+def _truncated(path: str, have: int, need: int) -> UserError:
+    return UserError(f"model file {path} is truncated: {have} bytes of the {need} its header "
+                     "describes (an interrupted copy, download or write); copy or export it again")
 
 
 def _header_metadata(data: bytes, path: str) -> dict[str, str]:
     not_ours = (f"{path} is not a model file written by pretrain export/bootstrap/save_model "
                 f"(expected a safetensors file with metadata format={FORMAT!r})")
+    if len(data) < 8:
+        raise UserError(not_ours)
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > len(data) - 8 and data[8:9] == b"{":   # a header cut short
+        raise _truncated(path, len(data), 8 + n)
     try:
-        (n,) = struct.unpack("<Q", data[:8])
         header = json.loads(data[8:8 + n])
         meta = header.get("__metadata__") or {}
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"),
+                  default=0)
     except Exception:
         raise UserError(not_ours) from None
+    if len(data) < 8 + n + end:
+        raise _truncated(path, len(data), 8 + n + end)
     if meta.get("format") != FORMAT or "config" not in meta:
         raise UserError(not_ours)
     if meta.get("format_version") != FORMAT_VERSION:
@@ -109,7 +125,10 @@ def load_model(path: str, device: str | torch.device = "cpu") -> torch.nn.Module
     config = file_config(meta)
     with torch.device("meta"):
         model = model_from_config(config)
-    state = st_load(data)
+    try:
+        state = st_load(data)
+    except Exception as exc:  # safetensors' own check of what the header says vs the bytes
+        raise UserError(f"model file {path} is damaged ({exc}); copy or export it again") from None
     expected = set(model.state_dict())
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:

@@ -18,6 +18,7 @@ section, decided when it is built (pretrain/train/worker.py build_model).
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -98,8 +99,11 @@ class TrainConfig:
             raise UserError(f"config key 'train.min_lr' ({self.min_lr}) is above 'train.lr' "
                             f"({self.lr}); the cosine decays from lr down to min_lr")
         if self.warmup_steps > self.steps:
-            raise UserError(f"config key 'train.warmup_steps' ({self.warmup_steps}) exceeds "
-                            f"'train.steps' ({self.steps})")
+            # A short run of a long config (`train.steps=20` on the command line) keeps working:
+            # the warm-up spans the whole run instead.
+            print(f"note: train.warmup_steps ({self.warmup_steps}) exceeds train.steps "
+                  f"({self.steps}); warming up over all {self.steps} steps", file=sys.stderr)
+            self.warmup_steps = self.steps
         if self.cpu_offload and self.zero_stage != 3:
             raise UserError(f"config key 'train.cpu_offload' needs 'train.zero_stage' 3 "
                             f"(it is {self.zero_stage}); set train.zero_stage=3 or cpu_offload=false")
@@ -124,6 +128,9 @@ class ResourcesConfig:
 @dataclass
 class TrackingConfig:
     enabled: bool = config_field(True, "log to MLflow")
+    required: bool = config_field(
+        True, "a tracking server that cannot be reached at start stops the run before it "
+        "trains (false: warn and log to sqlite:///mlflow.db in the working directory)")
     tracking_uri: str | None = config_field(
         None, "MLflow tracking URI (null = $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the "
         "working directory)")

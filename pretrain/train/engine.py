@@ -7,6 +7,7 @@ this runs.
 from __future__ import annotations
 
 import os
+import socket
 from typing import Any
 
 import torch
@@ -14,6 +15,64 @@ import torch
 from pretrain.process_env import uses_cpu
 from pretrain.train.config import ExperimentConfig
 from pretrain.train.optim import build_optimizer, build_scheduler
+
+
+# ---- the process group's rendezvous store ------------------------------------------------
+#
+# torch's own rendezvous (env://, tcp://) starts rank 0's TCPStore on every interface (`::`),
+# whatever MASTER_ADDR says: on a machine whose Ray, dashboard and MLflow listen on loopback
+# only, the store was the one port open to the network. Here rank 0 binds the socket itself,
+# to one address, and hands it to the store (TCPStore's master_listen_fd).
+
+LOOPBACK = "127.0.0.1"
+
+
+def store_host(master_addr: str, worker_hosts: list[str]) -> str:
+    """The address rank 0's store listens on: loopback when every worker runs on one node
+    (nothing outside it needs the store), else the master node's cluster address."""
+    return LOOPBACK if len(set(worker_hosts)) <= 1 else master_addr
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to (host, port) and listening: the store's server socket."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(128)
+    return sock
+
+
+def rendezvous_store(host: str, port: int, rank: int, world_size: int, timeout_s: float):
+    """The c10d TCPStore of a process group: rank 0 serves it on `host` only (not on every
+    interface), the other ranks connect to it there."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    timeout = timedelta(seconds=timeout_s)
+    if rank != 0:
+        return dist.TCPStore(host, port, world_size, is_master=False, timeout=timeout)
+    sock = listening_socket(host, port)
+    port = sock.getsockname()[1]          # the one chosen when `port` was 0
+    # detach: the store's server owns the descriptor from now on (the socket object's
+    # finalizer would otherwise close it under the server).
+    return dist.TCPStore(host, port, world_size, is_master=True, timeout=timeout,
+                         wait_for_workers=False, master_listen_fd=sock.detach())
+
+
+def init_process_group(backend: str, host: str, port: int, rank: int, world_size: int,
+                       timeout_s: float) -> None:
+    """torch.distributed's default process group over rendezvous_store(...)."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    if backend == "nccl":   # a hung collective fails the step instead of hanging it (as Ray's)
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    store = rendezvous_store(host, port, rank, world_size, timeout_s)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=timeout_s))
 
 
 def micro_batch_size(cfg: ExperimentConfig) -> int:

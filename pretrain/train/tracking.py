@@ -17,8 +17,10 @@ training process and `Tracking.close` undoes what it opened.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
+import re
 import sys
 import threading
 import time
@@ -26,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from pretrain import storage
+from pretrain.errors import UserError
 from pretrain.train.config import ExperimentConfig, flatten, to_dict, to_yaml
 
 MAX_BATCH = 1000      # MLflow's per-request limit for metrics
@@ -47,19 +50,119 @@ def _client(tracking_uri: str):
     return MlflowClient(tracking_uri=tracking_uri)
 
 
-def start_run(cfg: ExperimentConfig, tracking_uri: str, run_name: str | None = None) -> str:
+# The start-up check of a tracking server: one request, no retries, a short timeout. MLflow's
+# own defaults (7 retries with exponential back-off, 120 s per request) kept `pretrain run`
+# silent for minutes against a server that was simply not there.
+PROBE_TIMEOUT_S = 10
+PROBE_ATTEMPTS = 2
+
+
+def is_server(uri: str) -> bool:
+    """A tracking URI that names a server (http/https/databricks), not a local store."""
+    return uri.split("://", 1)[0] in ("http", "https", "databricks")
+
+
+def probe(uri: str) -> str | None:
+    """None when `uri` answers like an MLflow tracking server, else why not (one line).
+
+    Local stores (sqlite, file) need no check. At most PROBE_ATTEMPTS x PROBE_TIMEOUT_S."""
+    if not is_server(uri):
+        return None
+    from mlflow.environment_variables import (MLFLOW_HTTP_REQUEST_MAX_RETRIES,
+                                              MLFLOW_HTTP_REQUEST_TIMEOUT)
+
+    why = ""
+    for _ in range(PROBE_ATTEMPTS):   # a second try only after a timeout (a busy server)
+        with _env({MLFLOW_HTTP_REQUEST_MAX_RETRIES.name: "0",
+                   MLFLOW_HTTP_REQUEST_TIMEOUT.name: str(PROBE_TIMEOUT_S)}):
+            try:
+                _client(uri).search_experiments(max_results=1)
+                return None
+            except Exception as exc:  # classified into one line below
+                why = _one_line(exc)
+        if not why.startswith("no answer"):
+            break
+    return why
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    code = re.search(r"error code (\d{3})", text)
+    if code and code.group(1) in ("401", "403"):
+        return (f"it refused our credentials (HTTP {code.group(1)}); set "
+                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or MLFLOW_TRACKING_TOKEN")
+    if code:
+        return ("it answers HTTP, but not as an MLflow tracking server (its REST API "
+                f"/api/2.0/mlflow/experiments/search returned HTTP {code.group(1)})")
+    if "timed out" in text.lower() or "timeout" in text.lower():
+        return f"no answer within {PROBE_TIMEOUT_S} s"
+    if "Max retries exceeded" in text or "Connection refused" in text or "NewConnectionError" in text:
+        return "nothing answers there (connection refused or host unreachable)"
+    return f"{type(exc).__name__}: {storage.redact_text(text)[:300]}"
+
+
+@contextlib.contextmanager
+def _env(values: dict[str, str]):
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def local_fallback_uri() -> str:
+    """Where a run logs when its server is unreachable and tracking.required is false."""
+    return storage.absolute("sqlite:///mlflow.db")
+
+
+def usable_tracking_uri(tracking) -> str:
+    """The tracking URI a run logs to (tracking: the config's `tracking` section), checked
+    before anything trains: an unreachable server is a UserError within ~30 s, or, with
+    `tracking.required: false`, a warning and the local fallback (local_fallback_uri)."""
+    uri = resolve_tracking_uri(tracking.tracking_uri)
+    storage.refuse_credentials(uri, "tracking.tracking_uri (or $MLFLOW_TRACKING_URI)")
+    why = probe(uri)
+    if why is None:
+        return uri
+    if not getattr(tracking, "required", True):
+        fallback = local_fallback_uri()
+        print(f"warning: MLflow at {uri} cannot be used ({why}); tracking.required is false, so "
+              f"this run logs to {fallback} instead", file=sys.stderr, flush=True)
+        return fallback
+    raise UserError(
+        f"MLflow tracking server {uri} cannot be used: {why}. Nothing was trained. Start the "
+        "server (mlflow server --host 127.0.0.1 --port PORT) or fix tracking.tracking_uri / "
+        "$MLFLOW_TRACKING_URI; to train anyway and log to a local sqlite file, set "
+        "tracking.required=false; to not log at all, tracking.enabled=false.")
+
+
+def start_run(cfg: ExperimentConfig, tracking_uri: str, run_name: str | None = None,
+              tags: dict[str, str] | None = None) -> str:
     """Create (or reopen, when tracking.run_id is set) the job's run; log the resolved config
-    as params and as `config.yaml`. Returns the run id."""
+    as params and as `config.yaml`, and `tags` as run tags. Returns the run id."""
     client = _client(tracking_uri)
     if cfg.tracking.run_id:
         client.update_run(cfg.tracking.run_id, status="RUNNING")
+        _set_tags(client, cfg.tracking.run_id, tags)
         return cfg.tracking.run_id
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
     exp_id = exp.experiment_id if exp else client.create_experiment(cfg.tracking.experiment)
-    run = client.create_run(exp_id, run_name=cfg.tracking.run_name or run_name)
+    run = client.create_run(exp_id, run_name=cfg.tracking.run_name or run_name, tags=tags or None)
     run_id = run.info.run_id
     log_config(client, run_id, cfg)
     return run_id
+
+
+def _set_tags(client, run_id: str, tags: dict[str, str] | None) -> None:
+    from mlflow.entities import RunTag
+
+    if tags:
+        client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in sorted(tags.items())])
 
 
 def log_config(client, run_id: str, cfg: ExperimentConfig) -> None:
@@ -247,7 +350,8 @@ def open_tracking(cfg: ExperimentConfig, rank: int, resumed_run_id: str | None) 
     uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
     if rank != 0:
         return Tracking(uri, run_id, NullLogger())
-    if not run_id:   # standalone: no driver made the run
+    if not run_id:   # standalone: no driver made the run (nor checked its server)
+        uri = usable_tracking_uri(cfg.tracking)
         run_id = start_run(cfg, uri, run_name=cfg.tracking.run_name)
         return Tracking(uri, run_id, MetricLogger(uri, run_id, cfg.tracking.flush_every_s),
                         owns_run=True)
