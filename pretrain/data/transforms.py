@@ -4,9 +4,11 @@ Frame indices are chosen from the stored metadata (fps, frame count) so that dec
 touches the frames a clip needs. Videos shorter than a clip's span loop from their start
 (frame index modulo the frame count), so every clip has exactly T frames.
 
-Loader workers stop at uint8 pixels (`clip_tensor`, `image_tensor`): batches cross
-processes and the host-device link at a quarter of float32's size, and workers do no float
-work. The training side calls `normalize(x, device, dtype)` when it moves a batch.
+Loader workers stop at uint8 pixels (training clips from `media.decode_crops`, channels
+last, seen channels first through `channels_first`; eval views through `clip_tensor`;
+images through `image_tensor`): batches cross processes and the host-device link at a
+quarter of float32's size, and workers do no float work. The training side calls
+`normalize(x, device, dtype)` when it moves a batch.
 """
 from __future__ import annotations
 
