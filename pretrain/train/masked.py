@@ -188,8 +188,16 @@ class MaskedModelling:
             if seen >= limit:
                 break
         if not feats:
-            return torch.zeros(0, 1), torch.zeros(0, dtype=torch.int64)
+            return self._none(mae)
         return torch.cat(feats), torch.cat(labels)
+
+    @staticmethod
+    def _none(mae) -> tuple[torch.Tensor, torch.Tensor]:
+        """No samples: (0, D) features and (0,) labels, shaped and placed like real ones (the
+        bank's all-gather needs the same width and device on every rank)."""
+        device = next(mae.parameters()).device
+        return (torch.zeros(0, mae.encoder.config.dim, device=device),
+                torch.zeros(0, dtype=torch.int64, device=device))
 
     def _held_out(self, mae, batches: Iterable, modality: str):
         """Query features and labels, and the reconstruction loss (sum, count) with fixed
@@ -213,7 +221,7 @@ class MaskedModelling:
             if i == 0 and self.cfg.grid_samples:
                 self._picture(mae, modality, x[:self.cfg.grid_samples], mask[:self.cfg.grid_samples])
         if not feats:
-            return torch.zeros(0, 1), torch.zeros(0, dtype=torch.int64), loss_sum, loss_n
+            return (*self._none(mae), loss_sum, loss_n)
         return torch.cat(feats), torch.cat(labels), loss_sum, loss_n
 
     def _picture(self, mae, modality: str, x: torch.Tensor, mask: torch.Tensor) -> None:
