@@ -74,6 +74,10 @@ class CheckpointConfig:
                 f"checkpoint.keep_every={self.keep_every} is not a multiple of "
                 f"checkpoint.every_steps={self.every_steps}, so no saved step would ever be kept "
                 f"by it; use a multiple of {self.every_steps} or 0 to turn it off.")
+        if self.resume_from not in (None, "") and not self.resume:
+            raise UserError(f"checkpoint.resume_from={self.resume_from} is set but "
+                            "checkpoint.resume is false; set resume: true to resume from it, or "
+                            "drop resume_from to start afresh.")
         if isinstance(self.resume_from, int) and self.resume_from < 0:
             raise UserError(f"checkpoint.resume_from={self.resume_from} is negative; give a "
                             "step number, a checkpoint URI, or null for the newest one.")

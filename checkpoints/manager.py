@@ -158,6 +158,9 @@ class CheckpointManager:
                 self._lease = lease
             except LeaseHeld as exc:
                 error = str(exc)
+            if error is None and not storage.is_remote(self.uri):
+                _remove_stale_staging(os.path.join(storage.local_path(self.uri), ".staging"),
+                                      attempt, self.cfg.lease_timeout_s)
         error = _broadcast(error)
         self._lease_checked = True
         if error:
@@ -296,6 +299,8 @@ class CheckpointManager:
     def close(self) -> None:
         if self._uploader is not None:
             self._uploader.close()
+            if not self._uploader.pending_steps():
+                _remove_staging(self._stage_root())
         if self._lease is not None:
             self._lease.release()
             self._lease = None
@@ -443,6 +448,36 @@ class CheckpointManager:
             self.last_committed = _broadcast(self.last_committed)
             self.close()
         return self.last_committed
+
+
+def _remove_staging(stage_root: str) -> None:
+    """This rank's staging folder, then its attempt's and `.staging` if they are empty."""
+    shutil.rmtree(stage_root, ignore_errors=True)
+    parent = os.path.dirname(stage_root)
+    for folder in (parent, os.path.dirname(parent)):
+        try:
+            os.rmdir(folder)
+        except OSError:   # not empty (other ranks, other attempts) or already gone
+            return
+
+
+def _remove_stale_staging(staging: str, attempt: str, quiet_s: float) -> None:
+    """Rank 0, holding the lease: staging folders of crashed attempts inside a local
+    checkpoint URI, untouched for `quiet_s`."""
+    try:
+        entries = os.listdir(staging)
+    except FileNotFoundError:
+        return
+    now = time.time()
+    for name in entries:
+        path = os.path.join(staging, name)
+        try:
+            newest = max((os.path.getmtime(os.path.join(d, f)) for d, _, fs in os.walk(path)
+                          for f in fs), default=os.path.getmtime(path))
+        except OSError:
+            continue
+        if name != attempt and now - newest >= quiet_s:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 COMMIT_GATE_TIMEOUT_S = 120.0

@@ -240,7 +240,8 @@ def load_into_engine(engine, load_dir: str, tag: str, universal: bool) -> None:
     reader = safe_load.MmapCheckpointEngine(engine.checkpoint_engine)
     engine.checkpoint_engine = reader
     try:
-        with safe_load.weights_only_loads():
+        with safe_load.weights_only_loads(), safe_load.refused_as_user_error(
+                f"a DeepSpeed file of checkpoint {os.path.join(load_dir, tag)}"):
             path, _ = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
                                              load_lr_scheduler_states=True)
     finally:

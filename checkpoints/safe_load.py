@@ -22,10 +22,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import threading
 from typing import Any, Iterator
 
 import torch
+
+from pretrain.errors import UserError
 
 FORCE_ENV = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
 
@@ -48,8 +51,25 @@ def allowed_globals() -> list[Any]:
 def load(path: str, **kwargs) -> Any:
     """torch.load of a checkpoint file with weights_only=True and the allow-list."""
     kwargs.setdefault("map_location", "cpu")
-    with torch.serialization.safe_globals(allowed_globals()):
+    with torch.serialization.safe_globals(allowed_globals()), refused_as_user_error(path):
         return torch.load(path, weights_only=True, **kwargs)
+
+
+@contextlib.contextmanager
+def refused_as_user_error(what: str) -> Iterator[None]:
+    """A file naming a class outside the allow-list is refused in one paragraph."""
+    try:
+        yield
+    except pickle.UnpicklingError as exc:
+        # torch's message also advises weights_only=False: keep only what was refused.
+        lines = [ln.strip() for ln in str(exc).splitlines()
+                 if "GLOBAL" in ln or "Unsupported" in ln or "WeightsUnpickler error" in ln]
+        reason = lines[0].split("WeightsUnpickler error:", 1)[-1].strip() if lines else "unpickling refused"
+        raise UserError(f"{what} was refused: it asks to run or build something other than "
+                        f"tensors and plain data ({reason}). Checkpoint files are loaded as data "
+                        "only (README, Trust model); this one was not written by this project "
+                        "or was tampered with. Resume from another checkpoint "
+                        "(checkpoint.resume_from).") from None
 
 
 class MmapCheckpointEngine:

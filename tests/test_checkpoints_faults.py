@@ -326,3 +326,49 @@ def test_faults_with_real_engines(tmp_path):
     assert len(warnings) == 1 and "falling back to an older one" in warnings[0]
     assert "crc32c" in warnings[0]
     assert latest_committed(uri).step == 3
+
+
+def test_resume_from_is_checked_with_the_config():
+    from checkpoints.config import CheckpointConfig
+
+    with pytest.raises(UserError, match="checkpoint.resume is false"):
+        CheckpointConfig(uri="/x", resume=False, resume_from=100).validate()
+    with pytest.raises(UserError, match="resume_from=-1 is negative"):
+        CheckpointConfig(uri="/x", resume_from=-1).validate()
+    CheckpointConfig(uri="/x", resume_from="gs://b/run/step_00000100").validate()
+
+
+# -- safe loading -------------------------------------------------------------------------------
+
+class _Payload:
+    """Unpickling this would run `touch` (what a tampered checkpoint file could do)."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.slow   # imports DeepSpeed (its classes are on the allow-list): seconds
+def test_checkpoint_files_are_loaded_as_data_only(tmp_path):
+    import torch
+
+    from checkpoints import safe_load
+    from checkpoints.rng import capture_rng
+
+    marker = tmp_path / "code-ran"
+    evil = tmp_path / "rank_00000.pt"
+    torch.save({"step": 3, "rng": _Payload(str(marker))}, evil)
+    with pytest.raises(UserError, match="asks to run or build something other than tensors"):
+        safe_load.load(str(evil))
+    # DeepSpeed's own loads ask for weights_only=False: forced to weights_only inside.
+    with pytest.raises(UserError, match=r"posix\.system|os\.system|system"):
+        with safe_load.weights_only_loads(), safe_load.refused_as_user_error(str(evil)):
+            torch.load(evil, weights_only=False)
+    assert not marker.exists()
+    assert os.environ.get(safe_load.FORCE_ENV) is None     # restored afterwards
+    # What the project writes itself loads (a run-state file with RNG states, loader position).
+    good = tmp_path / "good.pt"
+    torch.save({"step": 3, "rng": capture_rng(), "loader": {"version": 1, "step": 3}}, good)
+    assert safe_load.load(str(good))["step"] == 3
