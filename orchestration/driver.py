@@ -4,9 +4,14 @@
 
 - Ray: joins `RAY_ADDRESS` when set, else starts an embedded local Ray bound to 127.0.0.1
   (dashboard on loopback, short temp dir: Ray's socket paths must stay under ~100 bytes).
-- MLflow: the driver creates the job's one run and logs the resolved config (params +
-  config.yaml) before any worker starts; the run id goes to the workers in the config, so
-  restarts of the worker group (FailureConfig) keep logging into the same run.
+- MLflow: the driver checks the server first (one short probe: an unusable server is a
+  UserError within seconds, or the local fallback with tracking.required=false), creates
+  the job's one run and logs the resolved config (params + config.yaml) before any worker
+  starts; the run id goes to the workers in the config, so restarts of the worker group
+  (FailureConfig) keep logging into the same run. Any failure once the run exists, Ray's
+  own start included, ends it FAILED.
+- Process group: Ray Train's, except that rank 0's rendezvous store listens on loopback on
+  one node and on its cluster address on several (orchestration/process_group.py).
 - Progress: rank 0 sends its log-point figures to a zero-CPU sink actor (fire-and-forget,
   never waited on by training); the driver polls it and prints progress lines.
 - The summary (final metrics, run id, last checkpoint) also travels through the sink: Ray
