@@ -1,8 +1,9 @@
 """Every registered model across its variant axes (the pattern of timm's tests/test_models.py).
 
-The cases come from the registry (`list_models()`) crossed with the variant axes (tube set,
-kernel mode, position embedding), so a model family registered later joins the loop without
-an edit here; an axis applies to a family whose config has that field. Each case is built
+The cases come from the registry (`list_models()`: tubevit-* and videomae-*) crossed with the
+variant axes (tube set, kernel mode, position embedding), so a model family registered later
+joins the loop without an edit here; an axis applies to a family whose config has that field
+(VideoMAE has none of them: one case). Each case is built
 small (`SMALL`: 2 blocks, width 24) to keep the fast set fast; names whose small builds are
 the same model (the TubeViT sizes differ only in the fields `SMALL` sets) run once, under the
 first name. Which combinations exist is the config's decision: a case its validation rejects
