@@ -325,7 +325,7 @@ class CheckpointManager:
         candidates = None
         if self.rank == 0:
             candidates = iter([info]) if info is not None else None
-        damaged: list[str] = []
+        damaged: list[str] = []     # the same on every rank (fetch errors are gathered)
         while True:
             pick, error = None, None
             if self.rank == 0:
@@ -333,21 +333,20 @@ class CheckpointManager:
                     if candidates is None:
                         candidates = resume_candidates(self.uri, self.cfg.resume_from)
                     pick = next(candidates, None)
-                    if pick is None and not damaged and any(
-                            i.committed for i in list_checkpoints(self.uri, verify="size")):
-                        damaged.append("(found damaged while listing, see the warnings above)")
+                    if pick is None and (damaged or any(
+                            i.committed for i in list_checkpoints(self.uri, verify="size"))):
+                        found = damaged or ["see the warnings above for each one"]
+                        error = CheckpointDamaged(
+                            f"no checkpoint under {self.uri} verifies against its manifest "
+                            f"({'; '.join(found)}). Resume from another location with "
+                            "checkpoint.resume_from=URI, or start afresh with "
+                            "checkpoint.resume=false and a new checkpoint.uri.")
                 except UserError as exc:
-                    error = str(exc)
+                    error = exc
             pick, error = _broadcast((pick, error))
-            if error:
-                raise UserError(error)
+            if error is not None:
+                raise error
             if pick is None:
-                if damaged:
-                    raise CheckpointDamaged(
-                        f"no checkpoint under {self.uri} verifies against its manifest: "
-                        f"{'; '.join(damaged)}. Resume from another location with "
-                        "checkpoint.resume_from=URI, or start afresh with checkpoint.resume=false "
-                        "and a new checkpoint.uri.")
                 return None
             try:
                 return self._load(engine, loader, pick)
