@@ -20,8 +20,8 @@ Three phases, so that an interrupted run resumes cheaply and the output is deter
 `pretrain prepare --ray` runs as one Ray task (pretrain/data/prepare_ray.py).
 
 Unusable inputs are skipped and reported by file and reason, on stdout and in
-prepare_report.json beside the shards; the report also names the folders inputs were read
-from (`read_from`) and, for a manifest, those outside the manifest's folder.
+prepare_report.json beside the shards; for a manifest, the report also names the folders
+its inputs were read from (`read_from`) and those outside the manifest's folder.
 
 Labels: the class names of the rows form the label map (sorted). A row with an empty label,
 or every row of a manifest without a label column, is unlabelled (for masked pretraining):
@@ -89,7 +89,7 @@ class PrepareResult:
     storage: str = transcode.ORIGINAL  # the stored format, in words
     unlabelled: int = 0                # samples written with no label (shards.UNLABELLED)
     manifest: str | None = None        # the CSV the inputs came from, when one did
-    read_from: dict[str, int] = field(default_factory=dict)   # folder -> inputs listed there
+    read_from: dict[str, int] = field(default_factory=dict)   # manifest's folder -> inputs
     outside_manifest_folder: list[str] = field(default_factory=list)  # of read_from's folders
     chunks: dict | None = None         # --ray: {"total": N, "reused": K} (finished before)
 
@@ -222,10 +222,12 @@ def _folder_of(path: str) -> str:
 
 
 def _locations(items: list[Item], manifest: str | None) -> tuple[dict[str, int], list[str]]:
-    """(folder -> inputs listed there, the folders outside the manifest's folder)."""
-    read_from = dict(sorted(Counter(_folder_of(it.path) for it in items).items()))
+    """(folder -> inputs listed there, the folders outside the manifest's folder); nothing
+    without a manifest (inputs a caller made, e.g. synthetic data in a temporary folder: the
+    report stays the same from run to run)."""
     if manifest is None:
-        return read_from, []
+        return {}, []
+    read_from = dict(sorted(Counter(_folder_of(it.path) for it in items).items()))
     base = os.path.dirname(os.path.abspath(manifest))
     outside = [f for f in read_from
                if "://" in f or not (f == base or f.startswith(base.rstrip(os.sep) + os.sep))]
