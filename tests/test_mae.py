@@ -183,7 +183,7 @@ def test_meta_build_checkpointing_and_features():
     real.init_weights()
     assert all(torch.equal(p, q) for p, q in zip(meta.parameters(), real.parameters()))
 
-    x = clip("tubevit-s")
+    x = clip("tubevit-s")[:1]
     mask = mask_of(real, x)
 
     def run():
@@ -199,7 +199,7 @@ def test_meta_build_checkpointing_and_features():
     for n in grads:
         torch.testing.assert_close(grads_ckpt[n], grads[n], rtol=1e-5, atol=1e-7, msg=n)
     feats = real.features(x)
-    assert feats.shape == (2, 24)
+    assert feats.shape == (1, 24)
     torch.testing.assert_close(feats, real.encoder.forward_features(x).mean(1))
     assert {"decoder.mask_token", "decoder.norm.weight", "encoder.norm.bias"} <= real.no_weight_decay()
     assert "decoder.embed.weight" not in real.no_weight_decay()
