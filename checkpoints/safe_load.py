@@ -48,10 +48,24 @@ def allowed_globals() -> list[Any]:
             reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
+_installed = False
+
+
+def allow() -> None:
+    """Add the allow-list to torch's process-wide list of safe globals (once). Not a
+    `torch.serialization.safe_globals` block: nested blocks remove the list on the inner
+    exit, and these classes are safe to allow for every weights_only load anyway."""
+    global _installed
+    if not _installed:
+        torch.serialization.add_safe_globals(allowed_globals())
+        _installed = True
+
+
 def load(path: str, **kwargs) -> Any:
     """torch.load of a checkpoint file with weights_only=True and the allow-list."""
     kwargs.setdefault("map_location", "cpu")
-    with torch.serialization.safe_globals(allowed_globals()), refused_as_user_error(path):
+    allow()
+    with refused_as_user_error(path):
         return torch.load(path, weights_only=True, **kwargs)
 
 
@@ -95,9 +109,9 @@ def weights_only_loads() -> Iterator[None]:
     with _env_lock:
         before = os.environ.get(FORCE_ENV)
         os.environ[FORCE_ENV] = "1"
+    allow()
     try:
-        with torch.serialization.safe_globals(allowed_globals()):
-            yield
+        yield
     finally:
         with _env_lock:
             if before is None:
@@ -109,7 +123,6 @@ def weights_only_loads() -> Iterator[None]:
 # `python -c TOOL_BOOTSTRAP MODULE ARGS...`: run a tool module (DeepSpeed's
 # ds_to_universal) with the allow-list in place; FORCE_ENV=1 must be in its environment.
 TOOL_BOOTSTRAP = (
-    "import runpy, sys, torch; from checkpoints.safe_load import allowed_globals; "
-    "torch.serialization.add_safe_globals(allowed_globals()); "
+    "import runpy, sys; from checkpoints.safe_load import allow; allow(); "
     "mod = sys.argv[1]; sys.argv = [mod] + sys.argv[2:]; "
     "runpy.run_module(mod, run_name='__main__', alter_sys=True)")
