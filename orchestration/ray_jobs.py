@@ -274,8 +274,12 @@ class JobsClient:
         import requests
 
         record = self.resolve(job)
+        with self._errors(job):
+            node = self._client.get_job_info(record.submission_id).driver_node_id
+        if not node:   # not started yet: no log file anywhere
+            return self.logs(record.submission_id)
         url = f"{self.address}/api/v0/logs/file"
-        params = {"submission_id": record.submission_id, "lines": str(lines)}
+        params = {"submission_id": record.submission_id, "node_id": node, "lines": str(lines)}
         try:
             r = requests.get(url, params=params, headers=self._headers, timeout=60)
         except requests.exceptions.RequestException as exc:
