@@ -53,7 +53,7 @@ from pretrain import storage
 from pretrain.errors import UserError
 from pretrain.model.bootstrap_config import BootstrapConfig
 from pretrain.model.image_vit_weights import ImageViTSpec, inspect_timm, timm_to_tubevit
-from pretrain.model.io import FORMAT, FORMAT_VERSION, _header_metadata
+from pretrain.model.io import FORMAT, FORMAT_VERSION
 from pretrain.model.tubes import TubeSpec, image_tube_index
 from pretrain.model.tubevit import TubeViT, TubeViTConfig
 
@@ -193,9 +193,15 @@ def iter_model_file(path: str):
         raise UserError(f"model file {path} does not exist") from None
     (n,) = struct.unpack("<Q", f.read(8))
     header_bytes = f.read(n)
-    meta = _header_metadata(struct.pack("<Q", n) + header_bytes, path)
-    header = json.loads(header_bytes)
-    header.pop("__metadata__", None)
+    # The header alone (the tensors are read one at a time below): io's checks of the whole
+    # file's length would read it all.
+    try:
+        header = json.loads(header_bytes)
+    except ValueError:
+        raise UserError(f"{path} is not a model file of this project") from None
+    meta = header.pop("__metadata__", None) or {}
+    if meta.get("format") != FORMAT or "config" not in meta:
+        raise UserError(f"{path} is not a model file of this project")
     dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
               "I64": torch.int64, "I32": torch.int32}
 
