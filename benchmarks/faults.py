@@ -184,7 +184,8 @@ def _kill_rank0_when(b: Bench, name: str, moment: Callable[[object, str], bool])
     def in_window() -> bool:
         fs, folders = step_folders(uri)
         for folder in folders:
-            names = {p.rsplit("/", 1)[-1] for p in fs.ls(folder, detail=False)}
+            # paths inside the step folder, e.g. "markers/rank_00000.json"
+            names = {p[len(folder.rstrip("/")) + 1:] for p in fs.find(folder)}
             if MANIFEST not in names and moment(names, folder):
                 hit.append(folder)
                 return True
@@ -210,8 +211,8 @@ def _kill_rank0_when(b: Bench, name: str, moment: Callable[[object, str], bool])
 
 def sigkill_rank0_during_upload(b: Bench) -> tuple[bool, bool, str]:
     return _kill_rank0_when(b, "sigkill_rank0_during_upload",
-                            lambda names, _: not any(n.startswith("rank_") and n.endswith(".json")
-                                                     for n in names))
+                            lambda names, _: names and not any(n.startswith("markers/")
+                                                               for n in names))
 
 
 def sigkill_rank0_during_commit(b: Bench) -> tuple[bool, bool, str]:
@@ -261,11 +262,11 @@ def mlflow_down(b: Bench) -> tuple[bool, bool, str]:
     root = b.folder("mlflow_down/mlflow")
     port = free_port()
     uri = str(where / "ckpt")
-    with mlflow_server_process(root, port) as (tracking, _):
+    with mlflow_server_process(root, port, start_timeout=300) as (tracking, _):
         run = b.run(where, 400, 5, uri, "checkpoint.stop_after_step=60", tracking=tracking)
         run.wait_for("step 10/400", timeout=240)
     time.sleep(20)
-    with mlflow_server_process(root, port) as (tracking, _):
+    with mlflow_server_process(root, port, start_timeout=300) as (tracking, _):
         try:
             out = run.finish(timeout=600)
         except AssertionError:
@@ -413,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="faults-"))
     outcomes: list[Outcome] = []
     with gcs_emulator_process() as (gcs_url, _), \
-            mlflow_server_process(Path(tempfile.mkdtemp(dir=work))) as (mlflow_url, _):
+            mlflow_server_process(Path(tempfile.mkdtemp(dir=work)), start_timeout=300) as (mlflow_url, _):
         os.environ["STORAGE_EMULATOR_HOST"] = gcs_url
         bench = Bench(work, gcs_url, mlflow_url)
         prepare_data(bench.data)

@@ -273,10 +273,12 @@ def resume_point(cfg: ExperimentConfig, data_info: DataInfo | None = None):
     different architecture is a UserError listing the differing keys."""
     if not cfg.checkpoint.uri or not cfg.checkpoint.resume:
         return None
-    from checkpoints.discovery import latest_committed
+    from checkpoints.discovery import resume_candidates
     from checkpoints.restore import check_compatible
 
-    info = latest_committed(cfg.checkpoint.uri)
+    # the one the workers will load first: checkpoint.resume_from, else the newest that
+    # verifies (the workers move on to an older one only if this one breaks while fetched)
+    info = next(resume_candidates(cfg.checkpoint.uri, cfg.checkpoint.resume_from), None)
     if info is None:
         return None
     current = expected_model_config(cfg, data_info)

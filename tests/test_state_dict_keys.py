@@ -95,7 +95,8 @@ BOOTSTRAPPED = [
 MANIFEST_KEYS = ["attempt", "config", "files", "format", "mlflow_run_id", "model_config", "step",
                  "time", "world_size", "zero_stage"]
 MARKER_KEYS = ["attempt", "files", "rank", "step"]
-FILE_RECORD_KEYS = ["rank", "sha256", "size"]
+FILE_RECORD_KEYS = ["crc32c", "rank", "sha256", "size"]   # crc32c: manifest format 2
+FORMAT_1_FILE_RECORD_KEYS = ["rank", "sha256", "size"]
 
 
 def keys_and_shapes(model) -> list[tuple[str, tuple[int, ...]]]:
@@ -124,8 +125,10 @@ def test_checkpoint_manifest_and_marker_keys():
     assert sorted(manifest) == MANIFEST_KEYS
     assert sorted(marker) == MARKER_KEYS
     assert sorted(manifest["files"]["f"]) == sorted(marker["files"]["f"]) == FILE_RECORD_KEYS
-    # ... which are the keys of a checkpoint written by main at 427e247.
+    # ... which are the keys of a checkpoint written by main at 427e247, plus format 2's
+    # crc32c per file (test_resume_old_checkpoint.py resumes that format-1 checkpoint).
     old_manifest = json.loads((OLD_CHECKPOINT / "COMMIT.json").read_text())
     old_marker = json.loads((OLD_CHECKPOINT / "markers" / "rank_00000.json").read_text())
     assert sorted(old_manifest) == MANIFEST_KEYS and sorted(old_marker) == MARKER_KEYS
-    assert all(sorted(r) == FILE_RECORD_KEYS for r in old_manifest["files"].values())
+    assert old_manifest["format"] == 1 and manifest["format"] == 2
+    assert all(sorted(r) == FORMAT_1_FILE_RECORD_KEYS for r in old_manifest["files"].values())
