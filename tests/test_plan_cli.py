@@ -137,6 +137,12 @@ def test_plan_measures_decode_on_prepared_shards(tmp_path, capsys):
     assert out["decode_measured"]["clips"] == 20 and out["decode_measured"]["dataset"] == uri
     assert out["decode_cores_per_accelerator"] == pytest.approx(
         out["train_clips_per_s"] / out["decode_clips_per_s_per_core"], rel=0.02)
+    # two clips from each decode: the rate counts training clips
+    two = plan_json(capsys, "--model", "tubevit-ti", "--frames", "32", "--size", "112",
+                    "--skip-unfit-tubes", "--accelerator", "a100", "--measure-decode", uri,
+                    "--frame-stride", "1", "--clips-per-video", "2")
+    assert two["decode_measured"]["clips_per_video"] == 2
+    assert two["decode_measured"]["clips"] % 2 == 0 and two["decode_clips_per_s_per_core"] > 0
     # an image dataset cannot be decoded as clips
     prepare_synthetic(str(tmp_path / "img"), 0, 4, size=32, workers=1)
     assert main(["plan", "--model", "tubevit-ti", "--accelerator", "a100",

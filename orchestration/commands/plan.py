@@ -71,6 +71,9 @@ def add_arguments(parser) -> None:
     feed.add_argument("--fps", type=float, default=None,
                       help="clip frame rate for --measure-decode, instead of --frame-stride "
                            "(data.fps)")
+    feed.add_argument("--clips-per-video", type=int, default=1, metavar="K",
+                      help="training clips cut from each decode for --measure-decode "
+                           "(data.clips_per_video; default 1)")
     parser.add_argument("--json", action="store_true", help="print one JSON object on the last line")
 
 
@@ -244,9 +247,13 @@ def _measured_rate(args, out: dict) -> float:
     stride = args.frame_stride if args.frame_stride is not None else DataConfig().frame_stride
     if stride < 1 or (args.fps is not None and args.fps <= 0):
         raise UserError(f"--frame-stride {stride} must be >= 1 and --fps, when given, > 0")
-    m = measure_decode(args.measure_decode, args.frames, args.size, stride, args.fps)
+    if args.clips_per_video < 1:
+        raise UserError(f"--clips-per-video {args.clips_per_video} must be >= 1")
+    m = measure_decode(args.measure_decode, args.frames, args.size, stride, args.fps,
+                       clips_per_video=args.clips_per_video)
     out["decode_measured"] = {"dataset": args.measure_decode, "clips": m["clips"],
-                              "cpu_s": m["cpu_s"], "frame_stride": stride, "fps": args.fps}
+                              "cpu_s": m["cpu_s"], "frame_stride": stride, "fps": args.fps,
+                              "clips_per_video": args.clips_per_video}
     return m["clips_per_s_per_core"]
 
 
