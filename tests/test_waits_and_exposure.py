@@ -301,3 +301,15 @@ def test_pretrain_run_refuses_credentials_before_anything_happens(tmp_path, monk
     with pytest.raises(UserError, match=r"MLFLOW_TRACKING_URI\) holds credentials"):
         tracking.usable_tracking_uri(TrackingConfig())
     assert not (tmp_path / "data").exists()
+
+
+def test_the_torchrun_entry_refuses_credentials_too(tmp_path, monkeypatch, capsys):
+    """`python -m pretrain.train.worker` (under torchrun) checks the config as `pretrain run`
+    does, before any process group or data exists."""
+    from pretrain.train.worker import main as worker_main
+
+    monkeypatch.chdir(tmp_path)
+    code = worker_main([SMOKE, "checkpoint.uri=s3://AKIDEXAMPLE:hunter2@bucket/ckpt"])
+    err = capsys.readouterr().err.replace("\n  ", " ")
+    assert code == 2 and "'checkpoint.uri' holds credentials" in err and "hunter2" not in err
+    assert not (tmp_path / "data").exists()

@@ -370,6 +370,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         cfg = load_config(argv[0], argv[1:])
+        # as `pretrain run` does: a location with credentials in it is never recorded
+        from pretrain import storage
+        from pretrain.train.config import to_dict
+        storage.refuse_credentials_in_tree(to_dict(cfg))
         install_sigterm_handler()   # torchrun forwards SIGTERM to its ranks
         summary = train(cfg)
     except UserError as exc:
