@@ -80,6 +80,9 @@ def launcher_job_id() -> str:
     process already runs under it (the worker must run without Ray too)."""
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():
-        return f"ray:{ray.get_runtime_context().get_job_id()}"
+        # a job id is unique within one cluster only: every embedded cluster (each local
+        # `pretrain run`) numbers its first job 01000000, so the cluster is part of the id
+        context = ray.get_runtime_context()
+        return f"ray:{context.gcs_address}/{context.get_job_id()}"
     elastic = os.environ.get("TORCHELASTIC_RUN_ID")
     return f"torchrun:{elastic}" if elastic else ""
