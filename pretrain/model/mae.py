@@ -58,7 +58,7 @@ from pretrain.config_loader import config_field
 from pretrain.errors import UserError
 from pretrain.model.family import ModelConfig
 from pretrain.model.tubes import tube_pixel_index
-from pretrain.model.vit import Block
+from pretrain.model.vit import Block, init_linear_and_norm
 
 
 @dataclass
@@ -340,13 +340,6 @@ class MaskedAutoencoder(nn.Module):
     def init_weights(self) -> None:
         """(Re)initialise every parameter (encoder first, then decoder); no-op on meta tensors."""
         self.encoder.init_weights()
-        for module in self.decoder.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.trunc_normal_(module.weight, std=0.02)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        init_linear_and_norm(self.decoder)
         nn.init.trunc_normal_(self.decoder.mask_token, std=0.02)
 

@@ -43,7 +43,7 @@ from pretrain.model.posembed import (FixedPositionEmbedding, LearnedPositionEmbe
                                      tube_coords)
 from pretrain.model.tubes import (TUBE_SETS, SparseTubeTokenizer, TubeSpec, image_grid, image_tube_index,
                                   resolve_tubes)
-from pretrain.model.vit import AttentionPool, Block, TanhGate
+from pretrain.model.vit import AttentionPool, Block, TanhGate, init_linear_and_norm
 
 KERNEL_MODES = ("separate", "interpolated")
 POS_EMBEDS = ("fixed", "learned")
@@ -314,14 +314,7 @@ class TubeViT(nn.Module):
         it again after `to_empty()`.
         """
         self.tokenizer.init_weights()
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.trunc_normal_(module.weight, std=0.02)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        init_linear_and_norm(self)
         nn.init.trunc_normal_(self.pool.query, std=0.02)
         if isinstance(self.pos_embed, LearnedPositionEmbedding):
             nn.init.trunc_normal_(self.pos_embed.grid, std=0.02)

@@ -39,7 +39,7 @@ from pretrain.config_loader import config_field
 from pretrain.errors import UserError
 from pretrain.model.family import ModelConfig
 from pretrain.model.tubes import SparseTubeTokenizer, TubeSpec, video_grids
-from pretrain.model.vit import Block
+from pretrain.model.vit import Block, init_linear_and_norm
 
 
 def sinusoid_table(n: int, dim: int) -> torch.Tensor:
@@ -240,11 +240,4 @@ class VideoMAE(nn.Module):
     def init_weights(self) -> None:
         """(Re)initialise every parameter (no-op on meta tensors); deterministic under the seed."""
         self.tokenizer.init_weights()
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.trunc_normal_(module.weight, std=0.02)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        init_linear_and_norm(self)

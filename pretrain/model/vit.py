@@ -140,3 +140,17 @@ class AttentionPool(nn.Module):
         k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)                           # 2 x (B, h, N, hd)
         out = F.scaled_dot_product_attention(q, k, v)                         # (B, h, 1, hd)
         return self.proj(out.reshape(B, C))                                   # (B, d)
+
+
+@torch.no_grad()
+def init_linear_and_norm(module: nn.Module) -> None:
+    """ViT init of every Linear (truncated normal, std 0.02; zero bias) and LayerNorm (ones,
+    zeros) inside `module`, in module order (so a seed gives the same weights)."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
