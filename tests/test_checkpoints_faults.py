@@ -261,6 +261,7 @@ def fault_worker(rank, world, uri, local) -> dict:
     save(mgr, 2, put=broken)
     save(mgr, 3)                                  # one failure, then good: the run goes on
     save(mgr, 4, writer=FullDisk)                 # ENOSPC while staging
+    dist.barrier()   # every rank's uploader has given step 4 up (the check spans all ranks)
     out["staged_4"] = sorted(p.name for p in (root / ".staging").rglob("step_00000004"))
     save(mgr, 5, put=broken)
     expect("stopped", lambda: save(mgr, 6), CheckpointSaveError)   # 2 in a row: stop
