@@ -1,5 +1,5 @@
 """Masked pretraining at the level of `pretrain run` (real embedded Ray, 2 DeepSpeed workers at
-ZeRO-2 on gloo, the smoke model with the masked objective of configs/smoke-masked.yaml on
+ZeRO-3 on gloo, the smoke model with the masked objective of configs/smoke-masked.yaml on
 tiny synthetic data, MLflow in a sqlite file), in two runs:
 
 - a 6-step run that checkpoints at step 3 and evaluates at steps 0 and 3: the kNN monitor
@@ -24,7 +24,7 @@ from tests.fixtures.pretrain_run import Run, history, overrides
 
 pytestmark = pytest.mark.slow
 
-MASKED = ["train.objective=masked", "masked.scheme=aligned", "masked.video_ratio=0.75",
+MASKED = ["train.objective=masked", "train.zero_stage=3", "masked.scheme=aligned", "masked.video_ratio=0.75",
           "masked.decoder.dim=64", "masked.decoder.depth=1", "masked.decoder.heads=4",
           "masked.knn_bank=32", "masked.grid_samples=2", "train.eval_every=3",
           "data.eval_temporal_views=1"]
