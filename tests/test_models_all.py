@@ -1,6 +1,7 @@
 """Every registered model across its variant axes (the pattern of timm's tests/test_models.py).
 
-The cases come from the registry (`list_models()`: tubevit-* and videomae-*) crossed with the
+The cases come from the registry (`list_models()`: tubevit-*, videomae-*, vivit-*, vivit-fe-*,
+vivit-fsa-*, timesformer-*) crossed with the
 variant axes (tube set, kernel mode, position embedding), so a model family registered later
 joins the loop without an edit here; an axis applies to a family whose config has that field
 (VideoMAE has none of them: one case). Each case is built
@@ -27,7 +28,11 @@ import torch
 from pretrain.errors import UserError
 from pretrain.model import create_model, list_models, load_model, model_config, read_metadata, save_model
 
-SMALL = dict(depth=2, dim=24, mlp_dim=48, heads=2, num_classes={"vid": 3, "img": 2})
+SMALL = dict(depth=2, dim=24, mlp_dim=48, heads=2, num_classes={"vid": 3, "img": 2},
+             # TimeSformer's init zeroes temporal_fc in blocks 2..: the temporal attention there
+             # would get an exactly zero first gradient, which the gradient check reads as unwired
+             # (tests/test_model_vivit.py checks that init).
+             zero_init_temporal_fc=False)
 AXES = {
     "tubes": ("paper", "charades", "paper-no-s2d"),
     "kernel_mode": ("separate", "interpolated"),

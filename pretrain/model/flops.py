@@ -12,6 +12,14 @@ against.
 Masked pretraining (`count_masked_flops`): the encoder on the visible tokens, the decoder on
 all of them; what `pretrain plan --mask-ratio` reports and a masked run's MFU counts.
 
+ViViT models 1-3 and TimeSformer (vivit.py) are counted per factorisation from their blocks:
+each attention's projections on the tokens it runs over and its two matmuls per sequence
+(model 1: one sequence of all tokens; model 2: nt spatial sequences of nh*nw (+ CLS) in the
+spatial encoder, one of nt + 1 in the temporal one; model 3: nt spatial sequences of nh*nw
+and nh*nw temporal ones of nt; TimeSformer: nh*nw temporal sequences of nt, its temporal_fc
+on all tokens, nt spatial sequences of 1 + nh*nw, the MLP on all tokens + CLS). Their
+"tokens" are the space-time tokens (the papers' 3136, 1568), CLS tokens not included.
+
 Works on a model built on the meta device, so ViT-H can be counted without allocating it.
 """
 from __future__ import annotations
@@ -20,7 +28,8 @@ import math
 
 from torch import nn
 
-from pretrain.model.vit import AttentionPool
+from pretrain.model.vit import AttentionPool, Block
+from pretrain.model.vivit import DividedBlock, FactorisedBlock, VideoTransformer, ViViTFE
 
 
 def count_params(model: nn.Module, trainable_only: bool = False) -> int:
@@ -55,29 +64,86 @@ def _tokenizer_flops(model, size: tuple[int, ...]) -> tuple[int, int]:
 
 def token_count(model, size: tuple[int, ...]) -> int:
     """Tokens the blocks see for one input of `size` ((T, H, W) or (H, W)), CLS included."""
-    return (sum(math.prod(g) for _, _, g in model.token_groups(_input_shape(model, size)))
-            + int(getattr(model.config, "class_token", False)))
+    n = sum(math.prod(g) for _, _, g in model.token_groups(_input_shape(model, size)))
+    if isinstance(model, VideoTransformer):
+        return n + int(getattr(model, "cls_token", None) is not None)
+    return n + int(getattr(model.config, "class_token", False))
 
 
-def blocks_flops(blocks, n: int) -> dict[str, int]:
-    """Attention projections, the two attention matmuls and the MLP of `blocks` on n tokens."""
+def _attention(attn, sequences: int, length: int) -> tuple[int, int]:
+    """(projection FLOPs, matmul FLOPs) of one attention layer over `sequences` independent
+    sequences of `length` tokens each."""
+    tokens = sequences * length
+    width = attn.qkv.out_features // 3
+    return (_linear(attn.qkv, tokens) + _linear(attn.proj, tokens),
+            sequences * 2 * (2 * length * length * width))   # QK^T and AV
+
+
+def _mlp(block, tokens: int) -> int:
+    return sum(_linear(m, tokens) for m in block.mlp.modules() if isinstance(m, nn.Linear))
+
+
+def blocks_flops(blocks, n: int, sequences: int = 1) -> dict[str, int]:
+    """Attention projections, the two attention matmuls and the MLP of plain (joint
+    attention) `blocks` on `sequences` independent sequences of n tokens."""
     out = {"attention_linear": 0, "attention_matmul": 0, "mlp": 0}
     for block in blocks:
-        attn = block.attn
-        out["attention_linear"] += _linear(attn.qkv, n) + _linear(attn.proj, n)
-        width = attn.qkv.out_features // 3
-        out["attention_matmul"] += 2 * (2 * n * n * width)  # QK^T and AV
-        out["mlp"] += sum(_linear(m, n) for m in block.mlp.modules() if isinstance(m, nn.Linear))
+        linear, matmul = _attention(block.attn, sequences, n)
+        out["attention_linear"] += linear
+        out["attention_matmul"] += matmul
+        out["mlp"] += _mlp(block, sequences * n)
+    return out
+
+
+def _factorised_blocks_flops(blocks, nt: int, ns: int) -> dict[str, int]:
+    """ViViT model 3's and TimeSformer's blocks on an nt x ns token grid (vivit.py)."""
+    out = {"attention_linear": 0, "attention_matmul": 0, "mlp": 0}
+    n = nt * ns
+    for block in blocks:
+        if isinstance(block, FactorisedBlock):      # spatial MSA, temporal MSA, MLP; no CLS
+            parts = [_attention(block.attn, nt, ns), _attention(block.temporal_attn, ns, nt)]
+            mlp_tokens = n
+        elif isinstance(block, DividedBlock):       # time (no CLS) + temporal_fc, space (+ CLS copy)
+            parts = [_attention(block.temporal_attn, ns, nt), (_linear(block.temporal_fc, n), 0),
+                     _attention(block.attn, nt, 1 + ns)]
+            mlp_tokens = 1 + n
+        else:
+            raise TypeError(f"no FLOP count for a {type(block).__name__}")
+        out["attention_linear"] += sum(p[0] for p in parts)
+        out["attention_matmul"] += sum(p[1] for p in parts)
+        out["mlp"] += _mlp(block, mlp_tokens)
+    return out
+
+
+def _video_transformer_flops(model, size: tuple[int, ...], dataset: str | None) -> dict[str, int]:
+    """count_flops of the ViViT / TimeSformer families, per factorisation."""
+    n, tokenizer = _tokenizer_flops(model, size)
+    (_, _, (nt, nh, nw)), = model.token_groups(_input_shape(model, size))
+    ns = nh * nw
+    out = {"tokens": n, "tokenizer": tokenizer}
+    if isinstance(model, ViViTFE):
+        spatial = blocks_flops(model.blocks, ns + int(model.cls_token is not None), sequences=nt)
+        temporal = blocks_flops(model.temporal_blocks, nt + 1)
+        out.update({k: spatial[k] + temporal[k] for k in spatial})
+    elif all(isinstance(b, Block) for b in model.blocks):   # model 1: joint attention
+        out.update(blocks_flops(model.blocks, n + int(model.cls_token is not None)))
+    else:
+        out.update(_factorised_blocks_flops(model.blocks, nt, ns))
+    out["pool"] = 0   # the CLS token or a mean: no matrix work
+    out["head"] = _linear(model.heads[model._dataset(dataset) if dataset else model.datasets[0]], 1)
+    out["total"] = sum(v for k, v in out.items() if k != "tokens")
     return out
 
 
 def count_flops(model, size: tuple[int, ...], dataset: str | None = None) -> dict[str, int]:
     """Forward FLOPs of one sample: `size` is (T, H, W) for a clip or (H, W) for an image.
 
-    Works for every family with a tube tokenizer (TubeViT, VideoMAE). Returns {"tokens",
-    "tokenizer", "attention_linear", "attention_matmul", "mlp", "pool", "head", "total"};
-    `dataset` picks the head (default: the first).
+    Works for every family with a tube tokenizer (TubeViT, VideoMAE, ViViT 1-3, TimeSformer).
+    Returns {"tokens", "tokenizer", "attention_linear", "attention_matmul", "mlp", "pool",
+    "head", "total"}; `dataset` picks the head (default: the first).
     """
+    if isinstance(model, VideoTransformer):
+        return _video_transformer_flops(model, size, dataset)
     n, tokenizer = _tokenizer_flops(model, size)
     n += int(getattr(model.config, "class_token", False))   # + CLS token
     out = {"tokens": n, "tokenizer": tokenizer, **blocks_flops(model.blocks, n)}

@@ -18,6 +18,8 @@ from pretrain.model.family import ModelConfig
 from pretrain.model.mae import MaskedAutoencoder, MaskedAutoencoderConfig
 from pretrain.model.tubevit import TubeViT, TubeViTConfig
 from pretrain.model.videomae import VideoMAE, VideoMAEConfig
+from pretrain.model.vivit import (TimeSformer, TimeSformerConfig, ViViT, ViViTConfig, ViViTFE, ViViTFEConfig,
+                                  ViViTFSA, ViViTFSAConfig)
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,15 @@ VIDEOMAE_SIZES: dict[str, tuple[int, int, int, int]] = {
 }
 
 
+# ViViT models 1-3 and TimeSformer (pretrain/model/vivit.py): the same ladder for each
+# family, over its own tokens (ViViT: 2x16x16 tubelets; TimeSformer: 16x16 patches per
+# frame). The papers' ViViT-H is ViT-H/14 (tubelet=(2, 14, 14)); the ladder keeps 16 as
+# tubevit-h and videomae-h do.
+VIVIT_FAMILIES: tuple[str, ...] = ("vivit", "vivit-fe", "vivit-fsa", "timesformer")
+VIVIT_SIZES: dict[str, tuple[int, int, int, int]] = {
+    f"{family}-{size}": SIZES[f"tubevit-{size}"] for family in VIVIT_FAMILIES for size in ("s", "b", "l", "h")}
+
+
 def _presets(sizes: dict[str, tuple[int, int, int, int]]) -> dict[str, dict[str, Any]]:
     return {name: dict(zip(("depth", "dim", "mlp_dim", "heads"), size)) for name, size in sizes.items()}
 
@@ -54,6 +65,11 @@ def _presets(sizes: dict[str, tuple[int, int, int, int]]) -> dict[str, dict[str,
 FAMILIES: list[ModelFamily] = [
     ModelFamily(TubeViTConfig, TubeViT, _presets(SIZES), key="tubevit"),
     ModelFamily(VideoMAEConfig, VideoMAE, _presets(VIDEOMAE_SIZES), key="videomae"),
+    *(ModelFamily(config, model, _presets({n: v for n, v in VIVIT_SIZES.items() if n.rsplit("-", 1)[0] == key}),
+                  key=key)
+      for key, config, model in (("vivit", ViViTConfig, ViViT), ("vivit-fe", ViViTFEConfig, ViViTFE),
+                                 ("vivit-fsa", ViViTFSAConfig, ViViTFSA),
+                                 ("timesformer", TimeSformerConfig, TimeSformer))),
     # A masked autoencoder (an encoder of the families above + decoder) has no size names:
     # it is built around a model (pretrain/model/mae.py); registered so model files rebuild it.
     ModelFamily(MaskedAutoencoderConfig, MaskedAutoencoder.from_config, {}, key="masked-autoencoder"),
