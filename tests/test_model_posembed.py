@@ -72,7 +72,7 @@ def test_widths_fill_six_channels_per_frequency_and_zero_the_rest(dim):
 @pytest.mark.parametrize("tubes", ["paper", "charades"])
 def test_distinct_centres_get_distinct_embeddings(tubes, dim):
     tubes = resolve_tubes(tubes)
-    grids = video_grids(tubes, (32, 224, 224))
+    grids = video_grids(tubes, (40, 224, 224))     # the Charades 32x8x8 tube needs 36 frames
     coords = token_coords(tubes, grids, image=False)
     emb = sincos_embedding(coords, dim)
     exact = "donot_use_mm_for_euclid_dist"

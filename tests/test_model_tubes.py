@@ -1,5 +1,6 @@
 """Tube geometry, token counts, space-to-depth and interpolated kernels."""
 import math
+import warnings
 
 import pytest
 import torch
@@ -7,6 +8,7 @@ import torch.nn.functional as F
 
 from pretrain.errors import UserError
 from pretrain.model import SparseTubeTokenizer, TubeSpec, count_tokens, create_model, resolve_tubes
+from pretrain.model.tubes import UnfitTubeWarning
 
 
 def arithmetic(tubes, size):
@@ -19,9 +21,12 @@ def arithmetic(tubes, size):
     ("paper", (32, 224, 224), 539),       # the paper's four tubes (its text says 559)
     ("paper", (64, 224, 224), 1176),
     ("paper", (224, 224), 196),           # an image: the 2D tube only
-    ("paper-1", (32, 224, 224), 196),
-    ("paper-2", (32, 224, 224), 98 + 196),
-    ("charades", (32, 224, 224), 196 + 98 + 49 + 72),
+    ("paper-1", (32, 224, 224), 2 * 196),  # section 3.2: 1x16x16 at stride 16x16x16
+    ("paper-2", (32, 224, 224), 2 * 196 + 2 * 196),  # section 3.4's core: + 8x8x8 at 16^3
+    ("paper-s2d-h", (32, 224, 224), 539),
+    ("charades", (128, 224, 224), 392 + 784 + 288 + 784),  # the paper's strides kept
+    ("charades-t16", (128, 224, 224), 1807),
+    ("charades-t16", (32, 224, 224), 196 + 98 + 49 + 72),
     ("dense-2x16x16", (32, 224, 224), 3136),
 ])
 def test_token_counts_match_the_docs(tubes, size, expected):
@@ -30,9 +35,9 @@ def test_token_counts_match_the_docs(tubes, size, expected):
 
 @pytest.mark.parametrize("tubes,size", [
     (tubes, size)
-    for tubes in ("paper", "paper-no-s2d", "charades")
+    for tubes in ("paper", "paper-no-s2d", "paper-1", "paper-2", "charades", "charades-t16")
     for size in ((32, 112, 112), (64, 160, 192), (20, 28, 28), (48, 256, 224))
-    if not (tubes == "charades" and size[0] < 32)  # charades' 32x8x8 tube needs 32 frames
+    if not (tubes.startswith("charades") and size[0] < 36)  # its 32x8x8 tube at offset 4: 36 frames
 ])
 def test_token_counts_follow_the_arithmetic(tubes, size):
     assert count_tokens(tubes, size) == arithmetic(tubes, size)
@@ -40,7 +45,8 @@ def test_token_counts_follow_the_arithmetic(tubes, size):
 
 @pytest.mark.parametrize("tubes,size", [
     ("paper", (32, 224, 224)), ("paper", (32, 64, 64)), ("paper", (20, 28, 28)),
-    ("paper", (64, 96, 128)), ("paper-no-s2d", (32, 64, 64)), ("charades", (32, 64, 80)),
+    ("paper", (64, 96, 128)), ("paper-no-s2d", (32, 64, 64)), ("charades", (40, 64, 80)),
+    ("charades-t16", (32, 64, 80)), ("paper-2", (32, 48, 64)), ("paper-1", (16, 32, 32)),
 ])
 def test_tokenizer_output_has_the_counted_tokens(tubes, size):
     tok = SparseTubeTokenizer(resolve_tubes(tubes), dim=12)
@@ -67,7 +73,32 @@ def test_skip_unfit_tubes_gives_the_arithmetic_count():
     # 16 frames: tube 2 (16 frames deep at offset 4) contributes floor(-4/6)+1 = 0 tokens.
     assert count_tokens("paper", (16, 224, 224), skip_unfit=True) == 49 + 0 + 49 + 196
     model = create_model("tubevit-ti", depth=1, dim=24, mlp_dim=24, heads=2, skip_unfit_tubes=True)
-    assert model.forward_features(torch.randn(1, 3, 16, 112, 112)).shape == (1, count_tokens("paper", (16, 112, 112), True), 24)
+    with pytest.warns(UnfitTubeWarning):
+        out = model.forward_features(torch.randn(1, 3, 16, 112, 112))
+    assert out.shape == (1, count_tokens("paper", (16, 112, 112), True), 24)
+
+
+def test_unfit_tubes_are_skipped_with_one_warning_by_default_and_strict_is_an_option():
+    model = create_model("tubevit-ti", depth=1, dim=24, mlp_dim=24, heads=2)
+    assert model.config.unfit_tubes == "skip" and "unfit_tubes" not in model.config.to_dict()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            out = model(torch.randn(1, 3, 16, 64, 64), dataset="kinetics")
+    assert out.shape == (1, 400)
+    unfit = [w for w in seen if issubclass(w.category, UnfitTubeWarning)]
+    assert len(unfit) == 1                       # once, not per forward
+    msg = str(unfit[0].message)
+    assert "tube 2 of 4" in msg and "16x4x4" in msg and "16x64x64" in msg and "20x" in msg
+    assert "tube 1 of 4" not in msg and "unfit_tubes=error" in msg
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")           # a clip every tube fits: no warning
+        model.forward_features(torch.randn(1, 3, 32, 64, 64))
+    strict = create_model("tubevit-ti", depth=1, dim=24, mlp_dim=24, heads=2, unfit_tubes="error")
+    with pytest.raises(UserError, match="tube 2 of 4"):
+        strict.forward_features(torch.randn(1, 3, 16, 64, 64))
+    with pytest.raises(UserError, match="unfit_tubes"):
+        create_model("tubevit-ti", depth=1, unfit_tubes="maybe")
 
 
 def test_images_need_a_2d_tube():
@@ -109,12 +140,16 @@ def test_space_to_depth_packs_neighbours_like_the_paper():
 
 
 def test_space_to_depth_pads_the_last_token_past_the_clip_end():
-    # x4 spatial S2D at stride 32, offset 8, kernel 4: the last token reads pixels up to 228.
+    # x4 S2D along h only (tube set paper-s2d-h) at stride 32, offset 8, kernel 4: the last
+    # token reads pixels up to 228. The default 2x2 (h and w) stays inside: up to 220.
     spec = TubeSpec((16, 4, 4), (6, 32, 32), (4, 8, 8), "h", 4)
-    assert spec.span == (16, 28, 4)
+    assert spec.span == (16, 28, 4) and resolve_tubes("paper-s2d-h")[1] == spec
     tok = SparseTubeTokenizer([spec], dim=8)
     tok.init_weights()
     assert tok(torch.randn(1, 3, 32, 224, 224)).shape == (1, 3 * 7 * 7, 8)
+    square = resolve_tubes("paper")[1]
+    assert square.s2d_axis == "hw" and square.factors == (1, 2, 2) and square.span == (16, 20, 20)
+    assert square.offset[1] + 6 * 32 + square.span[1] == 220
 
 
 def test_interpolated_kernels_reach_every_tube_shape():
@@ -130,7 +165,7 @@ def test_interpolated_kernels_reach_every_tube_shape():
     tok2.init_weights()
     assert tok2.kernel(0) is tok2.base_kernel
     assert torch.allclose(tok2.kernel(1).mean(), tok2.base_kernel.mean(), atol=1e-3)
-    assert tok(torch.randn(1, 3, 32, 64, 64)).shape == (1, count_tokens(tubes, (32, 64, 64)), 12)
+    assert tok(torch.randn(1, 3, 40, 64, 64)).shape == (1, count_tokens(tubes, (40, 64, 64)), 12)
 
 
 def test_interpolated_kernels_refuse_space_to_depth():
@@ -152,7 +187,7 @@ def test_bad_tube_specs_are_user_errors(bad):
 
 
 def test_tube_spec_round_trips_through_dicts():
-    for spec in resolve_tubes("paper") + resolve_tubes("charades"):
+    for spec in resolve_tubes("paper") + resolve_tubes("charades") + resolve_tubes("paper-s2d-h"):
         assert TubeSpec.from_dict(spec.to_dict()) == spec
     with pytest.raises(UserError, match="unknown keys"):
         TubeSpec.from_dict({"kernel": [1, 16, 16], "stride": [1, 16, 16], "padding": 0})

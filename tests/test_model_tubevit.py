@@ -149,8 +149,9 @@ def test_create_model_rejects_unknown_names_and_options():
         model_config("tubevit-b", heads=7)
     with pytest.raises(UserError, match="gate_layer=12"):
         model_config("tubevit-b", gate_layer=12)
-    assert list_models() == ["tubevit-ti", "tubevit-s", "tubevit-b", "tubevit-l", "tubevit-h",
-                             "videomae-s", "videomae-b", "videomae-l", "videomae-h"]
+    names = [n for n in list_models() if n.startswith(("tubevit-", "videomae-"))]   # other families too
+    assert names == ["tubevit-ti", "tubevit-s", "tubevit-b", "tubevit-l", "tubevit-h",
+                     "videomae-s", "videomae-b", "videomae-l", "videomae-h"]
 
 
 def test_config_round_trips_through_dicts():
@@ -183,5 +184,6 @@ def test_parameters_are_used_only_inside_their_own_modules_forward(overrides):
         m.register_forward_pre_hook(gather)
         m.register_forward_hook(release)
     with torch.no_grad():
-        assert model(torch.randn(1, 3, 32, 64, 64), dataset="kinetics").shape == (1, 400)
+        # 40 frames: every tube fits (the paper's Charades 32x8x8 tube at offset 4 needs 36)
+        assert model(torch.randn(1, 3, 40, 64, 64), dataset="kinetics").shape == (1, 400)
         assert model(torch.randn(1, 3, 64, 64), dataset="imagenet").shape == (1, 1000)

@@ -47,6 +47,7 @@ from pretrain.model.vit import AttentionPool, Block, TanhGate, init_linear_and_n
 
 KERNEL_MODES = ("separate", "interpolated")
 POS_EMBEDS = ("fixed", "learned")
+UNFIT_POLICIES = ("skip", "error")
 
 
 @dataclass
@@ -66,7 +67,8 @@ class TubeViTConfig(ModelConfig):
     # A tube-set name is resolved to its list of TubeSpec on construction.
     tubes: str | list[TubeSpec] = config_field(
         help="tube-set name (" + ", ".join(TUBE_SETS) + ") or a list of {kernel, stride, "
-        "offset, s2d_axis, s2d_factor} with (t, h, w) triples",
+        "offset, s2d_axis, s2d_factor[, s2d_split]} with (t, h, w) triples; s2d_axis one or "
+        "more of t, h, w (e.g. 'hw')",
         factory=lambda: resolve_tubes("paper"))
     kernel_mode: str = config_field(
         "separate", "one kernel per tube, or one learned kernel (base_kernel) resized to every "
@@ -78,9 +80,14 @@ class TubeViTConfig(ModelConfig):
         derived="an experiment's heads are the data section's datasets (data.video_dataset / "
         "data.image_dataset, else the names stored with the shards), set when the model is built",
         factory=lambda: {"kinetics": 400, "imagenet": 1000})
+    unfit_tubes: str = config_field(
+        "skip", "a tube that does not fit the clip (e.g. the paper's 16x4x4 tube at offset 4 on "
+        "16-frame clips): skip = 0 tokens from it, with one warning naming it; error = a "
+        "UserError (strict). A run-time policy: not part of the stored architecture",
+        choices=UNFIT_POLICIES, compare=False)
     skip_unfit_tubes: bool = config_field(
-        False, "give 0 tokens for a tube that does not fit the clip instead of an error (e.g. "
-        "the paper's tubes on 16-frame clips)")
+        False, "earlier switch, kept so stored architectures load: true skips unfit tubes even "
+        "with unfit_tubes=error; false defers to unfit_tubes")
     in_chans: int = config_field(3, "input channels", min=1)
     qkv_bias: bool = config_field(True, "bias in the attention's query/key/value projection")
     norm_eps: float = config_field(1e-6, "LayerNorm epsilon", min=0.0)
@@ -108,6 +115,18 @@ class TubeViTConfig(ModelConfig):
         self.num_classes = {str(k): int(v) for k, v in dict(self.num_classes).items()}
         if self.pos_grid is not None:
             self.pos_grid = tuple(int(v) for v in self.pos_grid)
+
+    @property
+    def skips_unfit(self) -> bool:
+        """Whether a tube that does not fit the clip is skipped (else a UserError)."""
+        return self.skip_unfit_tubes or self.unfit_tubes == "skip"
+
+    def to_dict(self) -> dict:
+        """The architecture; `unfit_tubes` is a run-time policy and stays out (stored
+        architectures and checkpoint manifests of earlier versions have no such key)."""
+        d = super().to_dict()
+        d.pop("unfit_tubes", None)
+        return d
 
     @property
     def patch_size(self) -> int | None:
@@ -156,7 +175,7 @@ class TubeViT(nn.Module):
         self.config = config
         c = config
         self.tokenizer = SparseTubeTokenizer(c.tubes, c.dim, c.kernel_mode, c.base_kernel, c.in_chans,
-                                             c.skip_unfit_tubes)
+                                             c.skips_unfit)
         if c.pos_embed == "learned":
             self.pos_embed = LearnedPositionEmbedding(c.tubes, c.dim, c.pos_grid, c.class_token)
         else:
