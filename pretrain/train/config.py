@@ -138,6 +138,9 @@ class TrackingConfig:
     run_name: str | None = config_field(None, "MLflow run name (null = config file name)")
     run_id: str | None = config_field(None, "continue this MLflow run instead of creating one")
     flush_every_s: float = config_field(5.0, "seconds between batched metric uploads", min=0.1)
+    system_metrics_every_s: float = config_field(
+        10.0, "seconds between samples of each node's CPU, memory, disk, network and GPU use, "
+        "logged under system/node_<N>/ (pretrain/train/system_metrics.py); 0 = off", min=0.0)
 
 
 @dataclass
