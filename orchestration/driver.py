@@ -13,7 +13,10 @@
 - Process group: Ray Train's, except that rank 0's rendezvous store listens on loopback on
   one node and on its cluster address on several (orchestration/process_group.py).
 - Progress: rank 0 sends its log-point figures to a zero-CPU sink actor (fire-and-forget,
-  never waited on by training); the driver polls it and prints progress lines.
+  never waited on by training); the driver polls it and prints progress lines. With
+  `on_console`, what our code in a worker prints or logs travels the same way
+  (orchestration/console.py: WorkerConsole), so the caller can show it while the workers'
+  whole output (Ray forwards it) goes elsewhere.
 - The summary (final metrics, run id, last checkpoint) also travels through the sink: Ray
   Train V2 hands back only metrics attached to Ray checkpoints, and ours are not Ray's.
 - Resume: when checkpoint.uri holds a committed checkpoint, the driver checks it against
@@ -57,21 +60,33 @@ def _train_loop_per_worker(config: dict) -> None:
 
     from pretrain.train.worker import train
 
+    from orchestration.console import WorkerConsole
+
     sink = config.pop("_sink")
+    forward = config.pop("_console", False)
     rank = ray.train.get_context().get_world_rank()
-    # The training function runs in a thread of the worker actor; signal handlers can only
-    # be set from its main thread, which is idle while training runs: ask it to do so.
+    console = None
+    if forward:   # our lines of this worker also go to the driver's console, via the sink
+        console = WorkerConsole(lambda lines: sink.put.remote({"console": lines, "rank": rank}),
+                                rank, wait=lambda ref: ray.get(ref, timeout=10)).__enter__()
     try:
-        me = ray.get_runtime_context().current_actor
-        ray.get(me.execute.remote(_install_worker_sigterm), timeout=60)
-    except Exception as exc:  # training still works; only worker SIGTERM is not graceful
-        print(f"warning: no graceful SIGTERM handling in worker {rank}: {exc}", file=sys.stderr)
+        # The training function runs in a thread of the worker actor; signal handlers can
+        # only be set from its main thread, which is idle while training runs: ask it to.
+        try:
+            me = ray.get_runtime_context().current_actor
+            ray.get(me.execute.remote(_install_worker_sigterm), timeout=60)
+        except Exception as exc:  # training still works; only worker SIGTERM is not graceful
+            print(f"warning: no graceful SIGTERM handling in worker {rank}: {exc}",
+                  file=sys.stderr)
 
-    def report(item: dict) -> None:
-        if rank == 0:
-            sink.put.remote(item)  # fire-and-forget: no round trip on the training path
+        def report(item: dict) -> None:
+            if rank == 0:
+                sink.put.remote(item)  # fire-and-forget: no round trip on the training path
 
-    train(config, report=report, progress=False, should_stop=_DriverStop(sink))
+        train(config, report=report, progress=False, should_stop=_DriverStop(sink))
+    finally:
+        if console is not None:
+            console.close()   # its last lines reach the sink before the summary is read
 
 
 def _install_worker_sigterm() -> bool:
@@ -151,10 +166,12 @@ def init_ray(cfg: ExperimentConfig) -> bool:
 def run_job(cfg: ExperimentConfig, config_name: str = "run",
             on_progress: Callable[[dict], None] | None = None,
             data_info: DataInfo | None = None,
-            tags: dict[str, str] | None = None) -> dict[str, Any]:
+            tags: dict[str, str] | None = None,
+            on_console: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Train `cfg` on Ray; returns the summary dict (see pretrain.train.worker.train).
     `data_info`: the datasets' metadata when the caller has read it already; `tags`: MLflow
-    run tags (`pretrain submit --tag`)."""
+    run tags (`pretrain submit --tag`); `on_console`: gets the lines our code in the workers
+    prints or logs (rank 0's as they are, others' as "[rank N] ...")."""
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -198,6 +215,10 @@ def run_job(cfg: ExperimentConfig, config_name: str = "run",
                 for item in ray.get(sink.drain.remote()):
                     if "summary" in item:
                         summary = item["summary"]
+                    elif "console" in item:
+                        if on_console:
+                            prefix = f"[rank {item['rank']}] " if item.get("rank") else ""
+                            on_console("\n".join(prefix + line for line in item["console"]))
                     elif on_progress:
                         on_progress(item)
                 if done:
@@ -213,7 +234,7 @@ def run_job(cfg: ExperimentConfig, config_name: str = "run",
         storage = os.path.join(tempfile.gettempdir(), "pretrain-ray-results")
         trainer = TorchTrainer(
             _train_loop_per_worker,
-            train_loop_config={**to_dict(cfg), "_sink": sink},
+            train_loop_config={**to_dict(cfg), "_sink": sink, "_console": on_console is not None},
             torch_config=BoundStoreTorchConfig(backend="nccl" if r.use_gpu else "gloo",
                                                timeout_s=int(r.timeout_s)),
             scaling_config=ScalingConfig(num_workers=r.workers, use_gpu=r.use_gpu,

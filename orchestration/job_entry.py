@@ -3,10 +3,11 @@
     python -m orchestration.job_entry
 
 It writes the config that the submitter resolved and validated (PRETRAIN_JOB_CONFIG, YAML)
-to a file named after the job and runs `pretrain run FILE --json` on it in this process, so
-the job's last log line is the run's JSON summary. On a loopback cluster it first changes to
-the directory the job was submitted from (PRETRAIN_JOB_CWD), where a local `pretrain run`
-would have run.
+to a file named after the job and runs `pretrain run FILE --json --verbose` on it in this
+process (so the job log, which `pretrain logs` shows, keeps the workers' and Ray's output
+too); the job's last log line is the run's JSON summary. On a loopback cluster it first
+changes to the directory the job was submitted from (PRETRAIN_JOB_CWD), where a local
+`pretrain run` would have run.
 
 Stopping: `pretrain stop` makes Ray send SIGTERM to this process; `pretrain run` handles it
 (final checkpoint, then exit) within checkpoint.preempt_grace_s, before Ray's SIGKILL.
@@ -42,7 +43,9 @@ def main() -> int:
     from orchestration.tags import as_args
 
     tags = json.loads(os.environ.get(TAGS_ENV) or "{}")   # `pretrain submit --tag`
-    return cli(["run", str(path), "--json", *as_args(tags)])
+    # --verbose: the job's log (`pretrain logs`) is where an operator reads a job's whole
+    # output, Ray's and the workers' included, as before the quiet console.
+    return cli(["run", str(path), "--json", "--verbose", *as_args(tags)])
 
 
 if __name__ == "__main__":

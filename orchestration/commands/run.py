@@ -7,6 +7,11 @@ checkpoint.uri it resumes from the newest (same MLflow run; another worker count
 stage is resharded automatically). SIGTERM stops it at the next step with a final
 checkpoint (exit 0, summary "stopped": true). Progress lines go to stderr; the summary
 to stdout (with --json: one JSON object on the last stdout line).
+
+The console shows what our code says (progress, evaluations, notes, warnings, errors, the
+summary); everything the run's processes print, Ray's and the libraries' output included,
+goes to a log file in the run's folder, which the summary names (`log_path`;
+orchestration/console.py says how lines are told apart). `--verbose` shows it all.
 """
 from __future__ import annotations
 
@@ -27,9 +32,22 @@ def add_arguments(parser) -> None:
                         help="MLflow run tag (repeatable), e.g. --tag team=vision")
     parser.add_argument("--json", action="store_true",
                         help="print the summary as one JSON object on the last stdout line")
+    parser.add_argument("--verbose", action="store_true",
+                        help="also show Ray's, the workers' and the libraries' own output on the "
+                             "console (it is always in the run's log file)")
 
 
 def run(args) -> int:
+    from orchestration.console import Console
+
+    # Ray folds repeated worker lines into one "[repeated Nx]": the log keeps them all.
+    if not args.verbose:
+        os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    with Console(verbose=args.verbose) as console:
+        return _run(args, console)
+
+
+def _run(args, console) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if not os.environ.get("RAY_ADDRESS"):
         from orchestration.driver import LOOPBACK_ONLY_ENV
@@ -49,14 +67,18 @@ def run(args) -> int:
         from pretrain.train.tracking import usable_tracking_uri
 
         cfg.tracking.tracking_uri = usable_tracking_uri(cfg.tracking)
+    # The MLflow run's name unless tracking.run_name says otherwise: a job's config carries its
+    # job name (orchestration/ray_jobs.job_config); a local run is its config's stem + time.
+    name = f"{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    log = console.open_log(log_path(cfg, args.config, name))
+    print(f"log: {log}" + ("" if args.verbose else " (Ray's, the workers' and the libraries' "
+                                                   "output; --verbose shows it here)"),
+          file=sys.stderr, flush=True)
     data_info = ensure_data(cfg)
 
     from orchestration.driver import run_job
 
     t0 = time.monotonic()
-    # The MLflow run's name unless tracking.run_name says otherwise: a job's config carries its
-    # job name (orchestration/ray_jobs.job_config); a local run is its config's stem + time.
-    name = f"{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
 
     def on_progress(item: dict) -> None:
         step = item.get("step")
@@ -72,12 +94,27 @@ def run(args) -> int:
             print(f"step {step}/{cfg.train.steps}  {figures}", file=sys.stderr, flush=True)
 
     summary = run_job(cfg, config_name=name, on_progress=on_progress, data_info=data_info,
-                      tags=tags)
+                      tags=tags, on_console=None if args.verbose else console.show)
     summary["wall_s"] = time.monotonic() - t0
+    summary["log"] = log
     _print_summary(summary, cfg)
     if args.json:
         print(json.dumps(summary, default=str))
     return 0
+
+
+def log_path(cfg, config: str, name: str) -> str:
+    """The run's log file: `logs/NAME.log` in the run's folder, which is the folder holding
+    a local checkpoint.uri (runs/smoke for runs/smoke/checkpoints), else runs/CONFIG_STEM
+    under the working directory (checkpoints in a bucket, or none)."""
+    from pretrain import storage
+
+    uri = cfg.checkpoint.uri
+    if uri and not storage.is_remote(uri):
+        folder = os.path.dirname(os.path.abspath(storage.local_path(uri)).rstrip(os.sep))
+    else:
+        folder = os.path.abspath(os.path.join("runs", Path(config).stem))
+    return os.path.join(folder, "logs", f"{name}.log")
 
 
 def ensure_data(cfg):
@@ -114,6 +151,8 @@ def _print_summary(s: dict, cfg) -> None:
         lines.append(f"  mlflow run {s['mlflow_run_id']} at {s['tracking_uri']} "
                      f"(mlflow ui --backend-store-uri {s['tracking_uri']})")
     lines.append(f"  checkpoint {s.get('checkpoint') or 'none'}")
+    if s.get("log"):
+        lines.append(f"  log {s['log']}")
     print("\n".join(lines), flush=True)
 
 

@@ -35,7 +35,7 @@ def measure_decode(uri: str, frames: int, size: int, frame_stride: int, fps: flo
 
     from pretrain.data import shared_memory
     from pretrain.data.config import DataConfig
-    from pretrain.data.loader import SAMPLE_ERRORS, clip_spec
+    from pretrain.data.loader import SAMPLE_ERRORS, clip_spec, predownload_window
     from pretrain.data.remote import make_stream
     from pretrain.data.samples import sample_rng, train_clip, train_clips
     from pretrain.data.shards import dataset_info
@@ -52,7 +52,8 @@ def measure_decode(uri: str, frames: int, size: int, frame_stride: int, fps: flo
     cfg = DataConfig(frames=frames, size=size, frame_stride=frame_stride, fps=fps)
     spec = clip_spec(cfg, info["hflip_ok"])
     cache = tempfile.mkdtemp(prefix="measure-decode-") if storage.is_remote(uri) else None
-    ds = StreamingDataset(streams=[make_stream(uri, cache or "")], shuffle=False, batch_size=1)
+    ds = StreamingDataset(streams=[make_stream(uri, cache or "")], shuffle=False, batch_size=1,
+                          predownload=predownload_window(uri, 1))
     n = ds.num_samples
     cpu_s, done, bad = 0.0, 0, []
     deadline = time.monotonic() + time_limit_s

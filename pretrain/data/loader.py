@@ -324,6 +324,19 @@ def _cache_limit(cfg: DataConfig) -> int | None:
     return parse_bytes(cfg.cache_limit) if cfg.cache_limit else None
 
 
+# More samples than any worker's epoch holds: streaming's prepare/ready threads never wait.
+WHOLE_EPOCH = 1 << 40
+
+
+def predownload_window(uri: str, batch_size: int) -> int:
+    """Samples that streaming's prepare/ready threads may run ahead of the reader, per loader
+    worker. Always passed: left out, streaming picks 8 x batch_size and says so in a log line
+    per dataset and process. Remote shards: 8 batches (at least 64 samples) ahead. Local
+    shards need no download: the threads run through the epoch's ids at once and exit,
+    instead of waking every 7 ms in every loader process for the whole epoch."""
+    return max(8 * batch_size, 64) if storage.is_remote(uri) else WHOLE_EPOCH
+
+
 class _ModalityStream:
     """One modality's endless sequence of training batches with an exact position."""
 
@@ -349,10 +362,7 @@ class _ModalityStream:
             streams=[make_stream(uri, cfg.cache_dir)], shuffle=True, shuffle_seed=seed,
             shuffle_algo="py1e", shuffle_block_size=max(4_000_000 // ncn, 1 << 18),
             num_canonical_nodes=ncn, batch_size=self.batch_size, cache_limit=_cache_limit(cfg),
-            # Local shards need no download: without a predownload window streaming's
-            # prepare/ready threads run through the epoch's ids at once and exit, instead of
-            # waking every 7 ms in every loader process for the whole epoch.
-            predownload=max(8 * self.batch_size, 64) if storage.is_remote(uri) else None)
+            predownload=predownload_window(uri, self.batch_size))
         self.workers = workers
         self.loader = DataLoader(
             self.ds, batch_size=self.batch_size, num_workers=workers,
@@ -602,7 +612,8 @@ class EvalLoader:
         _refresh_cache(uri, cfg.cache_dir, local_rank)
         _barrier()
         self.ds = _EvalShards(streams=[make_stream(uri, cfg.cache_dir)], shuffle=False,
-                              cache_limit=_cache_limit(cfg))
+                              cache_limit=_cache_limit(cfg),
+                              predownload=predownload_window(uri, cfg.eval_batch_size))
         self.view = _EvalView(self.ds, modality, spec, cfg.image_size, rank, world_size)
         self.loader = DataLoader(self.view, batch_size=cfg.eval_batch_size, shuffle=False,
                                  num_workers=plan_workers(cfg.num_workers, {modality: 1.0},

@@ -150,6 +150,24 @@ def zero3_build_hooks(cfg: ExperimentConfig) -> dict[str, Any]:
             "gather": lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=0)}
 
 
+def gather_with_all_gather_single() -> None:
+    """Make deepspeed.comm gather with `torch.distributed.all_gather_single`.
+
+    DeepSpeed 0.19 picks `all_gather_into_tensor` for its flat all-gathers (ZeRO's parameter
+    all-gather after every step), which torch 2.14 deprecates in favour of
+    `all_gather_single` (same arguments; the old name only warns and calls it): every rank
+    printed a FutureWarning. Its backend dispatches through one attribute, pointed here at
+    the new name when torch has it (call once deepspeed.comm is set up)."""
+    import deepspeed.comm.comm as ds_comm
+    import torch.distributed as dist
+
+    single = getattr(dist, "all_gather_single", None)
+    cdb = ds_comm.cdb
+    if single is not None and cdb is not None and getattr(
+            cdb, "all_gather_function", None) is getattr(dist, "all_gather_into_tensor", None):
+        cdb.all_gather_function = single
+
+
 def build_engine(model: torch.nn.Module, cfg: ExperimentConfig, world_size: int):
     """(engine, optimizer, scheduler) for `model` on the already-initialised process group."""
     import deepspeed
@@ -167,6 +185,7 @@ def build_engine(model: torch.nn.Module, cfg: ExperimentConfig, world_size: int)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
         config=deepspeed_config(cfg, world_size), dist_init_required=False)
+    gather_with_all_gather_single()
     return engine, optimizer, scheduler
 
 
