@@ -288,50 +288,20 @@ def test_invalid_config_never_reaches_the_cluster(head):
 
 
 @pytest.mark.slow
-def test_smoke_job_runs_to_succeeded(head, smoke_data, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    code, out, err = run_cli("submit", SMOKE, *smoke_overrides(smoke_data, 4, 2),
-                             "--name", "smoke-ok", "--address", head, "--json",
-                             "--tag", "team=vision", "--tag", "sweep=lr-3")
-    assert code == 0, err
-    sub = last_json(out)
-    assert sub["job_id"] == "smoke-ok-1" and sub["tags"] == {"team": "vision", "sweep": "lr-3"}
-    assert sub["checkpoint_uri"] == str(tmp_path / "runs" / "smoke" / "checkpoints" / "smoke-ok")
-    code, out, _ = run_cli("logs", "smoke-ok", "--follow", "--address", head)
-    st = wait_for(head, "smoke-ok")
-    assert st["status"] == "SUCCEEDED", logs_tail(head, "smoke-ok")
-    assert st["step"] == 4
-    assert st["checkpoint_step"] == 4 and st["checkpoint"].startswith(sub["checkpoint_uri"])
-    assert st["mlflow_run_id"]
-    assert "step 4/4" in out
-    # tags: in the job's metadata, as filters of `list`, and on the MLflow run named after it
-    assert st["tags"] == {"team": "vision", "sweep": "lr-3"}
-
-    def listed(*filters: str) -> set[str]:
-        code, out, err = run_cli("list", "--address", head, "--json", *filters)
-        assert code == 0, err
-        return {j["submission_id"] for j in last_json(out)["jobs"]}
-
-    assert "smoke-ok-1" in listed("--tag", "team=vision", "--status", "succeeded")
-    assert "smoke-ok-1" in listed("--tag", "team=vision", "--tag", "sweep=lr-3")
-    assert "smoke-ok-1" not in listed("--tag", "team=audio")
-    assert "smoke-ok-1" not in listed("--tag", "team=vision", "--status", "FAILED")
-    assert listed("--tag", "team=vision") <= listed()
-    from mlflow.tracking import MlflowClient
-
-    run = MlflowClient(st["tracking_uri"]).get_run(st["mlflow_run_id"])
-    assert run.data.tags["team"] == "vision" and run.data.tags["sweep"] == "lr-3"
-    assert run.info.run_name == "smoke-ok"
-
-
-@pytest.mark.slow
 def test_stop_writes_a_final_checkpoint_and_the_name_resumes(head, smoke_data, tmp_path,
                                                               monkeypatch):
+    """A job's whole life: submitted with tags, stopped (final checkpoint), submitted again
+    under its name (resumes, runs to SUCCEEDED, followed with `logs --follow`), found by
+    `list` filters, and one MLflow run named after it carries the tags."""
     monkeypatch.chdir(tmp_path)
+    tags = ("--tag", "team=vision", "--tag", "sweep=lr-3")
     # no periodic checkpoint before step 1000: the one we find is the SIGTERM one
     code, out, err = run_cli("submit", SMOKE, *smoke_overrides(smoke_data, 400, 1000),
-                             "--name", "smoke-stop", "--address", head, "--json")
+                             "--name", "smoke-stop", "--address", head, "--json", *tags)
     assert code == 0, err
+    sub = last_json(out)
+    assert sub["job_id"] == "smoke-stop-1" and sub["tags"] == {"team": "vision", "sweep": "lr-3"}
+    assert sub["checkpoint_uri"] == str(tmp_path / "runs" / "smoke" / "checkpoints" / "smoke-stop")
     deadline = time.monotonic() + 300
     while True:
         st = wait_for(head, "smoke-stop", statuses=TERMINAL + ("RUNNING",))
@@ -348,15 +318,37 @@ def test_stop_writes_a_final_checkpoint_and_the_name_resumes(head, smoke_data, t
     resumed_from = stopped["checkpoint_step"]
     # same name, same checkpoint URI: attempt 2 resumes and finishes a few steps later
     code, out, err = run_cli("submit", SMOKE, *smoke_overrides(smoke_data, resumed_from + 2, 1000),
-                             "--name", "smoke-stop", "--address", head, "--json")
+                             "--name", "smoke-stop", "--address", head, "--json", *tags)
     assert code == 0, err
     sub = last_json(out)
     assert sub["job_id"] == "smoke-stop-2" and sub["resumes_from_step"] == resumed_from
+    code, followed, _ = run_cli("logs", "smoke-stop", "--follow", "--address", head)
     done = wait_for(head, "smoke-stop")
     assert done["status"] == "SUCCEEDED" and done["job_id"] == "smoke-stop-2", \
         logs_tail(head, "smoke-stop-2")
-    assert done["step"] == resumed_from + 2
+    final = resumed_from + 2
+    assert done["step"] == final and f"step {final}/{final}" in followed
+    assert done["checkpoint_step"] == final
+    assert done["checkpoint"].startswith(sub["checkpoint_uri"])
     assert done["mlflow_run_id"] == stopped["mlflow_run_id"]  # the same run continued
+    # tags: in the job's metadata, as filters of `list`, and on the MLflow run named after it
+    assert done["tags"] == {"team": "vision", "sweep": "lr-3"}
+
+    def listed(*filters: str) -> set[str]:
+        code, out, err = run_cli("list", "--address", head, "--json", *filters)
+        assert code == 0, err
+        return {j["submission_id"] for j in last_json(out)["jobs"]}
+
+    assert "smoke-stop-2" in listed("--tag", "team=vision", "--status", "succeeded")
+    assert "smoke-stop-1" in listed("--tag", "team=vision", "--tag", "sweep=lr-3")
+    assert "smoke-stop-2" not in listed("--tag", "team=audio")
+    assert "smoke-stop-2" not in listed("--tag", "team=vision", "--status", "FAILED")
+    assert listed("--tag", "team=vision") <= listed()
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(done["tracking_uri"]).get_run(done["mlflow_run_id"])
+    assert run.data.tags["team"] == "vision" and run.data.tags["sweep"] == "lr-3"
+    assert run.info.run_name == "smoke-stop"
 
 
 # ---------------------------------------------------------------------------------------
