@@ -17,7 +17,7 @@ from orchestration.cli import main  # noqa: E402
 from pretrain.errors import UserError  # noqa: E402
 from pretrain.model import count_flops, create_model, load_model, read_metadata, save_model  # noqa: E402
 from pretrain.model.bootstrap import (  # noqa: E402
-    BootstrapConfig, apply_freeze, bootstrap, init_from_file, map_tube_width, width_projection)
+    BootstrapConfig, apply_freeze, bootstrap, init_from_file, map_tube_width, shared_isometry, width_projection)
 from pretrain.model.image_vit_weights import inspect_timm, read_state_dict  # noqa: E402
 from pretrain.train.optim import build_optimizer  # noqa: E402
 
@@ -92,7 +92,9 @@ def test_images_equal_timm_at_init_and_video_works(tmp_path, variant, fmt):
     logits = model(video, dataset="vid")
     logits.sum().backward()
     assert logits.shape == (2, 4) and model.blocks[-1].mlp.fc2.weight.grad is not None
-    assert meta["gate_layer"] == "1" and "block-orthogonal" in meta["width_map"]
+    # 48 -> 192 (p16) is exactly 4x: the paper's space-to-depth; 48 -> 64 (p14): the isometry
+    expected = "space-to-depth x4" if kw.get("dim", 192) == 192 else "shared-isometry"
+    assert meta["gate_layer"] == "1" and meta["width_map"].startswith(expected)
 
 
 def test_gate_formula_at_layer_s():
@@ -124,20 +126,26 @@ def test_width_map_is_a_deterministic_isometry():
     assert torch.equal(q, width_projection(48, 192, seed=0)) and not torch.equal(q, width_projection(48, 192, seed=1))
     assert width_projection(192, 48, 0).shape == (48, 192)   # narrowing: orthonormal rows
     small = small_tubevit()
-    big, _ = bootstrap(timm_vit().state_dict(), small, gate_layer=1)
-    again, _ = bootstrap(timm_vit().state_dict(), small, gate_layer=1)
+    big, meta = bootstrap(timm_vit().state_dict(), small, gate_layer=1, width_map="isometry")
+    again, _ = bootstrap(timm_vit().state_dict(), small, gate_layer=1, width_map="isometry")
+    assert meta["width_map"] == "shared-isometry (2 blocks) d=48 -> D=192"
     clip = torch.randn(1, 3, 8, 64, 64)
-    for i in (1, 2):   # plain and space-to-depth tubes: every token keeps its norm and inner products
+    a, b = [], []
+    for i in (1, 2):   # plain and space-to-depth tubes: norms and inner products, across tubes too
         grid = small.tokenizer.grids(tuple(clip.shape))[i]
         with torch.no_grad():
-            a = small.tokenizer.tubes[i](clip, grid)                      # (1, n, 48)
-            b = big.tokenizer.tubes[i](clip, grid)                        # (1, n, 192)
-        torch.testing.assert_close(b @ b.transpose(1, 2), a @ a.transpose(1, 2), rtol=1e-4, atol=1e-4)
+            a.append(small.tokenizer.tubes[i](clip, grid)[0])             # (n, 48)
+            b.append(big.tokenizer.tubes[i](clip, grid)[0])               # (n, 192)
         assert torch.equal(big.tokenizer.tubes[i].weight, again.tokenizer.tubes[i].weight)
-    w, bias = map_tube_width(torch.randn(24, 3, 2, 2, 2), torch.randn(48), 2, 192, 0)
+    a, b = torch.cat(a), torch.cat(b)
+    torch.testing.assert_close(b @ b.T, a @ a.T, rtol=1e-4, atol=1e-4)
+    q = shared_isometry(48, 192, 2, 0)
+    w, bias = map_tube_width(torch.randn(24, 3, 2, 2, 2), torch.randn(48), 2, q)
     assert w.shape == (96, 3, 2, 2, 2) and bias.shape == (192,)
-    with pytest.raises(UserError, match="not divisible"):
-        map_tube_width(torch.randn(24, 3, 2, 2, 2), torch.randn(48), 2, 191, 0)
+    with pytest.raises(UserError, match="not divisible by a tube's space-to-depth factor 3"):
+        map_tube_width(torch.randn(16, 3, 2, 2, 2), torch.randn(48), 3, q)   # 2 blocks
+    with pytest.raises(UserError, match="divisible by 2"):
+        shared_isometry(48, 191, 2, 0)
 
 
 def test_freeze_and_one_step_changes_only_trainable():
@@ -199,7 +207,7 @@ def test_cli_bootstrap_writes_a_self_describing_file(tmp_path, capsys):
     assert summary["trained_blocks"] == 1 and summary["datasets"] == {"k": 5}
     assert 0 < summary["trainable_params"] < summary["params"]
     meta = read_metadata(out)
-    assert meta["width_map"] == "block-orthogonal d=48 -> D=192" and meta["gate_layer"] == "2"
+    assert meta["width_map"] == "space-to-depth x4 d=48 -> D=192" and meta["gate_layer"] == "2"
     model = load_model(out).eval()
     config = json.loads(meta["config"])
     assert config["pos_embed"] == "learned" and config["pos_grid"] == [4, 4] and config["class_token"]

@@ -9,6 +9,13 @@ output is an ordinary self-describing model file (load_model reads it) whose met
 records the bootstrap (image ViT, small model config, gate layer and its 0-based
 convention, width mapping and seed). Train it with a config's `bootstrap.init_from`
 (configs/bootstrap-*.yaml). Method and choices: pretrain/model/bootstrap.py.
+
+`--width-map auto|s2d|isometry` picks how the small model's tube tokens are widened to the
+image ViT's width (auto: the paper's space-to-depth when the ratio is an integer, else one
+shared isometry). `--enlarge-kernels SET|TxHxW,...` first enlarges the small model's tube
+kernels by interpolation, strides and offsets kept (the paper's route to its Charades model,
+e.g. `--enlarge-kernels charades`); without --image-checkpoint that enlarged model is the
+output.
 """
 from __future__ import annotations
 
@@ -18,12 +25,13 @@ HELP = "Make a video TubeViT from a large image ViT (timm layout) and a small Tu
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--image-checkpoint", required=True, metavar="PATH",
-                        help="timm ViT weights: .safetensors or .pth/.pt/.bin, local path or fsspec URI")
+    parser.add_argument("--image-checkpoint", default=None, metavar="PATH",
+                        help="timm ViT weights: .safetensors or .pth/.pt/.bin, local path or fsspec URI "
+                             "(required unless --enlarge-kernels alone is wanted)")
     parser.add_argument("--tubes-from", required=True, metavar="FILE.safetensors",
                         help="small TubeViT model file (from `pretrain export`, supervised or masked "
                              "pretraining) whose 3D tube kernels are reused")
-    parser.add_argument("--gate-layer", required=True, type=int, metavar="S",
+    parser.add_argument("--gate-layer", default=None, type=int, metavar="S",
                         help="0-based block index S: the gated skip is added to blocks[S]'s output; "
                              "blocks[:S] and the tokenizer are frozen in training (ViT-H, 32 blocks: "
                              "S=24 trains the last 8)")
@@ -35,7 +43,49 @@ def add_arguments(parser) -> None:
                         help="heads of the new model (default: the small model's datasets)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the width mapping and the new pool/heads (default 0)")
+    parser.add_argument("--width-map", default="auto", choices=("auto", "s2d", "isometry"),
+                        help="small -> large tube token width: auto (default: space-to-depth when the "
+                             "large width is an integer multiple, else one shared isometry), s2d, isometry")
+    parser.add_argument("--enlarge-kernels", default=None, metavar="SET|TxHxW,...",
+                        help="enlarge the small model's tube kernels by interpolation first (strides and "
+                             "offsets kept): a tube-set name whose kernels are taken (charades: "
+                             "16x16x16,32x8x8,4x32x32,1x16x16) or one TxHxW per tube; alone (no "
+                             "--image-checkpoint) it writes the enlarged model")
     parser.add_argument("--json", action="store_true", help="print one JSON object on the last line")
+
+
+def _kernels(text: str):
+    from pretrain.errors import UserError
+    from pretrain.model.tubes import TUBE_SETS
+
+    if text in TUBE_SETS:
+        return text
+    out = []
+    for item in text.split(","):
+        parts = item.strip().lower().split("x")
+        if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise UserError(f"--enlarge-kernels item {item!r} is not TxHxW (e.g. 16x16x16) and "
+                            f"{text!r} is not a tube-set name ({', '.join(TUBE_SETS)})")
+        out.append(tuple(int(p) for p in parts))
+    return out
+
+
+def _enlarge_only(args, small) -> int:
+    from pretrain.model import count_tokens, save_model
+    from pretrain.model.bootstrap import enlarge_model
+
+    model = enlarge_model(small, _kernels(args.enlarge_kernels))
+    save_model(model, args.out, {"enlarged_from": args.tubes_from,
+                                 "enlarge_kernels": args.enlarge_kernels})
+    tubes = model.config.tubes
+    summary = {"out": args.out, "tubes": [t.describe() for t in tubes],
+               "tokens_128x224x224": count_tokens(tubes, (128, 224, 224), skip_unfit=True)}
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"enlarged the tube kernels of {args.tubes_from} -> {args.out}: "
+              + ", ".join(summary["tubes"]))
+    return 0
 
 
 def _num_classes(text: str | None) -> dict[str, int] | None:
@@ -60,13 +110,27 @@ def run(args) -> int:
     from pretrain.model.image_vit_weights import read_state_dict
     from pretrain.model.io import load_encoder
 
+    if args.image_checkpoint is None and args.enlarge_kernels is None:
+        raise UserError("pretrain bootstrap needs --image-checkpoint PATH (a timm ViT) and --gate-layer S, "
+                        "or --enlarge-kernels SET to only enlarge the --tubes-from model's kernels")
+    if args.image_checkpoint is not None and args.gate_layer is None:
+        raise UserError("pretrain bootstrap --image-checkpoint needs --gate-layer S (0-based block of the "
+                        "gated skip; ViT-H, 32 blocks: S=24 trains the last 8)")
     small = load_encoder(args.tubes_from)   # a masked export: its encoder, decoder dropped
     if not isinstance(small, TubeViT):
         raise UserError(f"--tubes-from {args.tubes_from} holds a {type(small).__name__}; the "
                         "bootstrap reuses a small TubeViT's tube kernels (export a tubevit-* run)")
+    if args.image_checkpoint is None:
+        return _enlarge_only(args, small)
+    if args.enlarge_kernels is not None:
+        from pretrain.model.bootstrap import enlarge_model
+        small = enlarge_model(small, _kernels(args.enlarge_kernels))
     image_state = read_state_dict(args.image_checkpoint)
     model, meta = bootstrap(image_state, small, args.gate_layer, num_classes=_num_classes(args.num_classes),
-                            heads=args.heads, seed=args.seed, source=args.image_checkpoint)
+                            heads=args.heads, seed=args.seed, source=args.image_checkpoint,
+                            width_map=args.width_map)
+    if args.enlarge_kernels is not None:
+        meta["enlarge_kernels"] = args.enlarge_kernels
     del image_state
     meta["tubes_from"] = f"{args.tubes_from} " + meta["tubes_from"]
     save_model(model, args.out, meta)

@@ -27,22 +27,48 @@ the heads train, i.e. the last `depth - S` blocks. The paper's "gate at the 26th
 layers" (1-based) is S=25 (7 trained blocks); its best bootstrap result trains "+8 layers
 with the gate", which is S=24 on ViT-H (32 blocks) and what configs/bootstrap-h.yaml uses.
 
-Width mapping d -> D (the paper leaves it open; 1280/768 is not an integer, so plain
-space-to-depth cannot produce it): a fixed, seeded, semi-orthogonal matrix Q (D x d,
-Q^T Q = I when D >= d), applied to every tube's output channels and bias. It needs no new
-trained weights, is folded into the conv kernels (the file is an ordinary TubeViT), and is
-an isometry: the small model's tube tokens keep their norms and mutual inner products, so
-nothing it learned is discarded or distorted (slicing would drop channels; tiling would
-duplicate them and change norms). A space-to-depth tube (factor S2D) outputs d/S2D channels
-per neighbour, so it gets a block-diagonal map with one (D/S2D x d/S2D) semi-orthogonal block
-per neighbour; D must then be divisible by S2D. For D < d the same matrices have orthonormal
-rows (an orthogonal projection; lossy, allowed). The seed and method are stored in the
-output file's metadata (`width_map`, `width_map_seed`).
+Width mapping d -> D (`width_map`, stored in the output file's metadata with its seed):
+
+- "s2d" (the paper's: "space-to-depth to create tokens with the proper channel dimensions
+  without needing new weights"), when D = k d for an integer k > 1 (Ti -> B is 4x): every 3D
+  tube keeps its kernel, stride and offset, and its space-to-depth factor grows k-fold (k
+  split 2x2-style over h and w when k is a square and the strides allow it, else on t, h or
+  w): the conv runs at a k-times finer stride and k times as many neighbours are packed into
+  one token, so the D/(k S) = d/S output channels of the small kernel are reused unchanged.
+  The new factors are the tube's `s2d_outer` (tubes.py): the large token is k small-layout
+  tokens side by side, the first being the small model's own token exactly (bias repeated k
+  times). What is kept, for every tube alike: the first d channels of each large token are
+  the small token, so the Gram matrix of tube tokens across all tubes restricted to them is
+  the small model's exactly; on a spatially constant clip (every extra neighbour sees the
+  same pixels) the whole large Gram matrix is k times the small one: same cosines across all
+  tubes. The other channels are new samples of the same learned filters between the old
+  ones, which is the paper's point.
+- "isometry" for every other ratio (B -> H: 1280/768 is not an integer) or on request: ONE
+  fixed, seeded, semi-orthogonal map Q (D x d, Q^T Q = I) applied to every tube's d-wide
+  token, so the tube tokens' norms and mutual inner products are kept across all tubes (the
+  Gram matrix of all tube tokens is unchanged). Q is block diagonal with m equal blocks q
+  (D/m x d/m), m the least common multiple of the tubes' space-to-depth factors: then a tube
+  with factor S sees the same (D/S x d/S) block map for each of its S neighbours, and Q is
+  folded into its kernel (D/S outputs) and bias, so the file is an ordinary TubeViT with the
+  small model's tube geometry. Needs d and D divisible by m. (The earlier version drew a
+  different matrix per space-to-depth factor: an isometry within each tube, but inner
+  products across tubes were not kept.) For D < d the same Q has orthonormal rows: an
+  orthogonal projection, lossy but allowed.
+- "identity" when D = d.
+- "auto" (the default): s2d when D/d is an integer > 1 and every 3D tube's strides take the
+  larger factor, identity when D = d, else isometry.
+
+Charades (the paper's route, `enlarge_model`): a trained model's tube kernels enlarged by
+trilinear interpolation to new shapes, strides and offsets kept (tubes.enlarge_kernel,
+volume-rescaled); `pretrain bootstrap --tubes-from FILE --enlarge-kernels charades --out
+FILE` writes it, with or without an image checkpoint.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
+import math
 import re
 import struct
 from typing import Any, Callable
@@ -54,10 +80,11 @@ from pretrain.errors import UserError
 from pretrain.model.bootstrap_config import BootstrapConfig
 from pretrain.model.image_vit_weights import ImageViTSpec, inspect_timm, timm_to_tubevit
 from pretrain.model.io import FORMAT, FORMAT_VERSION
-from pretrain.model.tubes import TubeSpec, image_tube_index
+from pretrain.model.tubes import (AXES, TubeSpec, enlarge_kernel, enlarge_tubes, image_tube_index,
+                                  resolve_tubes)
 from pretrain.model.tubevit import TubeViT, TubeViTConfig
 
-WIDTH_MAP = "block-orthogonal"
+WIDTH_MAPS = ("auto", "s2d", "isometry")
 
 # New (not imported) parts of a bootstrapped model: initialised here, always trainable.
 _NEW = re.compile(r"^(pool\.|heads\.|gate\.)")
@@ -74,28 +101,88 @@ def width_projection(d_from: int, d_to: int, seed: int) -> torch.Tensor:
     return q if d_to >= d_from else q.T                        # (d_to, d_from)
 
 
-def map_tube_width(weight: torch.Tensor, bias: torch.Tensor, s2d_factor: int, d_to: int,
-                   seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A tube's kernel (d/S, C, kt, kh, kw) and bias (d,) -> (D/S, C, ...) and (D,).
+def shared_isometry(d_from: int, d_to: int, blocks: int, seed: int) -> torch.Tensor:
+    """(d_to, d_from) block-diagonal semi-orthogonal float64 matrix: `blocks` copies of one
+    width_projection(d_from/blocks, d_to/blocks, seed). Q^T Q = I when d_to >= d_from."""
+    if d_from % blocks or d_to % blocks:
+        raise UserError(f"bootstrap: the width map needs both widths divisible by {blocks} (the least "
+                        f"common multiple of the tubes' space-to-depth factors); got {d_from} -> {d_to}")
+    q = width_projection(d_from // blocks, d_to // blocks, seed)
+    return torch.block_diag(*[q] * blocks)
 
-    One block of Q per space-to-depth neighbour: the bias is laid out neighbour-major like the
-    packed channels, so each neighbour's d/S channels map through the same (D/S x d/S) block.
+
+def map_tube_width(weight: torch.Tensor, bias: torch.Tensor, s2d_factor: int, q: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A tube's kernel (d/S, C, kt, kh, kw) and bias (d,) through the shared map q (D x d,
+    block diagonal with S | its block count) -> (D/S, C, ...) and (D,) = q @ token.
+
+    The bias is laid out neighbour-major like the packed channels; each neighbour's d/S
+    channels map through the same leading (D/S x d/S) block of q.
     """
     S = s2d_factor
-    d_from = bias.numel()
-    if d_to % S:
+    d_to, d_from = q.shape
+    if d_to % S or d_from % S:
         raise UserError(f"bootstrap: the large width {d_to} is not divisible by a tube's "
                         f"space-to-depth factor {S}")
-    q = width_projection(d_from // S, d_to // S, seed)         # (D/S, d/S)
-    w = torch.einsum("oi,i...->o...", q, weight.double())     # (D/S, C, kt, kh, kw)
-    b = (q @ bias.double().view(S, d_from // S).T).T.reshape(-1)  # (D,) neighbour-major
+    qn = q[: d_to // S, : d_from // S]
+    if S > 1 and not torch.equal(q, torch.block_diag(*[qn] * S)):
+        raise UserError(f"bootstrap: the shared width map's block count is not divisible by a tube's "
+                        f"space-to-depth factor {S}")
+    w = torch.einsum("oi,i...->o...", qn, weight.double())   # (D/S, C, kt, kh, kw)
+    b = q @ bias.double()                                      # (D,) neighbour-major
     return w.to(weight.dtype), b.to(bias.dtype)
+
+
+def widen_by_s2d(spec: TubeSpec, k: int) -> TubeSpec | None:
+    """`spec` with its space-to-depth factor k times larger (the paper's width map for
+    D = k d), or None when no split of k fits its strides. Prefers sqrt(k) on h and w."""
+    if spec.s2d_outer is not None:     # widened once already: no third neighbour level
+        return None
+    r = math.isqrt(k)
+    extras = ([(1, r, r)] if r * r == k and r > 1 else []) + [(k, 1, 1), (1, k, 1), (1, 1, k)]
+    for extra in extras:
+        new = tuple(f * e for f, e in zip(spec.factors, extra))
+        if any(s % f for s, f in zip(spec.stride, new)):
+            continue
+        named = [(a, f) for a, f in zip(AXES, new) if f > 1]
+        split = tuple(f for _, f in named)
+        return TubeSpec(spec.kernel, spec.stride, spec.offset, "".join(a for a, _ in named),
+                        math.prod(split), None if len(set(split)) == 1 else split, extra)
+    return None
+
+
+def widen_bias_by_s2d(bias: torch.Tensor, small: TubeSpec, large: TubeSpec) -> torch.Tensor:
+    """The large tube's bias (D,): the small bias once per outer neighbour group (the large
+    token is k copies of the small token layout, see TubeSpec.s2d_outer)."""
+    return bias.repeat(large.s2d_factor // small.s2d_factor)
+
+
+def choose_width_map(small: TubeViT, d_to: int, width_map: str = "auto") -> str:
+    """The width map bootstrap() uses: "s2d", "isometry" or "identity" (see the docstring)."""
+    sc = small.config
+    i_img = image_tube_index(sc.tubes)
+    if width_map not in WIDTH_MAPS:
+        raise UserError(f"bootstrap: width map {width_map!r} is unknown; valid: {', '.join(WIDTH_MAPS)}")
+    k, rest = divmod(d_to, sc.dim)
+    fits = rest == 0 and k > 1 and all(widen_by_s2d(t, k) is not None
+                                       for i, t in enumerate(sc.tubes) if i != i_img)
+    if width_map == "s2d":
+        if not fits:
+            raise UserError(f"bootstrap: width_map=s2d needs the large width {d_to} to be an integer "
+                            f"multiple k > 1 of the small one {sc.dim} and every 3D tube's strides to "
+                            "take a k-times larger space-to-depth factor; use width_map=isometry")
+        return "s2d"
+    if width_map == "isometry":
+        return "isometry"
+    if d_to == sc.dim:
+        return "identity"
+    return "s2d" if fits else "isometry"
 
 
 # ---- building ---------------------------------------------------------------------------------
 
 def bootstrap_config(spec: ImageViTSpec, small: TubeViT, gate_layer: int,
-                     num_classes: dict[str, int] | None = None) -> TubeViTConfig:
+                     num_classes: dict[str, int] | None = None, width_map: str = "auto") -> TubeViTConfig:
     """The bootstrapped model's architecture: the image ViT's shape, the small model's tubes."""
     sc = small.config
     i_small = image_tube_index(sc.tubes)
@@ -112,33 +199,44 @@ def bootstrap_config(spec: ImageViTSpec, small: TubeViT, gate_layer: int,
     img = sc.tubes[i_small]
     P = spec.patch
     tubes = list(sc.tubes)
+    if choose_width_map(small, spec.dim, width_map) == "s2d":
+        k = spec.dim // sc.dim
+        tubes = [t if i == i_small else widen_by_s2d(t, k) for i, t in enumerate(tubes)]
     tubes[i_small] = TubeSpec((1, P, P), (img.stride[0], P, P), (img.offset[0], 0, 0))
     return TubeViTConfig(
         depth=spec.depth, dim=spec.dim, mlp_dim=spec.mlp_dim, heads=spec.heads, tubes=tubes,
         kernel_mode="separate", num_classes=dict(num_classes or sc.num_classes),
-        skip_unfit_tubes=sc.skip_unfit_tubes, in_chans=sc.in_chans, qkv_bias=spec.qkv_bias,
+        skip_unfit_tubes=sc.skip_unfit_tubes, unfit_tubes=sc.unfit_tubes, in_chans=sc.in_chans, qkv_bias=spec.qkv_bias,
         norm_eps=1e-6, gate_layer=gate_layer, pos_embed="learned", pos_grid=spec.grid,
         class_token=spec.class_token)
 
 
 def bootstrap(image_state: dict[str, torch.Tensor], small: TubeViT, gate_layer: int, *,
               num_classes: dict[str, int] | None = None, heads: int | None = None,
-              seed: int = 0, source: str = "image checkpoint") -> tuple[TubeViT, dict[str, str]]:
+              seed: int = 0, source: str = "image checkpoint",
+              width_map: str = "auto") -> tuple[TubeViT, dict[str, str]]:
     """(bootstrapped model, metadata for its file). See the module docstring."""
     spec = inspect_timm(image_state, heads=heads, source=source)
-    config = bootstrap_config(spec, small, gate_layer, num_classes)
+    method = choose_width_map(small, spec.dim, width_map)
+    config = bootstrap_config(spec, small, gate_layer, num_classes, method)
     config.validate()
     torch.manual_seed(seed)          # the new pool and heads
     model = TubeViT(config)
     i_img = image_tube_index(config.tubes)
     state = timm_to_tubevit(image_state, spec, i_img)
     tok = small.tokenizer
+    small_tubes = small.config.tubes
+    blocks = math.lcm(*[t.s2d_factor for i, t in enumerate(small_tubes) if i != i_img] or [1])
+    q = shared_isometry(small.config.dim, config.dim, blocks, seed) if method == "isometry" else None
     for i, tube_spec in enumerate(config.tubes):
         if i == i_img:
             continue
-        w, b = map_tube_width(tok.kernel(i).detach(), tok.tubes[i].bias.detach(), tube_spec.s2d_factor,
-                              config.dim, seed)
-        state[f"tokenizer.tubes.{i}.weight"], state[f"tokenizer.tubes.{i}.bias"] = w, b
+        w, b = tok.kernel(i).detach(), tok.tubes[i].bias.detach()
+        if method == "isometry":
+            w, b = map_tube_width(w, b, small_tubes[i].s2d_factor, q)
+        elif method == "s2d":
+            b = widen_bias_by_s2d(b, small_tubes[i], tube_spec)
+        state[f"tokenizer.tubes.{i}.weight"], state[f"tokenizer.tubes.{i}.bias"] = w.clone(), b.clone()
     own = model.state_dict()
     state = {k: v.to(own[k].dtype) for k, v in state.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -150,10 +248,38 @@ def bootstrap(image_state: dict[str, torch.Tensor], small: TubeViT, gate_layer: 
         "tubes_from": json.dumps(small.config.to_dict(), sort_keys=True),
         "gate_layer": str(gate_layer),
         "gate_convention": "0-based block index S: blocks[S] output += tanh(alpha)*z0; freeze blocks[:S]",
-        "width_map": f"{WIDTH_MAP} d={small.config.dim} -> D={config.dim}",
+        "width_map": (f"{_METHOD_NAMES[method]}{' x' + str(config.dim // small.config.dim) if method == 's2d' else ''}"
+                      f"{f' ({blocks} blocks)' if method == 'isometry' else ''} d={small.config.dim} -> D={config.dim}"),
         "width_map_seed": str(seed),
     }
     return model, meta
+
+
+_METHOD_NAMES = {"s2d": "space-to-depth", "isometry": "shared-isometry", "identity": "identity"}
+
+
+def enlarge_model(model: TubeViT, kernels) -> TubeViT:
+    """A trained TubeViT with its tube kernels enlarged by interpolation (the paper's route to
+    its Charades model): `kernels` is one (t, h, w) shape per tube, in the model's tube order,
+    or a tube-set name whose kernels are taken (e.g. "charades": 16x16x16, 32x8x8, 4x32x32,
+    1x16x16 for the paper's four tubes). Strides, offsets and space-to-depth of the model's
+    own tubes are kept; separate kernels go through tubes.enlarge_kernel (trilinear,
+    volume-rescaled so a trained kernel keeps its response scale); in interpolated kernel mode
+    the shared base kernel stays and only the tube shapes change. Every other tensor is
+    copied."""
+    if isinstance(kernels, str):
+        kernels = [t.kernel for t in resolve_tubes(kernels)]
+    tubes = enlarge_tubes(model.config.tubes, kernels)
+    config = dataclasses.replace(model.config, tubes=tubes)
+    config.validate()
+    new = TubeViT(config)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    for i, tube in enumerate(tubes):
+        key = f"tokenizer.tubes.{i}.weight"
+        if key in state:
+            state[key] = enlarge_kernel(state[key], tube.kernel)
+    new.load_state_dict(state)
+    return new
 
 
 # ---- freezing ---------------------------------------------------------------------------------

@@ -104,7 +104,11 @@ class TubeSpec:
 
     Space-to-depth: `s2d_axis` one or more axes ("h", "hw", "thw", ...), `s2d_factor` the
     total factor S (channels per neighbour dim/S), split evenly over the axes unless
-    `s2d_split` gives one factor per named axis (in t, h, w order).
+    `s2d_split` gives one factor per named axis (in t, h, w order). `s2d_outer` (e_t, e_h,
+    e_w), each dividing that axis's factor f: the channel groups run over the e finer
+    positions first, each group holding the token of this tube with factors f/e, so a
+    k-fold space-to-depth widening (the bootstrap's, pretrain/model/bootstrap.py) lays every
+    tube out as k copies of the small model's token layout. None = plain (t, h, w) order.
     """
 
     kernel: tuple[int, int, int]
@@ -113,6 +117,7 @@ class TubeSpec:
     s2d_axis: str | None = None  # one or more of 't', 'h', 'w'; None = no space-to-depth
     s2d_factor: int = 1
     s2d_split: tuple[int, ...] | None = None  # per named axis; None = S split evenly
+    s2d_outer: tuple[int, int, int] | None = None  # outer neighbour factors (t, h, w); see below
 
     def __post_init__(self):
         # Lists (from JSON/YAML) become tuples so specs stay hashable and comparable.
@@ -123,13 +128,15 @@ class TubeSpec:
         object.__setattr__(self, "s2d_axis", _s2d_axes(self.s2d_axis))
         if self.s2d_split is not None:
             object.__setattr__(self, "s2d_split", tuple(int(v) for v in self.s2d_split))
+        if self.s2d_outer is not None:
+            object.__setattr__(self, "s2d_outer", _triple(self.s2d_outer, "s2d_outer"))
         if min(self.kernel) < 1 or min(self.stride) < 1 or min(self.offset) < 0:
             raise UserError(
                 f"tube {self.describe()} is invalid: kernel and stride entries must be >= 1 "
                 "and offsets >= 0"
             )
         if self.s2d_axis is None:
-            if self.s2d_factor != 1 or self.s2d_split is not None:
+            if self.s2d_factor != 1 or self.s2d_split is not None or self.s2d_outer is not None:
                 raise UserError(
                     f"tube {self.describe()}: s2d_factor={self.s2d_factor} needs an s2d_axis "
                     "('t', 'h', 'w' or several, e.g. 'hw'); use s2d_factor=1 for no space-to-depth"
@@ -156,6 +163,9 @@ class TubeSpec:
                     f"tube {self.describe()}: space-to-depth factor must be >= 2 and divide the "
                     f"stride on axis {axis} ({self.stride[a]}); got {f}"
                 )
+        if self.s2d_outer is not None and any(e < 1 or f % e for e, f in zip(self.s2d_outer, self.factors)):
+            raise UserError(f"tube {self.describe()}: s2d_outer {list(self.s2d_outer)} must divide the "
+                            f"per-axis space-to-depth factors {list(self.factors)}")
 
     # ---- geometry -------------------------------------------------------------------
 
@@ -230,21 +240,24 @@ class TubeSpec:
             text += f" s2d {self.s2d_axis}x{self.s2d_factor}"
             if self.s2d_split is not None:
                 text += "(" + ",".join(map(str, self.s2d_split)) + ")"
+            if self.s2d_outer is not None:
+                text += " outer " + "x".join(map(str, self.s2d_outer))
         return f"[{text}]"
 
     def to_dict(self) -> dict:
         d = asdict(self)
         for key in ("kernel", "stride", "offset"):
             d[key] = list(d[key])
-        if d["s2d_split"] is None:   # stored architectures of earlier versions have no such key
-            del d["s2d_split"]
-        else:
-            d["s2d_split"] = list(d["s2d_split"])
+        for key in ("s2d_split", "s2d_outer"):   # earlier stored architectures have no such keys
+            if d[key] is None:
+                del d[key]
+            else:
+                d[key] = list(d[key])
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "TubeSpec":
-        allowed = {"kernel", "stride", "offset", "s2d_axis", "s2d_factor", "s2d_split"}
+        allowed = {"kernel", "stride", "offset", "s2d_axis", "s2d_factor", "s2d_split", "s2d_outer"}
         unknown = set(d) - allowed
         if unknown:
             raise UserError(f"tube has unknown keys {sorted(unknown)}; valid keys: {sorted(allowed)}")
@@ -286,7 +299,7 @@ def enlarge_tubes(tubes: list[TubeSpec], kernels) -> list[TubeSpec]:
     kernels = [_triple(k, "kernel") for k in kernels]
     if len(kernels) != len(tubes):
         raise UserError(f"enlarging {len(tubes)} tubes needs {len(tubes)} kernel shapes, got {len(kernels)}")
-    return [TubeSpec(k, t.stride, t.offset, t.s2d_axis, t.s2d_factor, t.s2d_split)
+    return [TubeSpec(k, t.stride, t.offset, t.s2d_axis, t.s2d_factor, t.s2d_split, t.s2d_outer)
             for t, k in zip(tubes, kernels)]
 
 
@@ -465,11 +478,14 @@ class TubeConv(nn.Module):
         y = F.conv3d(clip, weight, None, stride=spec.conv_stride)  # (B, dim/S, nt*ft, nh*fh, nw*fw)
         if spec.s2d_axis is not None:
             # The S = ft*fh*fw neighbours of each token -> S channel groups, neighbour-major with
-            # neighbours in (t, h, w) lexicographic order; width back to dim.
+            # neighbours in (t, h, w) lexicographic order; width back to dim. With s2d_outer
+            # (e per axis, the finer positions) the outer groups run over e first: each holds
+            # the token of the same tube with factors f/e (see TubeSpec).
             (nt, nh, nw), (ft, fh, fw) = grid, spec.factors
+            et, eh, ew = spec.s2d_outer or (1, 1, 1)
             b, c = y.shape[:2]
-            y = y.reshape(b, c, nt, ft, nh, fh, nw, fw)
-            y = y.permute(0, 3, 5, 7, 1, 2, 4, 6).reshape(b, c * ft * fh * fw, nt, nh, nw)
+            y = y.reshape(b, c, nt, ft // et, et, nh, fh // eh, eh, nw, fw // ew, ew)
+            y = y.permute(0, 4, 7, 10, 3, 6, 9, 1, 2, 5, 8).reshape(b, c * ft * fh * fw, nt, nh, nw)
         y = y + self.bias.view(1, -1, 1, 1, 1)
         return y.flatten(2).transpose(1, 2)                # (B, nt*nh*nw, dim), t-major
 
