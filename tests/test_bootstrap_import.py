@@ -112,11 +112,23 @@ def test_gate_formula_at_layer_s():
         torch.testing.assert_close(model.forward_features(x), model.norm(z))
 
 
-def test_other_image_sizes_read_the_table_bilinearly():
-    model, _ = bootstrap(timm_vit().state_dict(), small_tubevit(), gate_layer=1)
+@pytest.mark.parametrize("size", [(96, 128), (48, 48), (64, 64)])
+def test_other_image_sizes_resample_the_table_like_timm(size):
+    # timm with dynamic_img_size resamples its table per input (bicubic, antialiased): the
+    # bootstrapped model must compute the same at every image size, larger and smaller.
+    vit = timm_vit()
+    model, _ = bootstrap(vit.state_dict(), small_tubevit(), gate_layer=1)
     model.eval()
-    feats = model.forward_features(torch.randn(1, 3, 96, 128))           # 6x8 patches vs a 4x4 table
-    assert feats.shape == (1, 1 + 48, 192) and torch.isfinite(feats).all()
+    vit.dynamic_img_size = True
+    vit.patch_embed.strict_img_size, vit.patch_embed.flatten = False, False
+    vit.patch_embed.output_fmt = timm.layers.Format.NHWC
+    x = torch.randn(1, 3, *size)
+    with torch.no_grad():
+        ours, theirs = model.forward_features(x), vit.forward_features(x)
+    assert ours.shape == (1, 1 + (size[0] // 16) * (size[1] // 16), 192)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    video = model.forward_features(torch.randn(1, 3, 8, *size))            # 3D tubes read the grid
+    assert torch.isfinite(video).all()
 
 
 def test_width_map_is_a_deterministic_isometry():

@@ -16,6 +16,7 @@ patch (i, j) gets exactly the embedding of the first-frame 2D-tube token of a vi
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pretrain.model.tubes import TubeSpec, image_tube_index
@@ -87,13 +88,15 @@ class LearnedPositionEmbedding(nn.Module):
         cls_pos    (1, 1, dim)      only with class_token: its position (zeros when the
                                     image ViT gave the CLS token none, timm no_embed_class)
 
-    Where a token sits in the table: its spatial centre (tube centre in pixels, as for the
-    fixed embedding) in patch units, rescaled so that the image tube's token grid on the
-    input spans the whole table: `g = c / P * (g_table / n_image) - 0.5` per axis, with P the
-    image tube's patch and n_image its token count on this input. At the image ViT's own
-    resolution an image patch (i, j) lands exactly on table entry (i, j) (so forward_features
-    equals the image ViT's); other sizes and the 3D tubes' off-grid centres read the table
-    bilinearly (clamped at the border), like timm's resampling for other image sizes.
+    Where a token sits: first the table is resampled to the image tube's token grid on this
+    input (n_h x n_w patches) exactly as timm resamples a ViT's table for another image size
+    (`timm.layers.resample_abs_pos_embed`: F.interpolate, bicubic, antialiased,
+    align_corners=False, in float32; nothing at the table's own size). A token then reads that
+    grid at its spatial centre in patch units, `g = c / P - 0.5` per axis (P the image tube's
+    patch), bilinearly, clamped at the border. Image patch (i, j) lands exactly on grid entry
+    (i, j), so images at any size get timm's own positions (forward_features equals a timm ViT
+    with dynamic_img_size=True, tests/test_bootstrap_import.py); the 3D tubes' off-grid
+    centres are read bilinearly between those entries.
 
     Time: the image ViT has no notion of it, so video tokens also get the fixed sin/cos
     embedding of their time centre relative to the first frame, `E(t) - E(t0)` in the t
@@ -119,23 +122,26 @@ class LearnedPositionEmbedding(nn.Module):
             self.register_parameter("cls_pos", None)
         self._cache: dict[tuple, tuple[torch.Tensor, ...]] = {}
 
+    def image_grid(self, shape: tuple[int, ...]) -> tuple[int, int]:
+        """(n_h, n_w): the image tube's token grid on this input's frame size."""
+        return tuple((length - self.image.offset[1 + a] - self.image.kernel[1 + a]) // self.image.stride[1 + a] + 1
+                     for a, length in enumerate(shape[-2:]))  # type: ignore[return-value]
+
     def lookup(self, shape: tuple[int, ...], grids: list[tuple[int, int, int]]):
-        """(index (N, 4) into the table, bilinear weights (N, 4), time embedding (N, dim)), float64."""
+        """(index (N, 4) into the resampled grid, bilinear weights (N, 4), time embedding (N, dim)), float64."""
         image = len(shape) == 4
         coords = token_coords(self.tubes, grids, image)                         # (N, 3) t, y, x
-        spatial = shape[-2:]
+        n_grid = self.image_grid(shape)
         idx_parts, w_parts = [], []
-        for axis, (length, table) in enumerate(zip(spatial, self.table)):
-            patch, off = self.image.stride[1 + axis], self.image.offset[1 + axis]
-            n_image = (length - off - self.image.kernel[1 + axis]) // patch + 1
-            g = coords[:, 1 + axis] / patch * (table / n_image) - 0.5          # (N,)
-            g = g.clamp(0, table - 1)
+        for axis, n in enumerate(n_grid):
+            patch = self.image.stride[1 + axis]
+            g = (coords[:, 1 + axis] / patch - 0.5).clamp(0, n - 1)            # (N,) grid units
             lo = g.floor()
-            idx_parts.append((lo.long(), (lo + 1).clamp(max=table - 1).long()))
+            idx_parts.append((lo.long(), (lo + 1).clamp(max=n - 1).long()))
             w_parts.append(g - lo)                                              # (N,) in [0, 1)
         (y0, y1), (x0, x1) = idx_parts
         fy, fx = w_parts
-        gw = self.table[1]
+        gw = n_grid[1]
         index = torch.stack([y0 * gw + x0, y0 * gw + x1, y1 * gw + x0, y1 * gw + x1], dim=1)   # (N, 4)
         weight = torch.stack([(1 - fy) * (1 - fx), (1 - fy) * fx, fy * (1 - fx), fy * fx], dim=1)  # (N, 4)
         t = coords.clone()
@@ -144,6 +150,16 @@ class LearnedPositionEmbedding(nn.Module):
         t0[:, 0] = self.image.offset[0] + self.image.kernel[0] // 2
         time = sincos_embedding(t, self.dim) - sincos_embedding(t0, self.dim)  # (N, dim), 0 on y/x channels
         return index, weight, time
+
+    def resampled(self, n_grid: tuple[int, int]) -> torch.Tensor:
+        """The table at the image grid `n_grid` (n_h*n_w, dim), as timm's resample_abs_pos_embed."""
+        table = self.grid[0]                                                     # (gh*gw, dim)
+        if tuple(n_grid) == self.table:
+            return table
+        gh, gw = self.table
+        grid = table.float().reshape(1, gh, gw, self.dim).permute(0, 3, 1, 2)    # (1, dim, gh, gw)
+        grid = F.interpolate(grid, size=tuple(n_grid), mode="bicubic", antialias=True, align_corners=False)
+        return grid.permute(0, 2, 3, 1).reshape(-1, self.dim).to(table.dtype)    # (n_h*n_w, dim)
 
     def forward(self, tokens: torch.Tensor, shape: tuple[int, ...],
                 grids: list[tuple[int, int, int]]) -> torch.Tensor:
@@ -156,7 +172,7 @@ class LearnedPositionEmbedding(nn.Module):
                       time.to(tokens.device, tokens.dtype))
             self._cache[key] = cached
         index, weight, time = cached
-        table = self.grid[0]                                                     # (gh*gw, dim)
+        table = self.resampled(self.image_grid(shape))                           # (n_h*n_w, dim)
         pos = (table[index] * weight.unsqueeze(-1).to(table.dtype)).sum(1)       # (N, dim)
         x = tokens + (pos.to(tokens.dtype) + time)                               # (B, N, dim)
         if self.cls_token is not None:
