@@ -34,8 +34,11 @@ from typing import Callable, TextIO
 
 OUR_PACKAGES = frozenset({"pretrain", "orchestration", "checkpoints", "cluster"})
 # Frames of these modules are skipped when looking for the writer: a log record or a warning
-# belongs to whoever logged or warned (logging.lastResort writes to sys.stderr for them).
-_PLUMBING = ("logging", "warnings", "traceback", "threading", "contextlib", __name__)
+# belongs to whoever logged or warned (logging.lastResort writes to sys.stderr for them), a
+# write through a stream wrapper to whoever wrote to the wrapper (ray.init has colorama wrap
+# sys.stdout / sys.stderr, ours included, to strip colour codes when they are not a terminal).
+_PLUMBING = ("logging", "warnings", "traceback", "threading", "contextlib", "colorama",
+             __name__)
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 

@@ -72,6 +72,23 @@ def test_routed_stream_splits_by_writer():
     assert stream.getvalue() == ""   # attributes are the wrapped stream's
 
 
+def test_a_stream_wrapper_around_ours_keeps_the_writer():
+    """ray.init has colorama wrap sys.stdout/sys.stderr (ours included) when they are not
+    a terminal: a write through it is still its caller's."""
+    wrapper = module("colorama.ansitowin32", """
+class StreamWrapper:
+    def __init__(self, wrapped):
+        self.wrapped = wrapped
+    def write(self, text):
+        self.wrapped.write(text)
+""")
+    ours, theirs = [], []
+    stream = wrapper["StreamWrapper"](con.RoutedStream(io.StringIO(), ours.append, theirs.append))
+    OURS["say"]("step 2/10", stream)
+    THEIRS["say"]("Token authentication is enabled", stream)
+    assert "".join(ours) == "step 2/10\n" and "Token" in "".join(theirs)
+
+
 def test_driver_console_shows_ours_and_logs_everything(tmp_path, capsys):
     ckpt = logging.getLogger("checkpoints")
     with con.Console() as c:
