@@ -268,3 +268,19 @@ def test_model_1_without_cls_is_masked_pretrainable():
 def test_the_others_are_refused_with_the_reason(family, overrides, reason):
     with pytest.raises(UserError, match=reason):
         MaskedAutoencoder(small(family, **overrides))
+
+
+# ---- pretrain plan --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,frames,tokens,gflops", [("vivit-b", 32, 3136, 903.05), ("vivit-fe-b", 32, 3136, 566.68),
+                                                       ("vivit-fsa-b", 32, 3136, 742.19), ("timesformer-b", 8, 1568, 391.66)])
+def test_plan_prints_the_figures(capsys, name, frames, tokens, gflops):
+    import json
+
+    from orchestration.cli import main
+
+    assert main(["plan", "--model", name, "--frames", str(frames), "--size", "224", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["video_tokens"] == tokens and out["image_tokens"] == 196
+    assert out["gflops_per_clip"] == pytest.approx(gflops, abs=0.01)
+    assert out["memory_per_worker_gib"]["total"] > 0 and out["config"]["tubes"]

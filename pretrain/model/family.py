@@ -1,6 +1,6 @@
 """What the config of every model family shares: `ModelConfig`.
 
-A family (TubeViT today; VideoMAE, ViViT, ... next) is one dataclass deriving from
+A family (TubeViT, VideoMAE, ViViT models 1-3, TimeSformer) is one dataclass deriving from
 ModelConfig plus the nn.Module built from it, registered with its size names in
 pretrain/model/registry.py. The experiment's `model` section *is* that dataclass: the config
 loader (pretrain/config_loader.py) checks its fields' types and min/max/choices metadata, so
