@@ -248,14 +248,19 @@ def bootstrap(image_state: dict[str, torch.Tensor], small: TubeViT, gate_layer: 
         "tubes_from": json.dumps(small.config.to_dict(), sort_keys=True),
         "gate_layer": str(gate_layer),
         "gate_convention": "0-based block index S: blocks[S] output += tanh(alpha)*z0; freeze blocks[:S]",
-        "width_map": (f"{_METHOD_NAMES[method]}{' x' + str(config.dim // small.config.dim) if method == 's2d' else ''}"
-                      f"{f' ({blocks} blocks)' if method == 'isometry' else ''} d={small.config.dim} -> D={config.dim}"),
+        "width_map": f"{_width_map_name(method, small.config.dim, config.dim, blocks)} "
+                     f"d={small.config.dim} -> D={config.dim}",
         "width_map_seed": str(seed),
     }
     return model, meta
 
 
-_METHOD_NAMES = {"s2d": "space-to-depth", "isometry": "shared-isometry", "identity": "identity"}
+def _width_map_name(method: str, d_from: int, d_to: int, blocks: int) -> str:
+    if method == "s2d":
+        return f"space-to-depth x{d_to // d_from}"
+    if method == "isometry":
+        return f"shared-isometry ({blocks} block{'s' if blocks > 1 else ''})"
+    return method
 
 
 def enlarge_model(model: TubeViT, kernels) -> TubeViT:
