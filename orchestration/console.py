@@ -33,11 +33,14 @@ from collections import deque
 from typing import Callable, TextIO
 
 OUR_PACKAGES = frozenset({"pretrain", "orchestration", "checkpoints", "cluster"})
-# Frames of these modules are skipped when looking for the writer: a log record or a warning
-# belongs to whoever logged or warned (logging.lastResort writes to sys.stderr for them), a
-# write through a stream wrapper to whoever wrote to the wrapper (ray.init has colorama wrap
-# sys.stdout / sys.stderr, ours included, to strip colour codes when they are not a terminal).
+# Frames of these modules (and their submodules) are skipped when looking for the writer: a
+# log record or a warning belongs to whoever logged or warned (logging.lastResort writes to
+# sys.stderr for them); a write through a stream wrapper or a replaced `print` to whoever
+# called it (ray.init has colorama wrap sys.stdout / sys.stderr when they are not a
+# terminal; the driver's first forwarded worker line makes Ray's tqdm support replace
+# builtins.print; Ray Train replaces it in its workers).
 _PLUMBING = ("logging", "warnings", "traceback", "threading", "contextlib", "colorama",
+             "ray.experimental.tqdm_ray", "ray.train.v2._internal.logging.patch_print",
              __name__)
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
@@ -55,9 +58,8 @@ def is_ours(frame) -> bool | None:
     another module, None when no Python frame remains (the interpreter itself writing)."""
     while frame is not None:
         name = _module_of(frame)
-        top = name.split(".", 1)[0]
-        if top not in _PLUMBING and name not in _PLUMBING:
-            return top in OUR_PACKAGES
+        if not any(name == p or name.startswith(p + ".") for p in _PLUMBING):
+            return name.split(".", 1)[0] in OUR_PACKAGES
         frame = frame.f_back
     return None
 

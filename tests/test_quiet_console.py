@@ -89,6 +89,26 @@ class StreamWrapper:
     assert "".join(ours) == "step 2/10\n" and "Token" in "".join(theirs)
 
 
+def test_a_replaced_print_keeps_the_writer(monkeypatch):
+    """Ray's tqdm support replaces builtins.print in the driver once it forwards a worker
+    line (Ray Train does in its workers): a print through it is still its caller's."""
+    import builtins
+
+    patched = module("ray.experimental.tqdm_ray", """
+import builtins
+_print = builtins.print
+def safe_print(*args, **kwargs):
+    _print(*args, **kwargs)
+""")
+    monkeypatch.setattr(builtins, "print", patched["safe_print"])
+    ours, theirs = [], []
+    stream = con.RoutedStream(io.StringIO(), ours.append, theirs.append)
+    OURS["say"]("step 3/10", stream)
+    THEIRS["say"]("Started training worker group", stream)
+    monkeypatch.undo()
+    assert "".join(ours) == "step 3/10\n" and "Started" in "".join(theirs)
+
+
 def test_driver_console_shows_ours_and_logs_everything(tmp_path, capsys):
     ckpt = logging.getLogger("checkpoints")
     with con.Console() as c:
