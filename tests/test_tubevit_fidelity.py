@@ -281,3 +281,19 @@ def test_interpolated_image_kernel_is_the_mean_of_base_frames_3_and_4_upsampled(
     mid = tok.base_kernel[:, :, 3:5].mean(2)                           # (6, 3, 8, 8)
     expected = F.interpolate(mid, size=(16, 16), mode="bilinear", align_corners=False)
     torch.testing.assert_close(image_kernel[:, :, 0], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_stored_architectures_keep_their_keys():
+    # A resume compares the stored architecture key by key: tubes without the new optional
+    # space-to-depth keys, and the run-time unfit policy, must not appear in it.
+    from pretrain.model import model_config
+    from pretrain.model.tubevit import TubeViTConfig
+
+    cfg = model_config("tubevit-ti", tubes="paper-s2d-h", unfit_tubes="error")
+    d = cfg.to_dict()
+    assert "unfit_tubes" not in d and "skip_unfit_tubes" in d
+    assert all(set(t) == {"kernel", "stride", "offset", "s2d_axis", "s2d_factor"} for t in d["tubes"])
+    again = TubeViTConfig.from_dict(d)
+    assert again == cfg and again.unfit_tubes == "skip"       # a policy, not architecture
+    wide = model_config("tubevit-ti", tubes=[widen_by_s2d(t, 4) for t in paper_tubes()[:3]] + paper_tubes()[3:])
+    assert TubeViTConfig.from_dict(wide.to_dict()) == wide and "s2d_outer" in wide.to_dict()["tubes"][0]

@@ -122,10 +122,13 @@ class TubeViTConfig(ModelConfig):
         return self.skip_unfit_tubes or self.unfit_tubes == "skip"
 
     def to_dict(self) -> dict:
-        """The architecture; `unfit_tubes` is a run-time policy and stays out (stored
-        architectures and checkpoint manifests of earlier versions have no such key)."""
+        """The architecture; `unfit_tubes` is a run-time policy and stays out, and tubes
+        without s2d_split / s2d_outer have no such keys (stored architectures and checkpoint
+        manifests of earlier versions have neither, and a resume compares them)."""
         d = super().to_dict()
         d.pop("unfit_tubes", None)
+        # TubeSpec's own form: optional space-to-depth keys only when set, as stored before
+        d["tubes"] = [t.to_dict() for t in self.tubes]
         return d
 
     @property
