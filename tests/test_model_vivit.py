@@ -272,8 +272,9 @@ def test_the_others_are_refused_with_the_reason(family, overrides, reason):
 
 # ---- pretrain plan --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name,frames,tokens,gflops", [("vivit-b", 32, 3136, 903.05), ("vivit-fe-b", 32, 3136, 566.68),
-                                                       ("vivit-fsa-b", 32, 3136, 742.19), ("timesformer-b", 8, 1568, 391.66)])
+@pytest.mark.parametrize("name,frames,tokens,gflops", [
+    ("vivit-b", 32, 3136, 903.05), ("vivit-fe-b", 32, 3136, 566.68),
+    ("vivit-fsa-b", 32, 3136, 742.19), ("timesformer-b", 8, 1568, 391.66)])
 def test_plan_prints_the_figures(capsys, name, frames, tokens, gflops):
     import json
 

@@ -368,9 +368,10 @@ class VideoTransformer(nn.Module):
     def _blocks(self, block_type, depth: int) -> nn.ModuleList:
         c = self.config
         dpr = [c.drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
+        norm = lambda d: nn.LayerNorm(d, eps=c.norm_eps)  # noqa: E731
         return nn.ModuleList(
             block_type(c.dim, c.heads, c.mlp_dim, qkv_bias=c.qkv_bias, proj_drop=c.drop_rate,
-                       attn_drop=c.attn_drop_rate, drop_path=dpr[i], norm_layer=lambda d: nn.LayerNorm(d, eps=c.norm_eps))
+                       attn_drop=c.attn_drop_rate, drop_path=dpr[i], norm_layer=norm)
             for i in range(depth))
 
     def _finish(self) -> None:
