@@ -13,8 +13,9 @@ What the bootstrapped model is made of:
   learned position table and CLS token (`pos_embed="learned"`, see posembed.py), blocks and
   final norm. So on images `forward_features` equals the image ViT's (timm's) exactly.
 - 3D tokens: the small model's non-image tubes, same geometry (kernels, strides, offsets,
-  space-to-depth), their kernels reused without training and mapped from width d to the
-  large width D by a fixed projection (below). The small model's own 2D tube is not used.
+  space-to-depth; with the space-to-depth width map a larger factor), their kernels reused
+  without training, taken from width d to the large width D without new trained weights
+  (width mapping, below). The small model's own 2D tube is not used.
 - Gated skip at block S (`gate_layer`, 0-based): the output of `blocks[S]` gets
   `tanh(alpha) * z_0` added, z_0 = tokens + positions (the blocks' input), alpha = 0. With
   `blocks[S]` = `y_S + MLP(LN(y_S))`, `y_S = z_{S-1} + MSA(LN(z_{S-1}))`, that is exactly the
