@@ -20,7 +20,11 @@ of its actors stays in the log, and our own warning reaches the console whatever
   streams (Ray forwards those to the driver, hence to the log); our lines are in addition
   handed to `send` (the driver's sink actor), which the driver shows on the terminal. Our
   loggers' records (`checkpoints`: "committed checkpoint step N") are handed over too: INFO
-  from rank 0, WARNING and above from every rank.
+  from rank 0, WARNING and above from every rank. A worker's failure reaches the console
+  as the exception `trainer.fit()` raises in the driver, with the worker's traceback.
+
+Not covered: bytes a C library writes straight to file descriptor 1 or 2 of the driver (none
+in a normal run; the E-level lines come from Ray's actors, whose output Ray forwards).
 """
 from __future__ import annotations
 
