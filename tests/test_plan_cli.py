@@ -34,7 +34,7 @@ def test_plan_text_output(capsys):
 
 @pytest.mark.parametrize("args,expected", [
     (["--model", "tubevit-xl"], "valid names: tubevit-ti, tubevit-s, tubevit-b, tubevit-l, tubevit-h"),
-    (["--size", "16"], "does not fit a 32x16x16 clip"),
+    (["--size", "16", "--unfit-tubes", "error"], "does not fit a 32x16x16 clip"),
     (["--frames", "0"], "must both be positive"),
     (["--tubes", "sparse"], "valid names: paper"),
 ])

@@ -23,10 +23,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("--frames", type=int, default=32, help="clip length T in frames (default 32)")
     parser.add_argument("--size", type=int, default=224, help="clip and image side S in pixels (default 224)")
     parser.add_argument("--tubes", default=None,
-                        help="tube set instead of the model's default: paper, paper-no-s2d, paper-2, paper-1, "
-                             "charades, dense-2x16x16")
+                        help="tube set instead of the model's default: paper, paper-no-s2d, paper-s2d-h, "
+                             "paper-2, paper-1, charades, charades-t16, dense-2x16x16")
+    parser.add_argument("--unfit-tubes", choices=("skip", "error"), default=None,
+                        help="a tube that does not fit the clip: skip it with a warning (TubeViT's "
+                             "default) or stop with an error")
     parser.add_argument("--skip-unfit-tubes", action="store_true",
-                        help="tubes that do not fit the clip give 0 tokens instead of an error")
+                        help="the same as --unfit-tubes skip (kept for older scripts)")
     masked = parser.add_argument_group(
         "masked pretraining (pretrain/model/mae.py, the decoder at its defaults)")
     masked.add_argument("--mask-ratio", type=float, default=None, metavar="R",
@@ -82,7 +85,9 @@ def _build_meta_model(args):
 
     from pretrain.model import create_model
 
-    overrides = {"skip_unfit_tubes": True} if args.skip_unfit_tubes else {}
+    overrides = {}
+    if args.unfit_tubes or args.skip_unfit_tubes:
+        overrides["unfit_tubes"] = "skip" if args.skip_unfit_tubes else args.unfit_tubes
     if args.tubes:
         overrides["tubes"] = args.tubes
     with torch.device("meta"):
