@@ -145,11 +145,6 @@ def newest_step(uri: str) -> int:
     return max(steps) if steps else 0
 
 
-def rank0_pid(run: Run) -> int | None:
-    import re
-
-    found = re.search(r"pid=(\d+)\) world_rank=0\b", run.stderr())
-    return int(found.group(1)) if found else None
 
 
 # ---------------------------------------------------------------------------------------
@@ -196,10 +191,11 @@ def _kill_rank0_when(b: Bench, name: str, moment: Callable[[object, str], bool])
     except RuntimeError as e:
         run.proc.kill()
         return False, False, f"window never seen: {e}"
-    pid = rank0_pid(run)
-    if pid is None:
+    try:
+        pid = run.rank0_pid()
+    except AssertionError:
         run.proc.kill()
-        return False, False, "rank 0's pid not found in the output"
+        return False, False, "rank 0's pid not found in the run's log"
     os.kill(pid, signal.SIGKILL)
     before.update({s: ok for s, ok in committed_steps(uri).items() if s not in before})
     out = run.finish(timeout=600)

@@ -3,8 +3,9 @@ ZeRO-3 on gloo, the smoke model with the masked objective of configs/smoke-maske
 tiny synthetic data, MLflow in a sqlite file), in two runs:
 
 - a 6-step run that checkpoints at step 3 and evaluates at steps 0 and 3: the kNN monitor
-  (eval/knn_*_top1) and the held-out reconstruction loss are logged from step 0, and the
-  input/masked/reconstruction PNGs are MLflow artifacts;
+  (eval/knn_*_top1) and the held-out reconstruction loss are logged from step 0, the
+  input/masked/reconstruction PNGs are MLflow artifacts, and the node's system metrics
+  (system/node_0/...) are in the run;
 - a run resumed from a copy of its step-3 checkpoint trains steps 4-6 to bit-identical
   train/loss values: the masks of a resumed run are the masks of the straight one (the mask
   RNG's position is in the checkpoint; without it the losses differ).
@@ -38,8 +39,14 @@ def test_masked_run_monitors_from_step_0_resumes_exactly_and_exports(tmp_path_fa
     first, second = tmp_path_factory.mktemp("first"), tmp_path_factory.mktemp("second")
     tracking = f"sqlite:///{first}/mlflow.db"
     straight = Run(first, *overrides(data, 6, 3, f"checkpoint.uri={first}/ckpt",
-                                     f"tracking.tracking_uri={tracking}", *MASKED)).finish()
+                                     f"tracking.tracking_uri={tracking}",
+                                     "tracking.system_metrics_every_s=1", *MASKED)).finish()
     run_id = straight["mlflow_run_id"]
+    # the node's CPU, memory and network beside the training metrics (one node here)
+    logged = MlflowClient(tracking).get_run(run_id).data.metrics
+    for name in ("cpu_utilization_percentage", "system_memory_usage_percentage",
+                 "network_transmit_megabytes"):
+        assert f"system/node_0/{name}" in logged, sorted(logged)
     for key in ("eval/knn_video_top1", "eval/knn_image_top1", "eval/video_recon_loss"):
         points = history(tracking, run_id, key)
         assert [s for s, _ in points] == [0, 3], (key, points)

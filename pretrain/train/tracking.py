@@ -2,7 +2,8 @@
 
 A synchronous `log_metric` to a server costs ~80 ms, more than a small training step, so
 rank 0 only puts metrics on a queue (microseconds) and a daemon thread sends them with
-`log_batch` every `flush_every_s`. Other ranks never talk to MLflow.
+`log_batch` every `flush_every_s`. Other ranks send no training metrics; each node's local
+rank 0 samples its machine into the run (pretrain/train/system_metrics.py).
 
 `mark()` ties the metrics to checkpoints: a checkpoint is committed only once every metric
 logged before it was saved has reached the server. Otherwise a worker killed between a
@@ -30,6 +31,7 @@ from typing import Any, Callable
 from pretrain import storage
 from pretrain.errors import UserError
 from pretrain.train.config import ExperimentConfig, flatten, to_dict, to_yaml
+from pretrain.train.system_metrics import NodeMonitor, start_node_monitor
 
 MAX_BATCH = 1000      # MLflow's per-request limit for metrics
 MAX_PARAMS = 100      # ... and for params
@@ -322,6 +324,7 @@ class Tracking:
     run_id: str | None
     logger: MetricLogger | SkipLogged | NullLogger
     owns_run: bool = False               # this process created the run: it ends it
+    system: NodeMonitor | None = None    # this node's system metrics (its local rank 0)
 
     @property
     def commit_gate(self) -> Callable[[], threading.Event] | None:
@@ -329,6 +332,8 @@ class Tracking:
 
     def close(self, failed: bool = False) -> None:
         """Send what is queued; end the run if this process opened it."""
+        if self.system is not None:
+            self.system.close()
         self.logger.close()
         if self.owns_run and self.uri and self.run_id:
             try:
@@ -348,12 +353,14 @@ def open_tracking(cfg: ExperimentConfig, rank: int, resumed_run_id: str | None) 
     if not cfg.tracking.enabled:
         return Tracking(None, run_id, NullLogger())
     uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
-    if rank != 0:
-        return Tracking(uri, run_id, NullLogger())
+    every_s = cfg.tracking.system_metrics_every_s
+    if rank != 0:   # a node's local rank 0 samples it, once the run is known
+        return Tracking(uri, run_id, NullLogger(), system=start_node_monitor(uri, run_id, every_s))
     if not run_id:   # standalone: no driver made the run (nor checked its server)
         uri = usable_tracking_uri(cfg.tracking)
         run_id = start_run(cfg, uri, run_name=cfg.tracking.run_name)
         return Tracking(uri, run_id, MetricLogger(uri, run_id, cfg.tracking.flush_every_s),
-                        owns_run=True)
+                        owns_run=True, system=start_node_monitor(uri, run_id, every_s))
     logger = MetricLogger(uri, run_id, cfg.tracking.flush_every_s)
-    return Tracking(uri, run_id, SkipLogged(logger, last_logged_step(uri, run_id)))
+    return Tracking(uri, run_id, SkipLogged(logger, last_logged_step(uri, run_id)),
+                    system=start_node_monitor(uri, run_id, every_s))
