@@ -17,8 +17,8 @@
   `on_console`, what our code in a worker prints or logs travels the same way
   (orchestration/console.py: WorkerConsole), so the caller can show it while the workers'
   whole output (Ray forwards it) goes elsewhere.
-- The summary (final metrics, run id, last checkpoint) also travels through the sink: Ray
-  Train V2 hands back only metrics attached to Ray checkpoints, and ours are not Ray's.
+- The summary (final metrics, run id, last checkpoint) is the training function's return
+  value on rank 0, which Ray Train hands back as `Result.return_value`.
 - Resume: when checkpoint.uri holds a committed checkpoint, the driver checks it against
   this config's model (a mismatch is a UserError before any worker starts) and continues
   the MLflow run recorded in it; the workers load it (pretrain.train.checkpoint_hook). Ray Train's
@@ -54,7 +54,7 @@ from pretrain.train.tracking import end_run, start_run, usable_tracking_uri
 LOOPBACK_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
-def _train_loop_per_worker(config: dict) -> None:
+def _train_loop_per_worker(config: dict) -> dict:
     """Runs in every Ray Train worker (module-level so Ray can pickle it by reference)."""
     import ray.train
 
@@ -83,10 +83,10 @@ def _train_loop_per_worker(config: dict) -> None:
             if rank == 0:
                 sink.put.remote(item)  # fire-and-forget: no round trip on the training path
 
-        train(config, report=report, progress=False, should_stop=_DriverStop(sink))
+        return train(config, report=report, progress=False, should_stop=_DriverStop(sink))
     finally:
         if console is not None:
-            console.close()   # its last lines reach the sink before the summary is read
+            console.close()   # its last lines reach the sink before fit() returns
 
 
 def _install_worker_sigterm() -> bool:
@@ -205,7 +205,6 @@ def run_job(cfg: ExperimentConfig, config_name: str = "run",
         sink = _sink_actor().remote()
 
         def poll() -> None:
-            nonlocal summary
             asked = False
             while True:
                 done = stop.is_set()
@@ -213,9 +212,7 @@ def run_job(cfg: ExperimentConfig, config_name: str = "run",
                     sink.request_stop.remote()
                     asked = True
                 for item in ray.get(sink.drain.remote()):
-                    if "summary" in item:
-                        summary = item["summary"]
-                    elif "console" in item:
+                    if "console" in item:
                         if on_console:
                             prefix = f"[rank {item['rank']}] " if item.get("rank") else ""
                             on_console("\n".join(prefix + line for line in item["console"]))
@@ -243,7 +240,7 @@ def run_job(cfg: ExperimentConfig, config_name: str = "run",
                                  failure_config=FailureConfig(max_failures=r.max_failures)),
         )
         try:
-            trainer.fit()
+            summary = trainer.fit().return_value
         except Exception as exc:
             user = _user_error_in(exc)
             if user is not None:
@@ -269,7 +266,7 @@ def run_job(cfg: ExperimentConfig, config_name: str = "run",
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     if summary is None:
-        raise RuntimeError("training finished but rank 0 sent no summary")
+        raise RuntimeError("training finished but rank 0 returned no summary")
     return summary
 
 

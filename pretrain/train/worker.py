@@ -106,8 +106,8 @@ def train(config: ExperimentConfig | dict, *, report: Report | None = None,
           should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
     """Train per `config`; returns the summary (final metrics, run id, last checkpoint).
 
-    `report(dict)` (optional) is called on rank 0 at log points, after evaluations and once
-    at the end with {"summary": ...}: the Ray driver forwards these to its console. `hook`
+    `report(dict)` (optional) is called on rank 0 at log points and after evaluations: the
+    Ray driver forwards these to its console. `hook`
     overrides the checkpoint hook from `make_checkpoint_hook`; `progress=False` silences
     rank 0's own console lines (the driver prints them instead). `should_stop()` (optional,
     cheap, polled every step on every rank) asks for an early stop; so do SIGTERM (see
@@ -307,7 +307,7 @@ class Trainer:
                     loader.close()
 
     def summarize(self) -> dict[str, Any]:
-        """The summary train() returns (and reports on rank 0 as {"summary": ...})."""
+        """The summary train() returns."""
         summary = {
             "mlflow_run_id": self.tracking.run_id,
             "tracking_uri": self.tracking.uri,
@@ -320,8 +320,6 @@ class Trainer:
             "metrics": dict(self.last),
             "logging_s": self.tracking.logger.send_time_s,
         }
-        if self.report:
-            self.report({"summary": summary})
         return summary
 
 
