@@ -1,6 +1,7 @@
 """The model families (TubeViT: sparse tubes, fixed position embedding, pre-LN ViT,
 per-dataset heads; VideoMAE: dense cubes, plain ViT; ViViT models 1-3 and TimeSformer:
-dense tubelets, joint / factorised / divided space-time attention), their registry of named sizes, the
+dense tubelets, joint / factorised / divided space-time attention; VTN: a frame ViT and a
+Longformer temporal encoder), their registry of named sizes, the
 masked autoencoder around either (mae.py, masks in masking.py), model files and FLOP counting.
 
 Imports neither Ray nor DeepSpeed.
@@ -10,7 +11,7 @@ from pretrain.model.flops import count_flops, count_masked_flops, count_params, 
 from pretrain.model.mae import DecoderConfig, MaskedAutoencoder, MaskedAutoencoderConfig
 from pretrain.model.masking import MASK_SCHEMES, mask_tokens
 from pretrain.model.io import load_model, read_metadata, save_model, save_state_dict
-from pretrain.model.registry import (SIZES, VIDEOMAE_SIZES, VIVIT_SIZES, create_model, dense_baseline_config,
+from pretrain.model.registry import (SIZES, VIDEOMAE_SIZES, VIVIT_SIZES, VTN_SIZES, create_model, dense_baseline_config,
                                      family_key, list_models, model_config, model_from_config,
                                      stored_config)
 from pretrain.model.tubes import (
@@ -27,6 +28,8 @@ from pretrain.model.tubevit import TubeViT, TubeViTConfig
 from pretrain.model.videomae import VideoMAE, VideoMAEConfig
 from pretrain.model.vivit import (TimeSformer, TimeSformerConfig, ViViT, ViViTConfig, ViViTFE, ViViTFEConfig,
                                   ViViTFSA, ViViTFSAConfig)
+from pretrain.model.vtn import VTN, VTNConfig
+from pretrain.model.frame_average import frame_average
 
 __all__ = [
     "MASK_SCHEMES", "VIDEOMAE_SIZES", "DecoderConfig", "MaskedAutoencoder", "MaskedAutoencoderConfig",
@@ -36,5 +39,5 @@ __all__ = [
     "dense_baseline_config", "gflops", "image_grid", "list_models", "load_model", "model_config",
     "model_from_config", "paper_tubes", "param_breakdown", "read_metadata", "resolve_tubes", "save_model", "save_state_dict",
     "video_grids", "VIVIT_SIZES", "TimeSformer", "TimeSformerConfig", "ViViT", "ViViTConfig", "ViViTFE",
-    "ViViTFEConfig", "ViViTFSA", "ViViTFSAConfig",
+    "ViViTFEConfig", "ViViTFSA", "ViViTFSAConfig", "VTN", "VTNConfig", "VTN_SIZES", "frame_average",
 ]

@@ -20,6 +20,13 @@ and nh*nw temporal ones of nt; TimeSformer: nh*nw temporal sequences of nt, its 
 on all tokens, nt spatial sequences of 1 + nh*nw, the MLP on all tokens + CLS). Their
 "tokens" are the space-time tokens (the papers' 3136, 1568), CLS tokens not included.
 
+VTN (vtn.py): the frame backbone on nt sequences of nh*nw (+ CLS) tokens (chunking changes
+the batching, not the work), its temporal encoder on one sequence of 1 + nt, and the 2-layer
+MLP head. The Longformer window is a mask on scaled_dot_product_attention, which computes the
+dense (1 + nt)^2 scores: that is counted (and is what FlopCounterMode sees); a banded kernel
+would need (1 + nt)(w + 1) + nt of them per block (`longformer_matmul_flops`), which at
+64-256 frames is a small fraction of a percent of the backbone either way.
+
 Works on a model built on the meta device, so ViT-H can be counted without allocating it.
 """
 from __future__ import annotations
@@ -30,6 +37,7 @@ from torch import nn
 
 from pretrain.model.vit import AttentionPool, Block
 from pretrain.model.vivit import DividedBlock, FactorisedBlock, VideoTransformer, ViViTFE
+from pretrain.model.vtn import VTN
 
 
 def count_params(model: nn.Module, trainable_only: bool = False) -> int:
@@ -115,12 +123,36 @@ def _factorised_blocks_flops(blocks, nt: int, ns: int) -> dict[str, int]:
     return out
 
 
+def longformer_matmul_flops(model: VTN, frames: int) -> int:
+    """The attention matmuls VTN's temporal encoder would need with a banded (Longformer)
+    kernel at `frames` frames: per block, each frame's scores with the frames in its window and
+    the CLS token, the CLS token's with everything (QK^T and AV). flops.py counts the dense
+    masked SDPA that runs (module docstring); this is the figure a banded kernel would reach."""
+    width = model.config.dim
+    total = 0
+    for w in model.config.windows:
+        half = w // 2
+        pairs = sum(min(i + half, frames - 1) - max(i - half, 0) + 1 for i in range(frames))
+        pairs += 2 * frames + 1                     # frames <-> CLS, CLS <-> CLS
+        total += 2 * (2 * pairs * width)
+    return total
+
+
 def _video_transformer_flops(model, size: tuple[int, ...], dataset: str | None) -> dict[str, int]:
-    """count_flops of the ViViT / TimeSformer families, per factorisation."""
+    """count_flops of the ViViT / TimeSformer / VTN families, per factorisation."""
     n, tokenizer = _tokenizer_flops(model, size)
     (_, _, (nt, nh, nw)), = model.token_groups(_input_shape(model, size))
     ns = nh * nw
     out = {"tokens": n, "tokenizer": tokenizer}
+    if isinstance(model, VTN):                  # frame backbone per frame, temporal on 1 + nt
+        spatial = blocks_flops(model.blocks, ns + int(model.cls_token is not None), sequences=nt)
+        temporal = blocks_flops(model.temporal_blocks, nt + 1)
+        out.update({k: spatial[k] + temporal[k] for k in spatial})
+        out["pool"] = 0
+        head = model.heads[model._dataset(dataset) if dataset else model.datasets[0]]
+        out["head"] = sum(_linear(m, 1) for m in head.modules() if isinstance(m, nn.Linear))
+        out["total"] = sum(v for k, v in out.items() if k != "tokens")
+        return out
     if isinstance(model, ViViTFE):
         spatial = blocks_flops(model.blocks, ns + int(model.cls_token is not None), sequences=nt)
         temporal = blocks_flops(model.temporal_blocks, nt + 1)
@@ -138,7 +170,7 @@ def _video_transformer_flops(model, size: tuple[int, ...], dataset: str | None) 
 def count_flops(model, size: tuple[int, ...], dataset: str | None = None) -> dict[str, int]:
     """Forward FLOPs of one sample: `size` is (T, H, W) for a clip or (H, W) for an image.
 
-    Works for every family with a tube tokenizer (TubeViT, VideoMAE, ViViT 1-3, TimeSformer).
+    Works for every family with a tube tokenizer (TubeViT, VideoMAE, ViViT 1-3, TimeSformer, VTN).
     Returns {"tokens", "tokenizer", "attention_linear", "attention_matmul", "mlp", "pool",
     "head", "total"}; `dataset` picks the head (default: the first).
     """

@@ -20,6 +20,7 @@ from pretrain.model.tubevit import TubeViT, TubeViTConfig
 from pretrain.model.videomae import VideoMAE, VideoMAEConfig
 from pretrain.model.vivit import (TimeSformer, TimeSformerConfig, ViViT, ViViTConfig, ViViTFE, ViViTFEConfig,
                                   ViViTFSA, ViViTFSAConfig)
+from pretrain.model.vtn import VTN, VTNConfig
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,10 @@ VIVIT_FAMILIES: tuple[str, ...] = ("vivit", "vivit-fe", "vivit-fsa", "timesforme
 VIVIT_SIZES: dict[str, tuple[int, int, int, int]] = {
     f"{family}-{size}": SIZES[f"tubevit-{size}"] for family in VIVIT_FAMILIES for size in ("s", "b", "l", "h")}
 
+# VTN (pretrain/model/vtn.py): the frame backbone on the same ladder; the temporal encoder has
+# its width, heads and MLP width (temporal_depth 3, VTN's).
+VTN_SIZES: dict[str, tuple[int, int, int, int]] = {f"vtn-{size}": SIZES[f"tubevit-{size}"] for size in ("s", "b", "l", "h")}
+
 
 def _presets(sizes: dict[str, tuple[int, int, int, int]]) -> dict[str, dict[str, Any]]:
     return {name: dict(zip(("depth", "dim", "mlp_dim", "heads"), size)) for name, size in sizes.items()}
@@ -70,6 +75,7 @@ FAMILIES: list[ModelFamily] = [
       for key, config, model in (("vivit", ViViTConfig, ViViT), ("vivit-fe", ViViTFEConfig, ViViTFE),
                                  ("vivit-fsa", ViViTFSAConfig, ViViTFSA),
                                  ("timesformer", TimeSformerConfig, TimeSformer))),
+    ModelFamily(VTNConfig, VTN, _presets(VTN_SIZES), key="vtn"),
     # A masked autoencoder (an encoder of the families above + decoder) has no size names:
     # it is built around a model (pretrain/model/mae.py); registered so model files rebuild it.
     ModelFamily(MaskedAutoencoderConfig, MaskedAutoencoder.from_config, {}, key="masked-autoencoder"),
