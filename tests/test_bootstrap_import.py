@@ -179,8 +179,8 @@ def test_freeze_and_one_step_changes_only_trainable():
 
 def test_unknown_and_mismatching_layouts_name_the_keys():
     state = timm_vit().state_dict()
-    with pytest.raises(UserError, match=r"blocks\.0\.ls1\.gamma.*reg_token"):
-        inspect_timm({**state, "blocks.0.ls1.gamma": torch.ones(192), "reg_token": torch.zeros(1, 4, 192)})
+    with pytest.raises(UserError, match=r"blocks\.0\.attn\.q_norm\.weight.*reg_token"):
+        inspect_timm({**state, "blocks.0.attn.q_norm.weight": torch.ones(64), "reg_token": torch.zeros(1, 4, 192)})
     broken = dict(state)
     del broken["blocks.1.mlp.fc2.weight"], broken["norm.weight"]
     with pytest.raises(UserError, match=r"missing keys blocks\.1\.mlp\.fc2\.weight, norm\.weight"):

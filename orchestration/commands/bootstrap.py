@@ -16,21 +16,46 @@ shared isometry). `--enlarge-kernels SET|TxHxW,...` first enlarges the small mod
 kernels by interpolation, strides and offsets kept (the paper's route to its Charades model,
 e.g. `--enlarge-kernels charades`); without --image-checkpoint that enlarged model is the
 output.
+
+`pretrain bootstrap --image-checkpoint PATH --video-model FAMILY [--embed-init
+inflate|central] [--tubelet T] [--num-frames N] --out FILE` instead inflates the image ViT
+into a ViViT model 1/2/3 or TimeSformer (FAMILY: vivit, vivit-fe, vivit-fsa, timesformer)
+at its width, depth and heads (ViViT sec. 3.5, I3D): positions repeated along time,
+tubelet filters inflated (E/t at every frame) or central-frame, temporal attention
+zero-initialised. Method, accepted layouts and what is exact: pretrain/model/inflate.py.
+(VTN is not inflatable yet: pretrain/model/vtn.py did not exist when this was written.)
 """
 from __future__ import annotations
 
 import json
 
-HELP = "Make a video TubeViT from a large image ViT (timm layout) and a small TubeViT's tube kernels."
+HELP = ("Make a video model from an image ViT (timm layout): a TubeViT with a small TubeViT's tube "
+        "kernels (--tubes-from), or an inflated ViViT / TimeSformer (--video-model).")
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--image-checkpoint", default=None, metavar="PATH",
                         help="timm ViT weights: .safetensors or .pth/.pt/.bin, local path or fsspec URI "
                              "(required unless --enlarge-kernels alone is wanted)")
-    parser.add_argument("--tubes-from", required=True, metavar="FILE.safetensors",
+    parser.add_argument("--tubes-from", default=None, metavar="FILE.safetensors",
                         help="small TubeViT model file (from `pretrain export`, supervised or masked "
-                             "pretraining) whose 3D tube kernels are reused")
+                             "pretraining) whose 3D tube kernels are reused (the TubeViT bootstrap)")
+    parser.add_argument("--video-model", default=None, metavar="FAMILY",
+                        help="inflate the image ViT into this family instead: vivit, vivit-fe, vivit-fsa, "
+                             "timesformer (pretrain/model/inflate.py)")
+    parser.add_argument("--embed-init", default="inflate", choices=("inflate", "central"),
+                        help="--video-model: tubelet filters from the image's patch filter E: E/t at every "
+                             "frame (inflate, default) or E at the central frame, zero elsewhere")
+    parser.add_argument("--tubelet", type=int, default=None, metavar="T",
+                        help="--video-model: tubelet depth in frames (default the family's: 2, "
+                             "timesformer 1); height and width are the image ViT's patch")
+    parser.add_argument("--num-frames", type=int, default=None, metavar="N",
+                        help="--video-model: clip length the position table is made for (default the "
+                             "family's: 32, timesformer 8)")
+    parser.add_argument("--global-pool", default=None, choices=("token", "avg"),
+                        help="--video-model: what the image ViT classified, the CLS token or the mean of "
+                             "the tokens (not in a state dict; default: avg with fc_norm or without a "
+                             "CLS token, else token)")
     parser.add_argument("--gate-layer", default=None, type=int, metavar="S",
                         help="0-based block index S: the gated skip is added to blocks[S]'s output; "
                              "blocks[:S] and the tokenizer are frozen in training (ViT-H, 32 blocks: "
@@ -40,7 +65,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--heads", type=int, default=None,
                         help="attention heads of the image ViT (default: the standard count for its width)")
     parser.add_argument("--num-classes", default=None, metavar="NAME=N[,NAME=N]",
-                        help="heads of the new model (default: the small model's datasets)")
+                        help="heads of the new model (default: the small model's datasets; "
+                             "--video-model: the family's default heads)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the width mapping and the new pool/heads (default 0)")
     parser.add_argument("--width-map", default="auto", choices=("auto", "s2d", "isometry"),
@@ -103,6 +129,51 @@ def _num_classes(text: str | None) -> dict[str, int] | None:
     return out
 
 
+def _inflate(args) -> int:
+    from pretrain.errors import UserError
+    from pretrain.model import count_params, save_model
+    from pretrain.model.image_vit_weights import read_state_dict
+    from pretrain.model.inflate import inflate
+
+    given = [opt for opt, value in (("--tubes-from", args.tubes_from), ("--gate-layer", args.gate_layer),
+                                    ("--enlarge-kernels", args.enlarge_kernels),
+                                    ("--width-map", None if args.width_map == "auto" else args.width_map))
+             if value is not None]
+    if given:
+        raise UserError(f"pretrain bootstrap --video-model inflates an image ViT on its own; "
+                        f"{', '.join(given)} belong to the TubeViT bootstrap (--tubes-from)")
+    if args.image_checkpoint is None:
+        raise UserError("pretrain bootstrap --video-model needs --image-checkpoint PATH (a timm ViT)")
+    image_state = read_state_dict(args.image_checkpoint)
+    model, meta = inflate(image_state, args.video_model, embed_init=args.embed_init, tubelet=args.tubelet,
+                          num_frames=args.num_frames, num_classes=_num_classes(args.num_classes),
+                          heads=args.heads, global_pool=args.global_pool, seed=args.seed,
+                          source=args.image_checkpoint)
+    del image_state
+    save_model(model, args.out, meta)
+    c = model.config
+    summary = {
+        "out": args.out,
+        "image_vit": meta["image_vit"],
+        "video_model": args.video_model,
+        "depth": c.depth, "dim": c.dim, "heads": c.heads,
+        "tubelet": list(c.tubelet), "num_frames": c.num_frames, "img_size": c.img_size,
+        "embed_init": args.embed_init,
+        "exact_on_repeated_frames": meta["exact_on_repeated_frames"] == "true",
+        "params": count_params(model),
+        "datasets": c.num_classes,
+    }
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        exact = "exactly" if summary["exact_on_repeated_frames"] else "not exactly (a CLS token; see inflate.py)"
+        print(f"inflated {meta['image_vit']} into {args.video_model} -> {args.out}\n"
+              f"  tubelet {'x'.join(map(str, c.tubelet))} ({args.embed_init}), positions for "
+              f"{c.num_frames}x{c.img_size}x{c.img_size}; {summary['params'] / 1e6:.2f}M params; heads: "
+              f"{c.num_classes}\n  on a clip of one repeated frame it computes the image ViT's tokens {exact}")
+    return 0
+
+
 def run(args) -> int:
     from pretrain.errors import UserError
     from pretrain.model import TubeViT, count_params, save_model
@@ -110,6 +181,12 @@ def run(args) -> int:
     from pretrain.model.image_vit_weights import read_state_dict
     from pretrain.model.io import load_encoder
 
+    if args.video_model is not None:
+        return _inflate(args)
+    if args.tubes_from is None:
+        raise UserError("pretrain bootstrap needs --tubes-from FILE (a small TubeViT: the TubeViT bootstrap) "
+                        "or --video-model FAMILY (inflate the image ViT into vivit, vivit-fe, vivit-fsa or "
+                        "timesformer)")
     if args.image_checkpoint is None and args.enlarge_kernels is None:
         raise UserError("pretrain bootstrap needs --image-checkpoint PATH (a timm ViT) and --gate-layer S, "
                         "or --enlarge-kernels SET to only enlarge the --tubes-from model's kernels")

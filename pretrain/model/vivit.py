@@ -87,6 +87,11 @@ from pretrain.model.videomae import sinusoid_table
 from pretrain.model.vit import Attention, Block, DropPath, Mlp, init_linear_and_norm
 
 SPATIAL_POOLS = ("token", "mean")
+POOLS = ("auto", "token", "mean")
+FINAL_NORMS = ("tokens", "pooled", "none")
+# Fields added for inflated image ViTs (pretrain/model/inflate.py): left out of to_dict() at
+# their defaults, so stored architectures and checkpoint manifests of earlier versions match.
+_OPTIONAL_AT_DEFAULT = {"norm_pre": False, "final_norm": "tokens", "pool": "auto"}
 
 
 # ---- configs ---------------------------------------------------------------------------------
@@ -119,6 +124,21 @@ class VideoViTConfig(ModelConfig):
                                          less_than=1.0)
     drop_path_rate: float = config_field(0.0, "stochastic depth at the last block (linear ramp "
                                          "from 0 at the first)", min=0.0, less_than=1.0)
+    norm_pre: bool = config_field(
+        False, "a LayerNorm on the tokens (+ CLS, + positions) before the first block (timm's "
+        "norm_pre, CLIP-style image ViTs; model 2: before its spatial encoder)")
+    final_norm: str = config_field(
+        "tokens", "the last LayerNorm: on every output token (tokens, timm's norm), on the pooled "
+        "token instead (pooled, timm's fc_norm with global_pool=avg), or none (model 2: its "
+        "spatial encoder's norm; the temporal encoder always norms its tokens)", choices=FINAL_NORMS)
+
+    def to_dict(self) -> dict:
+        """The architecture; the inflation fields only when set (see _OPTIONAL_AT_DEFAULT)."""
+        d = super().to_dict()
+        for key, default in _OPTIONAL_AT_DEFAULT.items():
+            if key in d and d[key] == default:
+                d.pop(key)
+        return d
 
     def __post_init__(self):
         self.tubelet = tuple(int(v) for v in self.tubelet)
@@ -164,6 +184,15 @@ class ViViTConfig(VideoViTConfig):
     class_token: bool = config_field(
         True, "prepend a learned CLS token and classify it (ViViT); false: classify the mean of "
         "the tokens (needed for masked pretraining and for an exact inflated image ViT)")
+    pool: str = config_field(
+        "auto", "what is classified: auto (the CLS token with class_token, else the mean of the "
+        "tokens), token (the CLS token) or mean (the mean of the non-CLS tokens, timm's "
+        "global_pool=avg)", choices=POOLS)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.pool == "token" and not self.class_token:
+            raise UserError("model config: pool=token needs class_token=true")
 
 
 @dataclass
@@ -194,6 +223,9 @@ class TimeSformerConfig(VideoViTConfig):
     zero_init_temporal_fc: bool = config_field(
         True, "TimeSformer's init: temporal_fc of every block but the first starts at zero, so "
         "those blocks start as space-only attention")
+    pool: str = config_field(
+        "auto", "what is classified: auto or token (the CLS token) or mean (the mean of the "
+        "patch tokens, timm's global_pool=avg)", choices=POOLS)
 
 
 # ---- positions and the CLS token --------------------------------------------------------------
@@ -352,6 +384,7 @@ class VideoTransformer(nn.Module):
 
     accepts_images = True   # one-frame clips (as_clip)
     pooling = "token"       # "token": classify features[:, 0]; "mean": the mean of the tokens
+    num_prefix_tokens = 0   # leading CLS tokens that "mean" pooling leaves out
 
     def __init__(self, config: VideoViTConfig):
         super().__init__()
@@ -359,11 +392,25 @@ class VideoTransformer(nn.Module):
         self.config = config
         self.tokenizer = SparseTubeTokenizer([config.tube], config.dim, in_chans=config.in_chans)
         self.pos_drop = nn.Dropout(config.drop_rate)
+        # timm's norm_pre; an Identity (no parameters, no state) unless asked for
+        self.norm_pre = self._norm() if config.norm_pre else nn.Identity()
         self.grad_checkpointing = False
         self.all_parameters_in_forward = False
 
     def _norm(self) -> nn.LayerNorm:
         return nn.LayerNorm(self.config.dim, eps=self.config.norm_eps)
+
+    def _final_norm(self) -> nn.Module:
+        """The image side's last norm (config.final_norm): a LayerNorm, or Identity for none."""
+        return nn.Identity() if self.config.final_norm == "none" else self._norm()
+
+    def _token_norm(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """`norm` on every token when final_norm is "tokens"; else the tokens as they are."""
+        return norm(x) if self.config.final_norm == "tokens" else x
+
+    def _pooled_norm(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """`norm` on a pooled token when final_norm is "pooled" (timm's fc_norm)."""
+        return norm(x) if self.config.final_norm == "pooled" else x
 
     def _blocks(self, block_type, depth: int) -> nn.ModuleList:
         c = self.config
@@ -418,8 +465,10 @@ class VideoTransformer(nn.Module):
         raise NotImplementedError
 
     def pool_tokens(self, features: torch.Tensor) -> torch.Tensor:
-        """(B, n, d) features -> (B, d): the CLS token (first), or the mean of the tokens."""
-        return features[:, 0] if self.pooling == "token" else features.mean(1)
+        """(B, n, d) features -> (B, d): the CLS token (first), or the mean of the tokens after
+        any CLS token; then the final norm when it is on the pooled token (final_norm=pooled)."""
+        pooled = features[:, 0] if self.pooling == "token" else features[:, self.num_prefix_tokens:].mean(1)
+        return self._pooled_norm(self.norm, pooled)
 
     def forward_head(self, features: torch.Tensor, dataset: str | None = None) -> torch.Tensor:
         return self.heads[self._dataset(dataset)](self.head_drop(self.pool_tokens(features)))
@@ -504,9 +553,10 @@ class ViViT(VideoTransformer):
         c = config
         self.pos_embed = LearnedPositions(c.pos_grid, c.dim)
         self.cls_token = ClassToken(c.dim) if c.class_token else None
-        self.pooling = "token" if c.class_token else "mean"
+        self.pooling = c.pool if c.pool != "auto" else "token" if c.class_token else "mean"
+        self.num_prefix_tokens = int(c.class_token)
         self.blocks = self._blocks(Block, c.depth)
-        self.norm = self._norm()
+        self.norm = self._final_norm()
         self._finish()
 
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
@@ -515,15 +565,18 @@ class ViViT(VideoTransformer):
         return self.pos_drop(self.pos_embed(z, grid).flatten(1, 2))            # (B, N, d)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Tokens (B, n, dim), all or any subset of `tokens(x)` -> (CLS +) blocks + final norm."""
+        """Tokens (B, n, dim), all or any subset of `tokens(x)` -> (CLS +) norm_pre + blocks +
+        final norm (on tokens; with final_norm=pooled it comes after pooling)."""
         if self.cls_token is not None:
             x = self.cls_token(x)                                              # (B, 1+n, d)
+        x = self.norm_pre(x)
         for block in self.blocks:
             x = self._run(block, x)
-        return self.norm(x)
+        return self._token_norm(self.norm, x)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, [1+]N, d) after the final norm, CLS first when the model has one."""
+        """(B, [1+]N, d) after the final norm (unless it is on the pooled token), CLS first
+        when the model has one."""
         return self.encode(self.tokens(x))
 
     # Masked modelling (mae.py) with class_token=false: VideoMAE's geometry and decoder positions.
@@ -544,23 +597,36 @@ class ViViTFE(VideoTransformer):
         self.pos_embed = FactorisedPositions(c.pos_grid, c.dim)  # .space: spatial encoder, .time: temporal
         self.cls_token = ClassToken(c.dim) if c.spatial_pool == "token" else None
         self.blocks = self._blocks(Block, c.depth)               # the spatial encoder
-        self.spatial_norm = self._norm()
+        self.spatial_norm = self._final_norm()                   # config.final_norm applies here
         self.temporal_cls_token = ClassToken(c.dim)
         self.temporal_blocks = self._blocks(Block, c.temporal_depth)
         self.norm = self._norm()
         self._finish()
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 1 + nt, d): the temporal encoder's output, its CLS token first."""
+    def spatial_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, nt, [1+]ns, d): the spatial encoder's output per temporal index (CLS first when
+        spatial_pool=token), after its norm unless final_norm puts that on the pooled token."""
         z, (nt, nh, nw) = self.embed(x)                                        # (B, nt, ns, d)
         B, _, ns, d = z.shape
         z = self.pos_drop(self.pos_embed.space(z, (nt, nh, nw))).reshape(B * nt, ns, d)
         if self.cls_token is not None:
             z = self.cls_token(z)                                              # (B*nt, 1+ns, d)
+        z = self.norm_pre(z)
         for block in self.blocks:
             z = self._run(block, z)
-        z = self.spatial_norm(z)
-        h = z[:, 0] if self.cls_token is not None else z.mean(1)               # (B*nt, d)
+        z = self._token_norm(self.spatial_norm, z)
+        return z.reshape(B, nt, z.shape[1], d)
+
+    def pool_tokens(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, 1 + nt, d) -> (B, d): the temporal CLS token (the temporal encoder norms its tokens)."""
+        return features[:, 0]
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 1 + nt, d): the temporal encoder's output, its CLS token first."""
+        z = self.spatial_features(x)                                           # (B, nt, [1+]ns, d)
+        B, nt, _, d = z.shape
+        h = z[:, :, 0] if self.cls_token is not None else z.mean(2)            # (B, nt, d)
+        h = self._pooled_norm(self.spatial_norm, h)
         h = self.pos_embed.time(h.view(B, nt, 1, d), (nt, 1, 1)).view(B, nt, d)
         h = self.temporal_cls_token(h)                                         # (B, 1+nt, d)
         for block in self.temporal_blocks:
@@ -578,16 +644,16 @@ class ViViTFSA(VideoTransformer):
         c = config
         self.pos_embed = LearnedPositions(c.pos_grid, c.dim)
         self.blocks = self._blocks(FactorisedBlock, c.depth)
-        self.norm = self._norm()
+        self.norm = self._final_norm()
         self._finish()
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, d) after the final norm, t-major."""
         z, (nt, nh, nw) = self.embed(x)
-        z = self.pos_drop(self.pos_embed(z, (nt, nh, nw)).flatten(1, 2))      # (B, N, d)
+        z = self.norm_pre(self.pos_drop(self.pos_embed(z, (nt, nh, nw)).flatten(1, 2)))  # (B, N, d)
         for block in self.blocks:
             z = self._run(block, z, (nt, nh * nw))
-        return self.norm(z)
+        return self._token_norm(self.norm, z)
 
 
 class TimeSformer(VideoTransformer):
@@ -598,19 +664,21 @@ class TimeSformer(VideoTransformer):
         c = config
         self.pos_embed = FactorisedPositions(c.pos_grid, c.dim)  # .space = pos_embed, .time = time_embed
         self.cls_token = ClassToken(c.dim)
+        self.pooling = "mean" if c.pool == "mean" else "token"
+        self.num_prefix_tokens = 1
         self.blocks = self._blocks(DividedBlock, c.depth)
-        self.norm = self._norm()
+        self.norm = self._final_norm()
         self._finish()
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 1 + N, d) after the final norm, CLS first, then t-major tokens."""
         z, grid = self.embed(x)                                                # (B, nt, ns, d)
         z = self.pos_embed.time(self.pos_embed.space(z, grid), grid)
-        z = self.cls_token(self.pos_drop(z).flatten(1, 2))                     # (B, 1+N, d)
+        z = self.norm_pre(self.cls_token(self.pos_drop(z).flatten(1, 2)))     # (B, 1+N, d)
         nt, nh, nw = grid
         for block in self.blocks:
             z = self._run(block, z, (nt, nh * nw))
-        return self.norm(z)
+        return self._token_norm(self.norm, z)
 
     @torch.no_grad()
     def init_weights(self) -> None:
