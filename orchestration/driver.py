@@ -24,6 +24,13 @@
   the MLflow run recorded in it; the workers load it (pretrain.train.checkpoint_hook). Ray Train's
   own checkpoints are not used: after a worker failure (FailureConfig) the restarted group
   resumes from our newest committed checkpoint the same way.
+- Node drain (a spot reclaim): the workers poll Ray Train's preemption notice every
+  train.preemption_poll_steps steps, checkpoint at once and train on
+  (pretrain/train/preemption_poll.py); rank 0 reports each notice, which the driver prints
+  ("preemption notice N: ...") and counts. When the node goes, Ray Train restarts the
+  group (FailureConfig.max_preemption_failures = resources.max_preemptions) and it resumes
+  from our newest checkpoint; the driver prints "worker group restart N" and the summary
+  carries "preemptions" and "restarts".
 - Stop: SIGTERM to this process (Ray Jobs' `stop`, a preempted node) sets a flag in the
   sink actor, which every worker polls without blocking each step; a worker that gets
   SIGTERM itself sets its own flag. The ranks agree on a step, write a final checkpoint
@@ -83,7 +90,9 @@ def _train_loop_per_worker(config: dict) -> dict:
             if rank == 0:
                 sink.put.remote(item)  # fire-and-forget: no round trip on the training path
 
-        return train(config, report=report, progress=False, should_stop=_DriverStop(sink))
+        report({"group_start": time.time()})   # the driver counts restarts of the group
+        return train(config, report=report, progress=False, should_stop=_DriverStop(sink),
+                     preemption_info=ray.train.get_preemption_info)
     finally:
         if console is not None:
             console.close()   # its last lines reach the sink before fit() returns
@@ -203,6 +212,7 @@ def run_job(cfg: ExperimentConfig, config_name: str = "run",
         init_ray(cfg)
         _on_sigterm(term)   # ray.init replaces the SIGTERM handler with its own
         sink = _sink_actor().remote()
+        counts = {"group_start": 0, "preemption": 0}
 
         def poll() -> None:
             asked = False
@@ -216,6 +226,8 @@ def run_job(cfg: ExperimentConfig, config_name: str = "run",
                         if on_console:
                             prefix = f"[rank {item['rank']}] " if item.get("rank") else ""
                             on_console("\n".join(prefix + line for line in item["console"]))
+                    elif "group_start" in item or "preemption" in item:
+                        _count(item, counts)
                     elif on_progress:
                         on_progress(item)
                 if done:
@@ -237,7 +249,9 @@ def run_job(cfg: ExperimentConfig, config_name: str = "run",
             scaling_config=ScalingConfig(num_workers=r.workers, use_gpu=r.use_gpu,
                                          resources_per_worker=resources),
             run_config=RunConfig(name=f"{config_name}-{int(time.time())}", storage_path=storage,
-                                 failure_config=FailureConfig(max_failures=r.max_failures)),
+                                 failure_config=FailureConfig(
+                                     max_failures=r.max_failures,
+                                     max_preemption_failures=r.max_preemptions)),
         )
         try:
             summary = trainer.fit().return_value
@@ -267,7 +281,26 @@ def run_job(cfg: ExperimentConfig, config_name: str = "run",
             signal.signal(signal.SIGTERM, previous)
     if summary is None:
         raise RuntimeError("training finished but rank 0 returned no summary")
+    summary["preemptions"] = counts["preemption"]
+    summary["restarts"] = max(counts["group_start"] - 1, 0)
     return summary
+
+
+def _count(item: dict, counts: dict[str, int]) -> None:
+    """A worker group start or a drain notice from rank 0: counted, one line each (after the
+    first start). `pretrain status` reads these lines back from a job's log."""
+    if "group_start" in item:
+        counts["group_start"] += 1
+        if counts["group_start"] > 1:
+            print(f"worker group restart {counts['group_start'] - 1}: resuming from the newest "
+                  "checkpoint", file=sys.stderr, flush=True)
+        return
+    from pretrain.train.preemption_poll import describe
+
+    notice = item["preemption"]
+    counts["preemption"] += 1
+    print(describe(notice, notice.get("step", 0), prefix=f"preemption notice {counts['preemption']}"),
+          file=sys.stderr, flush=True)
 
 
 def _on_sigterm(term: threading.Event):

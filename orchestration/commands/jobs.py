@@ -13,6 +13,7 @@ http://127.0.0.1:8265. See orchestration/ray_jobs.py for names, attempts and res
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -127,7 +128,8 @@ def job_status(client, job: str) -> dict:
 
     record = client.resolve(job)
     # The last lines hold the newest progress line and the summary; never the whole log.
-    progress = ray_jobs.progress_from_logs(client.logs_tail(record.submission_id))
+    tail = client.logs_tail(record.submission_id)
+    progress = ray_jobs.progress_from_logs(tail)
     checkpoint = ray_jobs.latest_checkpoint(record.checkpoint_uri)
     summary = progress.get("summary") or {}
     out = {
@@ -142,7 +144,26 @@ def job_status(client, job: str) -> dict:
         "metrics": summary.get("metrics"),
         "message": record.message, "start_time": record.start_time,
         "end_time": record.end_time, "tags": record.tags,
+        **interruptions(tail, summary),
     }
+    return out
+
+
+_RESTART_RE = re.compile(r"^worker group restart (\d+):", re.M)
+_NOTICE_RE = re.compile(r"^preemption notice (\d+):", re.M)
+
+
+def interruptions(tail: str, summary: dict) -> dict:
+    """Restarts of the worker group and node-drain notices so far: the summary's counts
+    once the run is over, else the newest numbered driver lines in the log's tail (None
+    when the tail holds none: older lines are not read)."""
+    out = {}
+    for key, pattern in (("restarts", _RESTART_RE), ("preemptions", _NOTICE_RE)):
+        if summary.get(key) is not None:
+            out[key] = summary[key]
+        else:
+            found = pattern.findall(tail)
+            out[key] = int(found[-1]) if found else None
     return out
 
 
@@ -159,6 +180,8 @@ def _status(args) -> int:
     if st["tags"]:
         print(f"  tags        {_fmt_tags(st['tags'])}")
     print(f"  checkpoint  {st['checkpoint'] or 'none committed yet'}")
+    if st.get("restarts") or st.get("preemptions"):
+        print(f"  restarts    {st['restarts'] or 0} (preemption notices {st['preemptions'] or 0})")
     if st["mlflow_run_id"]:
         print(f"  mlflow run  {st['mlflow_run_id']}"
               + (f" at {st['tracking_uri']}" if st["tracking_uri"] else ""))

@@ -87,6 +87,9 @@ class TrainConfig:
     eval_at_end: bool = config_field(True, "evaluate after the last step")
     progress_every_s: float = config_field(
         10.0, "seconds between progress lines on the console", min=0.0)
+    preemption_poll_steps: int = config_field(
+        10, "under Ray Train: steps between checks for a node-drain notice (a barrier across "
+        "ranks; on a notice, a checkpoint at once and training goes on; 0 = never check)", min=0)
 
     def __post_init__(self) -> None:
         self.objective = canonical_objective(self.objective)   # an old name -> today's
@@ -122,6 +125,9 @@ class ResourcesConfig:
         "the device name)")
     max_failures: int = config_field(
         0, "Ray Train restarts of the worker group after a failure", min=0)
+    max_preemptions: int = config_field(
+        -1, "Ray Train restarts of the worker group after a node preemption (drain), counted "
+        "apart from max_failures; -1 = any number", min=-1)
     timeout_s: float = config_field(1800.0, "collective-operation timeout in seconds", min=1.0)
 
 

@@ -5,7 +5,7 @@ Reasons to stop, any rank may see one first:
 - SIGTERM to this process (a preempted VM, `kill`, torchrun forwarding it) -> `STOP` is set
   by the handler that `install_sigterm_handler` put on the process's main thread;
 - an external request polled through `external()` (under Ray: the driver's stop flag, set
-  when `pretrain run` itself gets SIGTERM, and Ray's node-drain notice);
+  when `pretrain run` itself gets SIGTERM);
 - `checkpoint.stop_after_step` reached (train in slices; deterministic on every rank; a
   run resumed past that step is not stopped again).
 
@@ -13,6 +13,11 @@ Reasons to stop, any rank may see one first:
 local verdicts (MAX over a tiny CPU tensor; a side gloo group when the main backend is NCCL,
 so the check never syncs the accelerator stream): all ranks break out at the same step
 boundary, which DeepSpeed's collective save needs.
+
+Ray's node-drain notice (a spot VM about to be reclaimed) does not stop the run: every
+`train.preemption_poll_steps` steps the loop asks Ray Train for it and, on a new notice,
+writes a checkpoint at once and trains on until the node goes; Ray Train then restarts the
+worker group, which resumes from that checkpoint (pretrain/train/preemption_poll.py).
 """
 from __future__ import annotations
 

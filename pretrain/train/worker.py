@@ -42,6 +42,7 @@ from pretrain.train.masked import training_model
 from pretrain.train.objectives import Objective, Supervised, make_objective
 from pretrain.train.recon_grid import log_png
 from pretrain.train.preempt import StopAgreement, install_sigterm_handler, training
+from pretrain.train.preemption_poll import PreemptionPoll
 from pretrain.train.tracking import NullLogger, Tracking, open_tracking
 
 Report = Callable[[dict[str, Any]], None]
@@ -103,7 +104,8 @@ def train_micro_step(engine, batch, objective: Objective = SUPERVISED) -> torch.
 
 def train(config: ExperimentConfig | dict, *, report: Report | None = None,
           hook: CheckpointHook | None = None, progress: bool = True,
-          should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
+          should_stop: Callable[[], bool] | None = None,
+          preemption_info: Callable[[], Any] | None = None) -> dict[str, Any]:
     """Train per `config`; returns the summary (final metrics, run id, last checkpoint).
 
     `report(dict)` (optional) is called on rank 0 at log points and after evaluations: the
@@ -113,9 +115,13 @@ def train(config: ExperimentConfig | dict, *, report: Report | None = None,
     cheap, polled every step on every rank) asks for an early stop; so do SIGTERM (see
     pretrain.train.preempt) and checkpoint.stop_after_step. An early stop happens at the
     same step on every rank, writes a final checkpoint and sets summary["stopped"].
+    `preemption_info` (under Ray Train: ray.train.get_preemption_info; a barrier) is asked
+    every train.preemption_poll_steps steps; a node-drain notice means a checkpoint at once,
+    and training goes on (pretrain.train.preemption_poll).
     """
     cfg = config if isinstance(config, ExperimentConfig) else from_dict(ExperimentConfig, config)
-    trainer = Trainer(cfg, report=report, hook=hook, progress=progress, should_stop=should_stop)
+    trainer = Trainer(cfg, report=report, hook=hook, progress=progress, should_stop=should_stop,
+                      preemption_info=preemption_info)
     with training():   # SIGTERM from here on: stop at the next step, final checkpoint
         return trainer.train()
 
@@ -132,8 +138,10 @@ class Trainer:
 
     def __init__(self, cfg: ExperimentConfig, *, report: Report | None = None,
                  hook: CheckpointHook | None = None, progress: bool = True,
-                 should_stop: Callable[[], bool] | None = None) -> None:
+                 should_stop: Callable[[], bool] | None = None,
+                 preemption_info: Callable[[], Any] | None = None) -> None:
         self.cfg, self.hook, self.should_stop = cfg, hook, should_stop
+        self.preemption_info = preemption_info
         self.report_to, self.show_progress = report, progress
         # What `close` releases: nothing until setup makes it.
         self.loader: DeviceBatches | None = None
@@ -188,6 +196,8 @@ class Trainer:
         self.progress = Progress(self.rank if self.show_progress else -1, cfg.train.steps,
                                  self.start_step, cfg.train.progress_every_s)
         self.report = self.report_to if self.rank == 0 else None
+        self.preemption = PreemptionPoll(self.preemption_info, cfg.train.preemption_poll_steps,
+                                         self.rank, self.report)
         self.last: dict[str, float] = {}
         self.step, self.stopped = self.start_step, False
 
@@ -209,6 +219,9 @@ class Trainer:
             if t.eval_every and step % t.eval_every == 0 and step != t.steps:
                 self.timed_eval(step)
             self.hook.maybe_save(step, self.engine, self.loader, self.extra_state)
+            if step < t.steps and self.preemption(step):   # a drain notice: save, go on
+                self.preemption.checkpoint(step, self.hook, self.engine, self.loader,
+                                           self.extra_state)
             if step < t.steps and self.stopper(step):
                 self.stopped = True
                 if self.rank == 0:
@@ -320,6 +333,9 @@ class Trainer:
             "metrics": dict(self.last),
             "logging_s": self.tracking.logger.send_time_s,
         }
+        notices = getattr(self, "preemption", None) and self.preemption.notices
+        if notices:
+            summary["preemption_notices"] = list(notices)
         return summary
 
 
