@@ -74,19 +74,31 @@ def per_index(features, nt, prefix):
 
 @pytest.mark.parametrize("embed_init", ["inflate", "central"])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-@pytest.mark.parametrize("family", ["vivit", "vivit-fe", "vivit-fsa", "timesformer"])
+@pytest.mark.parametrize("family", ["vivit", "vivit-fe", "vivit-fsa", "timesformer", "vtn"])
 def test_boring_video_gives_the_image_tokens_at_every_temporal_index(family, layout, embed_init):
     kw = dict(LAYOUTS[layout])
     img = kw.get("img", 32)
     vit = timm_vit(**kw)
     cls = vit.cls_token is not None
-    model, meta = inflate(vit.state_dict(), family, embed_init=embed_init, tubelet=2, num_frames=4, heads=2)
+    if family == "vtn" and (kw.get("pre_norm") or kw.get("final_norm") is False):
+        with pytest.raises(UserError, match=r"norm_pre\.weight|neither norm\.weight nor fc_norm\.weight"):
+            inflate(vit.state_dict(), family, tubelet=1, heads=2)
+        return
+    model, meta = inflate(vit.state_dict(), family, embed_init=embed_init, tubelet=1 if family == "vtn" else 2,
+                          num_frames=4, heads=2)
     model.eval()
     exact = json.loads(meta["exact_on_repeated_frames"])
     image, clip = boring(img)
     with torch.no_grad():
         theirs = vit.forward_features(image)                      # (1, [1+]ns, d)
-        if family == "vivit-fe":
+        if family == "vtn":
+            ours = model.frame_embeddings(clip)                   # (1, 4, d): one per frame
+            pooled = theirs[:, 0] if cls else theirs.mean(1)
+            assert exact == isinstance(vit.fc_norm, torch.nn.Identity)
+            if exact:
+                for i in range(4):
+                    torch.testing.assert_close(ours[:, i], pooled, rtol=1e-4, atol=1e-4)
+        elif family == "vivit-fe":
             ours = model.spatial_features(clip)                   # (1, nt, [1+]ns, d)
             assert ours.shape[1] == 2
             for i in range(2):
@@ -103,7 +115,8 @@ def test_boring_video_gives_the_image_tokens_at_every_temporal_index(family, lay
             else:   # the documented inexact cases: a CLS token the video model weighs differently
                 assert (family, cls) in {("vivit", True), ("vivit-fsa", True), ("timesformer", False)}
         logits = model(clip, dataset="kinetics")
-    assert exact == (family == "vivit-fe" or (family == "timesformer") == cls)
+    if family != "vtn":
+        assert exact == (family == "vivit-fe" or (family == "timesformer") == cls)
     assert torch.isfinite(logits).all()
 
 
@@ -161,6 +174,12 @@ def test_unmappable_layouts_are_refused_naming_the_tensor():
         inflate({**state, "norm_pre.weight": torch.ones(32)}, "vivit", heads=2)
     with pytest.raises(UserError, match="not an inflatable family"):
         inflate(state, "tubevit", heads=2)
+    with pytest.raises(UserError, match="VTN's frame backbone embeds one frame"):
+        inflate(state, "vtn", heads=2, tubelet=2)
+    # the families that do not implement the image-layout options say so
+    from pretrain.model import create_model
+    with pytest.raises(UserError, match="does not implement model.norm_pre"):
+        create_model("vtn-s", depth=1, norm_pre=True)
     # TubeViT has no pre-norm: refused there, naming the tensor; inflation takes it
     clip_like = timm_vit(class_token=False, global_pool="avg", pre_norm=True).state_dict()
     with pytest.raises(UserError, match=r"norm_pre\.weight"):

@@ -19,18 +19,17 @@ output.
 
 `pretrain bootstrap --image-checkpoint PATH --video-model FAMILY [--embed-init
 inflate|central] [--tubelet T] [--num-frames N] --out FILE` instead inflates the image ViT
-into a ViViT model 1/2/3 or TimeSformer (FAMILY: vivit, vivit-fe, vivit-fsa, timesformer)
-at its width, depth and heads (ViViT sec. 3.5, I3D): positions repeated along time,
+into a ViViT model 1/2/3, TimeSformer or VTN (FAMILY: vivit, vivit-fe, vivit-fsa,
+timesformer, vtn) at its width, depth and heads (ViViT sec. 3.5, I3D): positions repeated along time,
 tubelet filters inflated (E/t at every frame) or central-frame, temporal attention
 zero-initialised. Method, accepted layouts and what is exact: pretrain/model/inflate.py.
-(VTN is not inflatable yet: pretrain/model/vtn.py did not exist when this was written.)
 """
 from __future__ import annotations
 
 import json
 
 HELP = ("Make a video model from an image ViT (timm layout): a TubeViT with a small TubeViT's tube "
-        "kernels (--tubes-from), or an inflated ViViT / TimeSformer (--video-model).")
+        "kernels (--tubes-from), or an inflated ViViT / TimeSformer / VTN (--video-model).")
 
 
 def add_arguments(parser) -> None:
@@ -42,16 +41,16 @@ def add_arguments(parser) -> None:
                              "pretraining) whose 3D tube kernels are reused (the TubeViT bootstrap)")
     parser.add_argument("--video-model", default=None, metavar="FAMILY",
                         help="inflate the image ViT into this family instead: vivit, vivit-fe, vivit-fsa, "
-                             "timesformer (pretrain/model/inflate.py)")
+                             "timesformer, vtn (pretrain/model/inflate.py)")
     parser.add_argument("--embed-init", default="inflate", choices=("inflate", "central"),
                         help="--video-model: tubelet filters from the image's patch filter E: E/t at every "
                              "frame (inflate, default) or E at the central frame, zero elsewhere")
     parser.add_argument("--tubelet", type=int, default=None, metavar="T",
                         help="--video-model: tubelet depth in frames (default the family's: 2, "
-                             "timesformer 1); height and width are the image ViT's patch")
+                             "timesformer and vtn 1); height and width are the image ViT's patch")
     parser.add_argument("--num-frames", type=int, default=None, metavar="N",
                         help="--video-model: clip length the position table is made for (default the "
-                             "family's: 32, timesformer 8)")
+                             "family's: 32, timesformer 8, vtn 256)")
     parser.add_argument("--global-pool", default=None, choices=("token", "avg"),
                         help="--video-model: what the image ViT classified, the CLS token or the mean of "
                              "the tokens (not in a state dict; default: avg with fc_norm or without a "

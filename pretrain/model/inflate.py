@@ -31,6 +31,13 @@ MLP width and heads, its patch size and its position grid (img_size = grid x pat
   token) carry over as config fields. Model 2's spatial encoder is the image model (its
   spatial_norm takes the final norm; spatial_pool is token with a CLS token, else mean); its
   temporal encoder, temporal CLS token and temporal positions are new.
+- VTN (`vtn`): its frame backbone has model 2's spatial encoder's names and is inflated the
+  same way (tubelet 1: one frame, so both embed inits are the image's filter); its time
+  table, Longformer temporal encoder, temporal CLS token and MLP heads are new. vtn.py's
+  backbone has a token norm and no pre-norm: an fc_norm becomes that token norm (a frame's
+  embedding is then the mean of normed tokens, not the norm of the mean: the blocks are
+  exact, the pooled embedding is not, and it feeds a new temporal encoder), and norm_pre or
+  a missing final norm are refused (inflate those into vivit-fe).
 - New, seeded: the heads (one per dataset of `num_classes`), and the parts above marked new.
 
 What is exact on a clip of one repeated frame ("boring video"), each temporal index of the
@@ -39,10 +46,12 @@ output against the image ViT's tokens (timm's forward_features):
   same softmax average), vivit-fsa (no CLS token by design; temporal attention adds zero),
   vivit-fe's spatial encoder (`spatial_features`) with or without a CLS token, and
   timesformer with the image's CLS token (every frame's copy of it sees the same frame, so
-  the mean of its updates is the image's update).
+  the mean of its updates is the image's update); vtn's frame embeddings (`frame_embeddings`:
+  the CLS token, or the mean of the tokens) with a token norm.
 - Not exact, by construction: vivit with a CLS token (one CLS among nt copies of each patch
   token weighs 1/nt of what it did), vivit-fsa from an image ViT with a CLS token (model 3
-  has none: it is dropped), timesformer from one without (its CLS token is new).
+  has none: it is dropped), timesformer from one without (its CLS token is new), vtn from
+  one with fc_norm (above).
 `meta["exact_on_repeated_frames"]` says which case a file is.
 """
 from __future__ import annotations
@@ -55,6 +64,7 @@ from pretrain.errors import UserError
 from pretrain.model.image_vit_weights import ImageViTSpec, image_tensors, inspect_timm
 from pretrain.model.vivit import (TimeSformer, TimeSformerConfig, ViViT, ViViTConfig, ViViTFE,
                                   ViViTFEConfig, ViViTFSA, ViViTFSAConfig)
+from pretrain.model.vtn import VTN, VTNConfig
 
 # family (registry key) -> (config class, model class)
 FAMILIES = {
@@ -62,6 +72,7 @@ FAMILIES = {
     "vivit-fe": (ViViTFEConfig, ViViTFE),
     "vivit-fsa": (ViViTFSAConfig, ViViTFSA),
     "timesformer": (TimeSformerConfig, TimeSformer),
+    "vtn": (VTNConfig, VTN),
 }
 EMBED_INITS = ("inflate", "central")
 GLOBAL_POOLS = ("token", "avg")
@@ -86,18 +97,29 @@ def inflated_config(spec: ImageViTSpec, family: str, *, tubelet: int | None = No
     config_cls, _ = FAMILIES[family]
     defaults = config_cls()
     t = defaults.tubelet[0] if tubelet is None else int(tubelet)
+    norms = dict(norm_pre=spec.norm_pre, final_norm=spec.final_norm)
+    if family == "vtn":   # vtn.py's backbone: one frame, a token norm, no pre-norm
+        if t != 1:
+            raise UserError(f"--tubelet {t}: VTN's frame backbone embeds one frame at a time (tubelet 1)")
+        if spec.norm_pre:
+            raise UserError("the image ViT's norm_pre.weight (a LayerNorm before the first block) cannot be "
+                            "mapped onto VTN, whose backbone has no pre-norm; inflate it into vivit-fe "
+                            "(the same factorisation: a per-frame spatial encoder, then a temporal one)")
+        if spec.final_norm == "none":
+            raise UserError("the image ViT has neither norm.weight nor fc_norm.weight; VTN's backbone "
+                            "norm (spatial_norm) would have no counterpart: inflate it into vivit-fe")
+        norms = {}        # fc_norm becomes the token norm (module docstring)
     fields = dict(depth=spec.depth, dim=spec.dim, mlp_dim=spec.mlp_dim, heads=spec.heads,
                   tubelet=(t, spec.patch, spec.patch), img_size=spec.grid[0] * spec.patch,
                   num_frames=defaults.num_frames if num_frames is None else int(num_frames),
-                  in_chans=spec.in_chans, qkv_bias=spec.qkv_bias, norm_eps=1e-6,
-                  norm_pre=spec.norm_pre, final_norm=spec.final_norm)
+                  in_chans=spec.in_chans, qkv_bias=spec.qkv_bias, norm_eps=1e-6, **norms)
     if num_classes:
         fields["num_classes"] = dict(num_classes)
     if family == "vivit":
         fields.update(class_token=spec.class_token, pool="mean" if pool == "avg" else "auto")
     elif family == "timesformer":
         fields.update(pool="mean" if pool == "avg" else "auto", zero_init_temporal_fc=True)
-    elif family == "vivit-fe":
+    elif family in ("vivit-fe", "vtn"):
         fields.update(spatial_pool="token" if spec.class_token else "mean")
     config = config_cls(**fields)
     config.validate()
@@ -108,7 +130,7 @@ def exact_on_repeated_frames(spec: ImageViTSpec, family: str) -> bool:
     """Whether every temporal index of the inflated model's tokens equals the image ViT's on
     a clip of one repeated frame (model 2: its spatial encoder's)."""
     return {"vivit": not spec.class_token, "vivit-fsa": not spec.class_token,
-            "vivit-fe": True, "timesformer": spec.class_token}[family]
+            "vivit-fe": True, "timesformer": spec.class_token, "vtn": spec.final_norm == "tokens"}[family]
 
 
 # ---- the weights --------------------------------------------------------------------------------
@@ -141,13 +163,14 @@ def inflated_state(src: dict[str, torch.Tensor], spec: ImageViTSpec, family: str
         if family == "timesformer":
             out["pos_embed.time.table"] = torch.zeros(1, nt, grid.shape[2], dtype=grid.dtype)
     has_cls = {"vivit": config.class_token if family == "vivit" else False, "vivit-fsa": False,
-               "vivit-fe": getattr(config, "spatial_pool", None) == "token", "timesformer": True}[family]
+               "vivit-fe": getattr(config, "spatial_pool", None) == "token", "timesformer": True,
+               "vtn": getattr(config, "spatial_pool", None) == "token"}[family]
     if has_cls and spec.class_token:
         out["cls_token.token"] = src["cls.token"] + src["cls.pos"]             # (1, 1, D)
     for key, value in src.items():
         if key.startswith("blocks.") or key.startswith("norm_pre."):
             out[key] = value
-    final = "spatial_norm" if family == "vivit-fe" else "norm"
+    final = "spatial_norm" if family in ("vivit-fe", "vtn") else "norm"
     if spec.final_norm != "none":
         out[f"{final}.weight"], out[f"{final}.bias"] = src["final_norm.weight"], src["final_norm.bias"]
     for i in range(spec.depth):

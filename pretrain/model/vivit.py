@@ -385,10 +385,15 @@ class VideoTransformer(nn.Module):
     accepts_images = True   # one-frame clips (as_clip)
     pooling = "token"       # "token": classify features[:, 0]; "mean": the mean of the tokens
     num_prefix_tokens = 0   # leading CLS tokens that "mean" pooling leaves out
+    image_norms = False     # whether the subclass applies config.norm_pre and config.final_norm
 
     def __init__(self, config: VideoViTConfig):
         super().__init__()
         config_loader.check(config, source=f"the {type(self).__name__} config")
+        if not self.image_norms and (config.norm_pre or config.final_norm != "tokens"):
+            raise UserError(f"{type(self).__name__} does not implement model.norm_pre / model.final_norm "
+                            "(the inflated image ViT layouts of ViViT and TimeSformer); leave them at "
+                            "false / tokens")
         self.config = config
         self.tokenizer = SparseTubeTokenizer([config.tube], config.dim, in_chans=config.in_chans)
         self.pos_drop = nn.Dropout(config.drop_rate)
@@ -548,6 +553,8 @@ class VideoTransformer(nn.Module):
 class ViViT(VideoTransformer):
     """Model 1: joint space-time attention over all tubelet tokens (+ CLS)."""
 
+    image_norms = True
+
     def __init__(self, config: ViViTConfig):
         super().__init__(config)
         c = config
@@ -590,6 +597,8 @@ class ViViT(VideoTransformer):
 
 class ViViTFE(VideoTransformer):
     """Model 2: spatial encoder per temporal index, one representation each, temporal encoder."""
+
+    image_norms = True
 
     def __init__(self, config: ViViTFEConfig):
         super().__init__(config)
@@ -637,6 +646,8 @@ class ViViTFE(VideoTransformer):
 class ViViTFSA(VideoTransformer):
     """Model 3: blocks of spatial MSA, temporal MSA, MLP; mean-pooled (no CLS token)."""
 
+    image_norms = True
+
     pooling = "mean"
 
     def __init__(self, config: ViViTFSAConfig):
@@ -658,6 +669,8 @@ class ViViTFSA(VideoTransformer):
 
 class TimeSformer(VideoTransformer):
     """Divided space-time attention (time first, temporal_fc, CLS averaged over frames)."""
+
+    image_norms = True
 
     def __init__(self, config: TimeSformerConfig):
         super().__init__(config)
