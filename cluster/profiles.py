@@ -87,6 +87,9 @@ class GcpProfile:
 @dataclass
 class JobProfile:
     env: dict[str, Any] = _key("plain (non-secret) environment variables for every job")
+    max_preemptions: int | None = _key(
+        "node preemptions (drains) a job survives: its resources.max_preemptions unless the "
+        "job sets that itself; -1 any number; null: the config's", min=-1)
 
 
 @dataclass
@@ -140,6 +143,13 @@ def load_profile(name_or_path: str, overrides: list[str] | dict | None = None) -
     merged["name"] = path.stem
     _check_values(merged, where)
     return merged
+
+
+def config_overrides(profile: dict | None) -> list[str]:
+    """The training-config overrides a profile implies, to go before the job's own (which
+    win): `job.max_preemptions` -> resources.max_preemptions."""
+    n = ((profile or {}).get("job") or {}).get("max_preemptions")
+    return [] if n is None else [f"resources.max_preemptions={int(n)}"]
 
 
 def _find(name_or_path: str) -> Path:

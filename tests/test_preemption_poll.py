@@ -6,8 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pretrain.train.config import ExperimentConfig, ResourcesConfig, TrainConfig
-from pretrain.train.preemption_poll import (PreemptionPoll, describe, notice_of,
-                                            ray_train_preemption_info)
+from pretrain.train.preemption_poll import PreemptionPoll, describe, notice_of
 
 
 @dataclass
@@ -109,14 +108,46 @@ def test_checkpoint_uses_the_hooks_save_once_per_step(capsys):
     assert "nothing saved" in capsys.readouterr().err
 
 
-def test_not_under_ray_train_no_function(monkeypatch):
-    import sys
-
-    monkeypatch.delitem(sys.modules, "ray", raising=False)
-    assert ray_train_preemption_info() is None
-
-
 def test_config_keys():
     assert TrainConfig.__dataclass_fields__["preemption_poll_steps"].default == 10
     assert ResourcesConfig.__dataclass_fields__["max_preemptions"].default == -1
     assert isinstance(ExperimentConfig, type)
+
+
+def test_driver_counts_notices_and_restarts_and_status_reads_them_back(capsys):
+    from orchestration.commands.jobs import interruptions
+    from orchestration.driver import _count
+
+    counts = {"group_start": 0, "preemption": 0}
+    notice = {"nodes": ["n1"], "ranks": [1], "deadline_ms": None, "step": 30}
+    for item in ({"group_start": 1.0}, {"preemption": notice}, {"group_start": 2.0}):
+        _count(item, counts)
+    assert counts == {"group_start": 2, "preemption": 1}
+    err = capsys.readouterr().err
+    assert "preemption notice 1: node n1 (ranks [1])" in err and "checkpoint at step 30" in err
+    assert "worker group restart 1:" in err
+    assert interruptions(err, {}) == {"restarts": 1, "preemptions": 1}   # a running job's tail
+    assert interruptions("", {"restarts": 0, "preemptions": 2}) == {"restarts": 0,
+                                                                    "preemptions": 2}
+    assert interruptions("nothing", {}) == {"restarts": None, "preemptions": None}
+
+
+def test_spot_profile_sets_max_preemptions_and_the_job_can_override_it():
+    import json
+
+    from cluster.profiles import config_overrides, load_profile
+    from orchestration.commands.cluster import render_job
+
+    assert config_overrides(load_profile("gke-8xh100-spot")) == ["resources.max_preemptions=20"]
+    assert config_overrides(load_profile("gke-8xh100")) == []
+    assert config_overrides(load_profile("local", ["job.max_preemptions=-1"])) == [
+        "resources.max_preemptions=-1"]
+    from pathlib import Path
+
+    smoke = str(Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml")
+    bucket = ["checkpoint.uri=gs://bucket/smoke"]
+    job = json.dumps(render_job("gke-8xh100-spot", smoke, 2, overrides=bucket)["rayjob.yaml"])
+    assert "max_preemptions: 20" in job   # in the job's config (runtime_env)
+    job = json.dumps(render_job("gke-8xh100-spot", smoke, 2,
+                                overrides=[*bucket, "resources.max_preemptions=3"])["rayjob.yaml"])
+    assert "max_preemptions: 3" in job

@@ -78,16 +78,17 @@ def render_job(profile_name: str, config: str, workers: int, *, name: str | None
     import yaml
 
     from cluster import render, validate
-    from cluster.profiles import load_profile
+    from cluster.profiles import config_overrides, load_profile
     from orchestration import ray_jobs
     from pretrain.train.config import load_config
 
-    cfg = load_config(config, [*overrides, f"resources.workers={workers}"])
+    profile = load_profile(profile_name, list(profile_overrides))
+    cfg = load_config(config, [*config_overrides(profile), *overrides,
+                               f"resources.workers={workers}"])
     r = cfg.resources
     shape = render.JobShape(workers=r.workers, use_gpu=r.use_gpu,
                             cpus_per_worker=r.cpus_per_worker,
                             gpus_per_worker=1 if r.use_gpu else 0)
-    profile = load_profile(profile_name, list(profile_overrides))
     placement = render.place(profile, shape)
     name = ray_jobs.check_name(name) if name else render.k8s_name(Path(config).stem)
     what = f"profile '{profile['name']}'"

@@ -80,14 +80,18 @@ def _submit(args) -> int:
 
     from orchestration.tags import parse_tags, to_metadata
 
-    cfg = load_config(args.config, args.overrides)  # a bad config stops here, before any network
-    tags = parse_tags(args.tags)
-    name = ray_jobs.check_name(args.name) if args.name else ray_jobs.default_name(args.config)
     profile = None
     if args.profile:
         from cluster.profiles import load_profile
 
         profile = load_profile(args.profile)
+    from cluster.profiles import config_overrides
+
+    # a bad config stops here, before any network; the profile's keys (spot: max_preemptions)
+    # go first, the job's own overrides win
+    cfg = load_config(args.config, [*config_overrides(profile), *args.overrides])
+    tags = parse_tags(args.tags)
+    name = ray_jobs.check_name(args.name) if args.name else ray_jobs.default_name(args.config)
     address = ray_jobs.resolve_address(args.address, profile)
     loopback = ray_jobs.is_loopback(address)
 

@@ -96,16 +96,3 @@ class PreemptionPoll:
             return None
         return save(step, engine, loader=loader, extra=extra_state())
 
-
-def ray_train_preemption_info() -> GetInfo | None:
-    """`ray.train.get_preemption_info` when this process is a Ray Train worker of a Ray
-    that has it (2.60+), else None (torchrun, older Ray)."""
-    ray = sys.modules.get("ray")
-    if ray is None or not ray.is_initialized():
-        return None
-    try:
-        import ray.train
-
-        return getattr(ray.train, "get_preemption_info", None)
-    except Exception:
-        return None
