@@ -55,6 +55,7 @@ LAYOUTS = {
     "p16-no-cls-norm-pre-no-patch-bias": dict(class_token=False, global_pool="avg", pre_norm=True,
                                               init_values=0.3),
     "p16-cls-no-final-norm": dict(final_norm=False),
+    "p16-cls-no-biases": dict(qkv_bias=False, proj_bias=False),
     "p16-cls-avg-fc-norm": dict(global_pool="avg"),
 }
 

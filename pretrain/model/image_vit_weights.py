@@ -13,6 +13,7 @@ The keys and what they become:
     pos_embed                          (1, [1+]gh*gw, D)     pos_embed.grid (1, gh*gw, D) [+ pos_embed.cls_pos]
     cls_token                          (1, 1, D)             pos_embed.cls_token          (optional)
     blocks.N.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}.{weight,bias}   same names
+                                                             (absent output biases: zero)
     blocks.N.ls1.gamma, ls2.gamma      (D,)                  folded into attn.proj / mlp.fc2 (below)
     norm.{weight,bias}                 (D,)                  norm.*
     fc_norm.{weight,bias}              (D,)                  norm.* (below)
@@ -67,7 +68,9 @@ _BLOCK_PARTS = ("norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias"
                 "attn.proj.bias", "norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias",
                 "mlp.fc2.weight", "mlp.fc2.bias")
 _LAYER_SCALE = ("ls1.gamma", "ls2.gamma")          # LayerScale: folded (module docstring)
-_OPTIONAL_BLOCK_PARTS = {"attn.qkv.bias", *_LAYER_SCALE}   # qkv_bias=False models have no qkv bias
+# qkv_bias=False models have no qkv bias; proj_bias=False ones no output biases (zero: exact)
+_ZERO_IF_ABSENT = ("attn.proj.bias", "mlp.fc1.bias", "mlp.fc2.bias")
+_OPTIONAL_BLOCK_PARTS = {"attn.qkv.bias", *_ZERO_IF_ABSENT, *_LAYER_SCALE}
 _TOP = {"patch_embed.proj.weight", "pos_embed"}
 _OPTIONAL_TOP = {"patch_embed.proj.bias", "cls_token", "norm.weight", "norm.bias", "fc_norm.weight",
                  "fc_norm.bias", "norm_pre.weight", "norm_pre.bias"}
@@ -224,8 +227,10 @@ def inspect_timm(state: dict[str, torch.Tensor], heads: int | None = None,
         expected.update({
             b + "norm1.weight": (dim,), b + "norm1.bias": (dim,), b + "norm2.weight": (dim,),
             b + "norm2.bias": (dim,), b + "attn.qkv.weight": (3 * dim, dim), b + "attn.proj.weight": (dim, dim),
-            b + "attn.proj.bias": (dim,), b + "mlp.fc1.weight": (mlp_dim, dim), b + "mlp.fc1.bias": (mlp_dim,),
-            b + "mlp.fc2.weight": (dim, mlp_dim), b + "mlp.fc2.bias": (dim,)})
+            b + "mlp.fc1.weight": (mlp_dim, dim), b + "mlp.fc2.weight": (dim, mlp_dim)})
+        for part, shape in (("attn.proj.bias", (dim,)), ("mlp.fc1.bias", (mlp_dim,)), ("mlp.fc2.bias", (dim,))):
+            if b + part in state:
+                expected[b + part] = shape
         if has_qkv_bias == {True}:
             expected[b + "attn.qkv.bias"] = (3 * dim,)
         for part in _LAYER_SCALE:
@@ -309,6 +314,12 @@ def image_tensors(state: dict[str, torch.Tensor], spec: ImageViTSpec) -> dict[st
         final_norm.{weight,bias} unless spec.final_norm == "none" (norm or fc_norm),
         norm_pre.{weight,bias} with spec.norm_pre."""
     state = fold_layer_scale(state)
+    for i in range(spec.depth):     # proj_bias=False: the missing output biases are zero
+        for part in _ZERO_IF_ABSENT:
+            key = f"blocks.{i}.{part}"
+            if key not in state:
+                weight = state[key[: -len("bias")] + "weight"]
+                state[key] = torch.zeros(weight.shape[0], dtype=weight.dtype)
     pw = state["patch_embed.proj.weight"]
     out = {"patch.weight": pw,
            "patch.bias": state.get("patch_embed.proj.bias", torch.zeros(pw.shape[0], dtype=pw.dtype))}
