@@ -199,3 +199,27 @@ def test_frame_average_is_the_mean_of_per_frame_softmax():
         image = x[:, :, 0]
         torch.testing.assert_close(frame_average(model, image, dataset="k"), model(image, dataset="k").softmax(-1))
         assert frame_average(small().eval(), x, dataset="k").shape == (2, 3)   # any image-capable model
+
+
+def _saved_bytes(model, x) -> int:
+    """Bytes autograd keeps for backward outside any checkpoint (parameters not counted)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x, dataset="k")
+    return sum(v for k, v in seen.items() if k not in params)
+
+
+def test_checkpointed_chunks_keep_only_the_pixels():
+    model = small(frame_chunk=4).train()
+    plain = [_saved_bytes(model, clip(frames=t, batch=1)) for t in (8, 16)]
+    model.set_grad_checkpointing(True)
+    ckpt = [_saved_bytes(model, clip(frames=t, batch=1)) for t in (8, 16)]
+    pixels_per_frame = 3 * 32 * 32 * 4
+    assert ckpt[1] - ckpt[0] <= 8 * (pixels_per_frame + 4 * 24 * 4 * 4)   # pixels (+ per-frame vectors)
+    assert plain[1] - plain[0] > 2 * (ckpt[1] - ckpt[0])               # every block of every frame
