@@ -212,3 +212,31 @@ def test_cli_inflates_to_a_file_load_model_reads(tmp_path, capsys):
     assert main(["bootstrap", "--image-checkpoint", src, "--video-model", "vivit", "--gate-layer", "1",
                  "--out", out]) == 2
     assert "--gate-layer" in capsys.readouterr().err
+
+
+def test_stored_vivit_architectures_are_unchanged_by_the_new_fields():
+    """norm_pre / final_norm / pool are left out of to_dict() at their defaults, so files and
+    checkpoint manifests written before them match and load."""
+    from pretrain.model.registry import model_config, stored_config
+
+    for name in ("vivit-s", "vivit-fe-s", "vivit-fsa-s", "timesformer-s", "vtn-s"):
+        d = model_config(name).to_dict()
+        assert not {"norm_pre", "final_norm", "pool"} & set(d)
+        assert stored_config(name.rsplit("-", 1)[0], d) == model_config(name)
+    d = model_config("vivit-s", final_norm="pooled", pool="mean").to_dict()
+    assert d["final_norm"] == "pooled" and d["pool"] == "mean"
+
+
+@pytest.mark.parametrize("family", ["timesformer", "vtn", "vivit-fe", "vivit-fsa"])
+def test_cli_every_family(tmp_path, capsys, family):
+    vit = timm_vit(init_values=0.5)
+    src = str(tmp_path / "vit.pth")
+    torch.save({"model": vit.state_dict()}, src)
+    out = str(tmp_path / f"{family}.safetensors")
+    assert main(["bootstrap", "--image-checkpoint", src, "--video-model", family, "--num-frames", "4",
+                 "--heads", "2", "--out", out]) == 0
+    assert "inflated" in capsys.readouterr().out
+    model = load_model(out).eval()
+    assert read_metadata(out)["family"] == family
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randn(1, 3, 4, 32, 32), dataset="kinetics")).all()

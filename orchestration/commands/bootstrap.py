@@ -184,8 +184,8 @@ def run(args) -> int:
         return _inflate(args)
     if args.tubes_from is None:
         raise UserError("pretrain bootstrap needs --tubes-from FILE (a small TubeViT: the TubeViT bootstrap) "
-                        "or --video-model FAMILY (inflate the image ViT into vivit, vivit-fe, vivit-fsa or "
-                        "timesformer)")
+                        "or --video-model FAMILY (inflate the image ViT into vivit, vivit-fe, vivit-fsa, "
+                        "timesformer or vtn)")
     if args.image_checkpoint is None and args.enlarge_kernels is None:
         raise UserError("pretrain bootstrap needs --image-checkpoint PATH (a timm ViT) and --gate-layer S, "
                         "or --enlarge-kernels SET to only enlarge the --tubes-from model's kernels")
