@@ -6,7 +6,7 @@
 
 The image ViT is a timm state dict of any layout image_vit_weights.py accepts (class token
 or not, patch 14 or 16, LayerScale folded into its linear layers, norm_pre, fc_norm or
-norm). The video model is one of vivit.py's families at the image model's width, depth,
+norm). The video model is one of vivit.py's families or VTN at the image model's width, depth,
 MLP width and heads, its patch size and its position grid (img_size = grid x patch):
 
 - Tubelet embedding (t x P x P, t = `tubelet`, default the family's): the image's P x P

@@ -60,6 +60,15 @@ What they share (`VideoTransformer`):
   module whose own forward reads it (positions, CLS tokens included), so ZeRO-3's gather
   hooks see them used.
 
+Image-ViT layouts (pretrain/model/inflate.py inflates a timm ViT into these families):
+`norm_pre` (a LayerNorm before the first block, CLIP-style), `final_norm` (tokens: the
+usual norm on every token; pooled: after pooling instead, timm's fc_norm; none) and, for
+models 1 and TimeSformer, `pool` (mean: the mean of the tokens after the CLS token, timm's
+global_pool=avg). All default off, and to_dict() leaves them out at their defaults, so every
+earlier architecture is unchanged. LayerScale is not a module here: the inflation folds it
+into the linear layers (image_vit_weights.fold_layer_scale). A family that does not apply
+these options (VTN) refuses them (`image_norms`).
+
 Masked pretraining (pretrain/model/mae.py): model 1 without a CLS token (`class_token:
 false`) is VideoMAE's encoder with learned positions, and MaskedAutoencoder wraps it the
 same way (tube masking, the decoder's 1D sin/cos positions). With its CLS token mae.py
