@@ -140,6 +140,36 @@ def test_classification_top1_averages_views_and_skips_padding():
     assert got == {"eval/video_top1": 0.5}
 
 
+def test_frame_average_eval_runs_each_frame_as_an_image_and_averages():
+    """data.eval_frame_average: a clip's prediction is the mean over its frames (and views)
+    of the softmax of the model on each frame alone; the model sees only images."""
+    from types import SimpleNamespace
+
+    from pretrain.train.objectives import make_objective
+
+    class PerFrame(torch.nn.Module):   # class 1 when the frame's mean is positive
+        seen: list = []
+
+        def forward(self, x, dataset=None):
+            self.seen.append(x.ndim)
+            m = x.mean((1, 2, 3))
+            return torch.stack([-m, m], -1) * 10
+
+    # clip 0: 3 of 4 frames positive -> class 1 (right); clip 1: 1 of 4 -> class 0 (wrong)
+    x = torch.ones(2, 3, 4, 2, 2)
+    x[0, :, 0] = -1
+    x[1, :, :3] = -1
+    batch = _Batch("vid", x, torch.tensor([1, 1]), views=1, valid=None)
+    cfg = SimpleNamespace(data=SimpleNamespace(eval_frame_average=True))   # what it reads
+    got = make_objective("supervised", cfg).evaluate(PerFrame(), "video", {"held_out": [batch]},
+                                                     world=1)
+    assert got == {"eval/video_top1": 0.5} and set(PerFrame.seen) == {4}
+    # the clip model itself (no flag) would be called on the 5-D clips
+    PerFrame.seen.clear()
+    make_objective("supervised").evaluate(PerFrame(), "video", {"held_out": [batch]}, world=1)
+    assert set(PerFrame.seen) == {5}
+
+
 def test_all_parameters_forward_gives_every_parameter_a_gradient_and_same_logits():
     model = _tiny_model()
     x = torch.randn(2, 3, 16, 16)   # an image step: the video head and 3-D tube are idle

@@ -121,6 +121,9 @@ class DataConfig:
         4, "temporal views per eval clip (uniformly spaced)", min=1)
     eval_spatial_views: int = config_field(
         3, "spatial views per eval clip (crops along the long side)", min=1)
+    eval_frame_average: bool = config_field(
+        False, "evaluate video frame by frame: every frame through the model as an image, the "
+        "per-frame softmax averaged (the single-frame baseline; image-capable models only)")
     synthetic: SyntheticConfig = config_field(
         help="synthetic demo data made when missing", factory=SyntheticConfig)
 

@@ -67,13 +67,24 @@ class Objective(Protocol):
 class Supervised:
     """Supervised classification: cross-entropy through the batch's dataset head; eval
     metric `eval/<modality>_top1` (a video clip's prediction: the mean of its views'
-    softmax; padding repeats, `valid=False`, run but do not count)."""
+    softmax; padding repeats, `valid=False`, run but do not count). With `frame_average`
+    (data.eval_frame_average) a view's softmax is the mean of its frames' softmax, each
+    frame run as an image: the single-frame baseline (pretrain/model/frame_average.py)."""
 
     eval_splits = ("held_out",)
     eval_at_start = False
 
-    def __init__(self) -> None:
+    def __init__(self, frame_average: bool = False) -> None:
         self.pictures: dict[str, bytes] = {}
+        self.frame_average = frame_average
+
+    def _view_probs(self, model, batch) -> torch.Tensor:
+        """(B*V, classes) softmax of each view."""
+        if self.frame_average and batch.x.ndim == 5:
+            from pretrain.model.frame_average import frame_average
+
+            return frame_average(model, batch.x, dataset=batch.dataset)
+        return model(batch.x, dataset=batch.dataset).float().softmax(-1)
 
     def check_data(self, info: DataInfo) -> None:
         missing = info.unlabelled   # samples stored without a label (pretrain prepare)
@@ -95,8 +106,8 @@ class Supervised:
                  step: int = 0) -> dict[str, float]:
         stats = torch.zeros(2, dtype=torch.float64)   # correct, counted
         for batch in splits["held_out"]:
-            logits = model(batch.x, dataset=batch.dataset).float()                 # (B*V, C)
-            probs = logits.softmax(-1).view(len(batch.y), batch.views, -1).mean(1)  # (B, C)
+            probs = self._view_probs(model, batch)                                  # (B*V, C)
+            probs = probs.view(len(batch.y), batch.views, -1).mean(1)               # (B, C)
             hit = (probs.argmax(-1) == batch.y).cpu()                               # (B,)
             valid = batch.valid.cpu() if batch.valid is not None else torch.ones_like(hit)
             stats[0] += (hit & valid.bool()).sum()
@@ -127,7 +138,8 @@ def _masked(cfg, rank: int) -> Objective:
 
 # name -> factory(experiment config or None, rank)
 OBJECTIVES: dict[str, Callable[[Any, int], Objective]] = {
-    SUPERVISED: lambda cfg, rank: Supervised(),
+    SUPERVISED: lambda cfg, rank: Supervised(
+        frame_average=bool(cfg is not None and cfg.data.eval_frame_average)),
     MASKED: _masked,
 }
 
