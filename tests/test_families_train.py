@@ -30,6 +30,8 @@ FIT = {
     "vivit-fe": {"tubelet": [2, 8, 8], "num_frames": 8, "img_size": 32, "temporal_depth": 1},
     "vivit-fsa": {"tubelet": [2, 8, 8], "num_frames": 8, "img_size": 32},
     "timesformer": {"tubelet": [1, 8, 8], "num_frames": 8, "img_size": 32},
+    "vtn": {"tubelet": [1, 8, 8], "num_frames": 8, "img_size": 32, "temporal_depth": 1,
+            "attention_window": [4], "frame_chunk": 4},   # a window and chunks smaller than a clip
 }
 
 
@@ -73,7 +75,7 @@ def _train_every_family(rank: int, world: int, root: str) -> dict:
 def test_every_family_trains_20_steps_at_zero2_on_two_ranks(small_synthetic):
     rank0, rank1 = run_ranks(_train_every_family, 2, str(small_synthetic), timeout=800)
     assert set(rank0) == {key for key, _ in family_models()}
-    assert {"vivit", "vivit-fe", "vivit-fsa", "timesformer", "videomae", "tubevit"} <= set(rank0)
+    assert {"vivit", "vivit-fe", "vivit-fsa", "timesformer", "vtn", "videomae", "tubevit"} <= set(rank0)
     for key, result in rank0.items():
         assert result["steps"] == STEPS and rank1[key]["steps"] == STEPS, (key, result)
         assert result["loss"] is not None and math.isfinite(result["loss"]), (key, result)
