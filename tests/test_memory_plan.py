@@ -107,3 +107,23 @@ def test_zero3_memory_benchmark_runs_the_real_training_code(tmp_path):
     assert len(result["sharded_peak_gib_per_worker"]) == 2 and result["precision"] == "bf16"
     assert result["loss"]["unsharded"] == pytest.approx(result["loss"]["sharded"], rel=1e-3)
     assert result["ratio"] > 0 and result["plan_sharded_gib"]["total"] > 0
+
+
+def test_factorised_blocks_and_vtn_count_their_own_activations():
+    """Divided / factorised attention keeps a second attention's tensors per block; VTN's
+    chunked, checkpointed backbone keeps one chunk live whatever the clip length."""
+    kw = dict(micro_batch=1, precision="bf16", overhead_gib=0.0)
+    with torch.device("meta"):
+        joint, fsa, divided = (create_model(n) for n in ("vivit-b", "vivit-fsa-b", "timesformer-b"))
+        vtn = create_model("vtn-b")
+    acts = {name: plan_memory(model, (16, 224, 224), **kw)["bytes"]["activations"]
+            for name, model in (("joint", joint), ("fsa", fsa), ("divided", divided))}
+    # same 1568 tokens: per block (16 N d + 2 N m) and (17 N d + 2 N m) against (9 N d + 2 N m)
+    d, m = 768, 3072
+    assert acts["fsa"] / acts["joint"] == pytest.approx((16 * d + 2 * m) / (9 * d + 2 * m), rel=0.02)
+    assert acts["divided"] > acts["fsa"]
+    vtn_acts = {(T, ckpt): plan_memory(vtn, (T, 224, 224), activation_checkpointing=ckpt, **kw)
+                ["bytes"]["activations"] for T in (64, 256) for ckpt in (False, True)}
+    assert vtn_acts[256, False] / vtn_acts[64, False] == pytest.approx(4.0, rel=0.01)
+    assert vtn_acts[256, True] / vtn_acts[64, True] < 1.1          # bounded by the chunk
+    assert vtn_acts[256, True] < vtn_acts[64, False] / 3

@@ -326,6 +326,10 @@ class FactorisedBlock(nn.Module):
     The spatial half keeps timm's names (norm1, attn, norm2, mlp), so an image ViT's block
     maps onto it and the temporal MSA is the new part (`temporal_norm`, `temporal_attn`)."""
 
+    # What backward keeps per token, in units of d (pretrain/train/memory.py): a plain
+    # block's 9 plus the temporal MSA's norm in/out, q, k, v, attention out and proj in.
+    saved_per_token_d = 16
+
     def __init__(self, dim, num_heads, mlp_dim, qkv_bias=True, proj_drop=0.0, attn_drop=0.0,
                  drop_path=0.0, norm_layer=nn.LayerNorm):
         super().__init__()
@@ -356,6 +360,9 @@ class DividedBlock(nn.Module):
     through MSA_s(LN(.)); the patch tokens add their result, the CLS token adds the mean of
     its copies' results over the frames. Then the MLP. Names are TimeSformer's (norm1, attn,
     temporal_norm1, temporal_attn, temporal_fc, norm2, mlp), spatial half timm's."""
+
+    # Per token, in units of d (pretrain/train/memory.py): model 3's 16 plus temporal_fc's input.
+    saved_per_token_d = 17
 
     def __init__(self, dim, num_heads, mlp_dim, qkv_bias=True, proj_drop=0.0, attn_drop=0.0,
                  drop_path=0.0, norm_layer=nn.LayerNorm):

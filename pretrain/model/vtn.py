@@ -146,6 +146,12 @@ class MlpHead(nn.Sequential):
 class VTN(VideoTransformer):
     """Frame ViT (chunked) -> frame embeddings + time table -> Longformer encoder -> MLP head."""
 
+    def activation_bytes(self, size: tuple[int, ...], micro_batch: int = 1, bytes_per: int = 2,
+                         activation_checkpointing: bool = False) -> int:
+        """What `pretrain plan` counts as activations for VTN (the module function below:
+        with checkpointing, one chunk's backbone at a time, whatever the clip length)."""
+        return activation_bytes(self, size, micro_batch, bytes_per, activation_checkpointing)
+
     def __init__(self, config: VTNConfig):
         super().__init__(config)
         c = config
