@@ -1,13 +1,15 @@
 """Every video model family trains under the real trainer: 2 ranks (gloo, one process each),
-DeepSpeed ZeRO-2, the joint loader on synthetic clips and images, 20 steps per family.
+DeepSpeed ZeRO-2 and ZeRO-3, the joint loader on synthetic clips and images, 20 steps per
+family and stage.
 
 This is pretrain.train.worker.train as the Ray workers run it (without Ray: the families do
 not change the orchestration, which the pretrain-run tests cover), each family at a tiny
-width, in one pair of processes so DeepSpeed and torch are imported once. Checks per family:
-20 steps on both ranks with a finite loss, on the joint schedule (video_ratio 0.6: 20 steps
-without an image step have probability 4e-5, and every family takes images as one-frame
-clips). Families are read from the registry, so a family added there is trained here too
-(with its tiny-size fit in FIT when its defaults do not fit 8x32x32 clips).
+width, in one pair of processes so DeepSpeed and torch are imported once. Checks per family
+and stage: 20 steps on both ranks with a finite loss, on the joint schedule (video_ratio
+0.6: 20 steps without an image step have probability 4e-5, and every family takes images
+as one-frame clips). Families are read from the
+registry, so a family added there is trained here too (with its tiny-size fit in FIT when
+its defaults do not fit 8x32x32 clips).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from tests.fixtures.ranks import run_ranks
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_world_env")]
 
 STEPS = 20
+STAGES = (2, 3)
 TINY = {"depth": 1, "dim": 48, "heads": 2, "mlp_dim": 96}
 # Per family: what makes its tiny size fit 8x32x32 clips and 32 px images.
 FIT = {
@@ -56,26 +59,30 @@ def _train_every_family(rank: int, world: int, root: str) -> dict:
 
     out = {}
     for key, name in family_models():
-        cfg = from_dict(ExperimentConfig, {
-            "model": _model_section(key, name),
-            "data": {"video_uri": f"{root}/video/train", "image_uri": f"{root}/image/train",
-                     "frames": 8, "frame_stride": 1, "size": 32, "image_size": 32,
-                     "batch_size": 2, "image_batch_size": 2, "video_ratio": 0.6,
-                     "num_workers": 0, "cache_dir": f"{root}/cache-{key}"},
-            "train": {"steps": STEPS, "zero_stage": 2, "precision": "fp32", "lr": 1e-3,
-                      "warmup_steps": 2, "log_every": 5, "eval_every": 0, "eval_at_end": False},
-            "tracking": {"enabled": False},
-        }, source=f"the {key} training test")
-        summary = train(cfg, progress=False)
-        out[key] = {"steps": summary["steps"], "loss": summary["metrics"].get("train/loss")}
+        for stage in STAGES:
+            cfg = from_dict(ExperimentConfig, {
+                "model": _model_section(key, name),
+                "data": {"video_uri": f"{root}/video/train", "image_uri": f"{root}/image/train",
+                         "frames": 8, "frame_stride": 1, "size": 32, "image_size": 32,
+                         "batch_size": 2, "image_batch_size": 2, "video_ratio": 0.6,
+                         "num_workers": 0, "cache_dir": f"{root}/cache-{key}"},
+                "train": {"steps": STEPS, "zero_stage": stage, "precision": "fp32", "lr": 1e-3,
+                          "warmup_steps": 2, "log_every": 5, "eval_every": 0,
+                          "eval_at_end": False},
+                "tracking": {"enabled": False},
+            }, source=f"the {key} training test")
+            summary = train(cfg, progress=False)
+            out[key, stage] = {"steps": summary["steps"],
+                               "loss": summary["metrics"].get("train/loss")}
     return out
 
 
 @pytest.mark.timeout(900)
-def test_every_family_trains_20_steps_at_zero2_on_two_ranks(small_synthetic):
+def test_every_family_trains_at_zero2_and_zero3_on_two_ranks(small_synthetic):
     rank0, rank1 = run_ranks(_train_every_family, 2, str(small_synthetic), timeout=800)
-    assert set(rank0) == {key for key, _ in family_models()}
-    assert {"vivit", "vivit-fe", "vivit-fsa", "timesformer", "vtn", "videomae", "tubevit"} <= set(rank0)
-    for key, result in rank0.items():
-        assert result["steps"] == STEPS and rank1[key]["steps"] == STEPS, (key, result)
-        assert result["loss"] is not None and math.isfinite(result["loss"]), (key, result)
+    families = {key for key, _ in family_models()}
+    assert {"vivit", "vivit-fe", "vivit-fsa", "timesformer", "vtn", "videomae", "tubevit"} <= families
+    assert set(rank0) == {(key, stage) for key in families for stage in STAGES}
+    for (key, stage), result in rank0.items():
+        assert result["steps"] == STEPS and rank1[key, stage]["steps"] == STEPS, (key, stage, result)
+        assert result["loss"] is not None and math.isfinite(result["loss"]), (key, stage, result)
