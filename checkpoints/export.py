@@ -122,12 +122,21 @@ def consolidate(folder: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def stored_model_config(d: dict):
-    """The model config a manifest records, of the one registered family whose keys it has
-    (their key sets differ: TubeViT's tubes, VideoMAE's tubelet, a masked autoencoder's
-    encoder and decoder)."""
-    from pretrain.model.registry import FAMILIES
+def stored_model_config(d: dict, name: str | None = None):
+    """The model config a manifest records. `name` (the run config's model.name, which every
+    manifest `pretrain run` writes holds) says its family: ViViT, its factorised variants and
+    TimeSformer share most keys, so the keys alone cannot tell them apart. Without a name (or
+    when the named family does not read it: a masked run names its encoder), the one
+    registered family whose keys it has (TubeViT's tubes, VideoMAE's tubelet, a masked
+    autoencoder's encoder and decoder)."""
+    from pretrain.model.registry import FAMILIES, presets, stored_config
 
+    named = presets().get(name or "")
+    if named is not None:
+        try:
+            return stored_config(next(f.key for f in FAMILIES if f.config is named[0]), d)
+        except UserError:
+            pass
     errors = []
     for family in FAMILIES:
         try:
@@ -152,7 +161,8 @@ def export_checkpoint(uri: str, out: str, dtype: str = "fp32", local_dir: str | 
                         "exported file could not describe the model; it was not written by "
                         "`pretrain run`")
     try:
-        config = stored_model_config(manifest.model_config)
+        config = stored_model_config(manifest.model_config,
+                                     ((manifest.config or {}).get("model") or {}).get("name"))
     except Exception as exc:
         raise UserError(f"checkpoint {info.uri} has a model config no model family reads "
                         f"({exc})") from None
