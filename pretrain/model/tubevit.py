@@ -43,7 +43,7 @@ from pretrain.model.posembed import (FixedPositionEmbedding, LearnedPositionEmbe
                                      tube_coords)
 from pretrain.model.tubes import (TUBE_SETS, SparseTubeTokenizer, TubeSpec, image_grid, image_tube_index,
                                   resolve_tubes)
-from pretrain.model.vit import AttentionPool, Block, TanhGate, init_linear_and_norm
+from pretrain.model.vit import AttentionPool, Block, TanhGate, head_name, idle_heads, init_linear_and_norm
 
 KERNEL_MODES = ("separate", "interpolated")
 POS_EMBEDS = ("fixed", "learned")
@@ -276,10 +276,7 @@ class TubeViT(nn.Module):
             return self.forward_head(self.forward_features(x), name)
         pooled = self.head_drop(self.pool(self.forward_features(x)))      # (B, d)
         logits = self.heads[name](pooled)                                 # (B, classes)
-        idle = logits.new_zeros(())
-        for other, head in self.heads.items():       # the other datasets' heads
-            if other != name:
-                idle = idle + head(pooled).sum()
+        idle = idle_heads(self.heads, name, pooled)
         if x.ndim == 4:                              # image: the video-only tubes are idle
             idle = idle + self.tokenizer(x.new_zeros(self._smallest_clip())).sum()
         return logits + 0.0 * idle
@@ -309,13 +306,7 @@ class TubeViT(nn.Module):
         return (1, self.config.in_chans, *thw)
 
     def _dataset(self, dataset: str | None) -> str:
-        if dataset is None:
-            if len(self.heads) == 1:
-                return self.datasets[0]
-            raise UserError(f"this model has several heads; pass dataset= one of: {', '.join(self.datasets)}")
-        if dataset not in self.heads:
-            raise UserError(f"dataset {dataset!r} has no head in this model; its heads: {', '.join(self.datasets)}")
-        return dataset
+        return head_name(self.heads, dataset)
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names to exclude from weight decay: biases, norms, pool query, gate,

@@ -39,7 +39,7 @@ from pretrain.config_loader import config_field
 from pretrain.errors import UserError
 from pretrain.model.family import ModelConfig
 from pretrain.model.tubes import SparseTubeTokenizer, TubeSpec, video_grids
-from pretrain.model.vit import Block, init_linear_and_norm
+from pretrain.model.vit import Block, head_name, idle_heads, init_linear_and_norm
 
 
 def sinusoid_table(n: int, dim: int) -> torch.Tensor:
@@ -187,10 +187,7 @@ class VideoMAE(nn.Module):
         pooled = self.head_drop(self.pool(self.forward_features(x)))       # (B, d)
         logits = self.heads[name](pooled)
         if self.all_parameters_in_forward and self.training and torch.is_grad_enabled():
-            # The other datasets' heads take part with a zero contribution (see TubeViT's
-            # set_all_parameters_in_forward: ZeRO-3 would reuse stale gradients otherwise).
-            idle = sum((h(pooled).sum() for n, h in self.heads.items() if n != name), logits.new_zeros(()))
-            logits = logits + 0.0 * idle
+            logits = logits + 0.0 * idle_heads(self.heads, name, pooled)
         return logits
 
     def set_all_parameters_in_forward(self, enable: bool = True) -> None:
@@ -198,13 +195,7 @@ class VideoMAE(nn.Module):
         self.all_parameters_in_forward = enable
 
     def _dataset(self, dataset: str | None) -> str:
-        if dataset is None:
-            if len(self.heads) == 1:
-                return self.datasets[0]
-            raise UserError(f"this model has several heads; pass dataset= one of: {', '.join(self.datasets)}")
-        if dataset not in self.heads:
-            raise UserError(f"dataset {dataset!r} has no head in this model; its heads: {', '.join(self.datasets)}")
-        return dataset
+        return head_name(self.heads, dataset)
 
     # ---- the masked-modelling interface (pretrain/model/mae.py) -------------------------
 

@@ -1,4 +1,5 @@
-"""Pre-LN ViT building blocks: Attention, Mlp, DropPath, Block, AttentionPool, TanhGate.
+"""Pre-LN ViT building blocks: Attention, Mlp, DropPath, Block, AttentionPool, TanhGate; and
+what every family does with its per-dataset heads (`head_name`, `idle_heads`).
 
 Submodule names follow timm's `vision_transformer.py` (norm1, attn.qkv, attn.proj, norm2,
 mlp.fc1, mlp.fc2), so an image ViT's weights map onto `blocks.N.*` without renaming, and a
@@ -9,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from pretrain.errors import UserError
 
 
 class Attention(nn.Module):
@@ -154,3 +157,22 @@ def init_linear_and_norm(module: nn.Module) -> None:
         elif isinstance(m, nn.LayerNorm):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+
+
+def head_name(heads: nn.ModuleDict, dataset: str | None) -> str:
+    """The dataset whose head a forward uses: `dataset`, or the only one when None; a
+    UserError naming the heads otherwise (before any expensive work)."""
+    if dataset is None:
+        if len(heads) == 1:
+            return next(iter(heads))
+        raise UserError(f"this model has several heads; pass dataset= one of: {', '.join(heads)}")
+    if dataset not in heads:
+        raise UserError(f"dataset {dataset!r} has no head in this model; its heads: {', '.join(heads)}")
+    return dataset
+
+
+def idle_heads(heads: nn.ModuleDict, used: str, pooled: torch.Tensor) -> torch.Tensor:
+    """The other datasets' heads on `pooled`, summed: a training forward adds this with weight
+    0 so every head gets a (zero) gradient. ZeRO-3 would otherwise reuse an idle head's stale
+    gradient partition (TubeViT.set_all_parameters_in_forward says more)."""
+    return sum((h(pooled).sum() for n, h in heads.items() if n != used), pooled.new_zeros(()))

@@ -93,7 +93,7 @@ from pretrain.errors import UserError
 from pretrain.model.family import ModelConfig
 from pretrain.model.tubes import SparseTubeTokenizer, TubeSpec, video_grids
 from pretrain.model.videomae import sinusoid_table
-from pretrain.model.vit import Attention, Block, DropPath, Mlp, init_linear_and_norm
+from pretrain.model.vit import Attention, Block, DropPath, Mlp, head_name, idle_heads, init_linear_and_norm
 
 SPATIAL_POOLS = ("token", "mean")
 POOLS = ("auto", "token", "mean")
@@ -499,11 +499,8 @@ class VideoTransformer(nn.Module):
         pooled = self.head_drop(self.pool_tokens(self.forward_features(x)))   # (B, d)
         logits = self.heads[name](pooled)
         if self.all_parameters_in_forward and self.training and torch.is_grad_enabled():
-            # The other datasets' heads take part with a zero contribution (ZeRO-3 would reuse
-            # a stale gradient partition otherwise; TubeViT.set_all_parameters_in_forward).
-            # Nothing else idles: images use every layer of these families.
-            idle = sum((h(pooled).sum() for n, h in self.heads.items() if n != name), logits.new_zeros(()))
-            logits = logits + 0.0 * idle
+            # Only the other heads idle: images use every layer of these families.
+            logits = logits + 0.0 * idle_heads(self.heads, name, pooled)
         return logits
 
     def set_all_parameters_in_forward(self, enable: bool = True) -> None:
@@ -511,13 +508,7 @@ class VideoTransformer(nn.Module):
         self.all_parameters_in_forward = enable
 
     def _dataset(self, dataset: str | None) -> str:
-        if dataset is None:
-            if len(self.heads) == 1:
-                return self.datasets[0]
-            raise UserError(f"this model has several heads; pass dataset= one of: {', '.join(self.datasets)}")
-        if dataset not in self.heads:
-            raise UserError(f"dataset {dataset!r} has no head in this model; its heads: {', '.join(self.datasets)}")
-        return dataset
+        return head_name(self.heads, dataset)
 
     # ---- token geometry (flops.py; the masked-modelling interface of ViViT) ---------------
 
