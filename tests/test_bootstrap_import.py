@@ -24,12 +24,8 @@ from pretrain.train.optim import build_optimizer  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster, and far faster when the cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):   # tests/fixtures/threads.py
     yield
-    torch.set_num_threads(before)
 
 
 SMALL_TUBES = [

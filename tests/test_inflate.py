@@ -24,11 +24,8 @@ from pretrain.model.inflate import inflate  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):   # tests/fixtures/threads.py
     yield
-    torch.set_num_threads(before)
 
 
 def timm_vit(patch=16, img=32, dim=32, depth=2, heads=2, **kw):

@@ -20,11 +20,8 @@ timm = pytest.importorskip("timm")
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):   # tests/fixtures/threads.py
     yield
-    torch.set_num_threads(before)
 
 
 def timm_vit(dim, heads, depth=2):
