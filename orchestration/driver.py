@@ -31,6 +31,12 @@
   group (FailureConfig.max_preemption_failures = resources.max_preemptions) and it resumes
   from our newest checkpoint; the driver prints "worker group restart N" and the summary
   carries "preemptions" and "restarts".
+- Elastic workers (`resources.workers: [min, max]`): ScalingConfig(num_workers=(min, max));
+  Ray Train starts the group on as many workers as the cluster holds, restarts it on fewer
+  when a node is lost (a failure, FailureConfig) and on more when capacity returns (checked
+  every resources.elastic_resize_every_s). Each start resumes from our newest checkpoint
+  with the global batch of max workers (pretrain/train/elastic.py); the driver prints the
+  size of each restart and the summary lists them ("world_sizes").
 - Stop: SIGTERM to this process (Ray Jobs' `stop`, a preempted node) sets a flag in the
   sink actor, which every worker polls without blocking each step; a worker that gets
   SIGTERM itself sets its own flag. The ranks agree on a step, write a final checkpoint
@@ -52,6 +58,7 @@ from pretrain.data.metadata import DataInfo
 from pretrain.errors import UserError
 from pretrain.process_env import config_env
 from pretrain.train.config import ExperimentConfig, to_dict
+from pretrain.train.elastic import is_elastic, worker_range
 from pretrain.train.tracking import end_run, start_run, usable_tracking_uri
 
 # Set to "0" before ray is imported, Ray keeps a 127.0.0.1 node address instead of swapping in
@@ -90,7 +97,9 @@ def _train_loop_per_worker(config: dict) -> dict:
             if rank == 0:
                 sink.put.remote(item)  # fire-and-forget: no round trip on the training path
 
-        report({"group_start": time.time()})   # the driver counts restarts of the group
+        # the driver counts restarts of the group and the sizes it ran at (elastic workers)
+        report({"group_start": time.time(),
+                "world_size": ray.train.get_context().get_world_size()})
         return train(config, report=report, progress=False, should_stop=_DriverStop(sink),
                      preemption_info=ray.train.get_preemption_info)
     finally:
@@ -159,7 +168,7 @@ def init_ray(cfg: ExperimentConfig) -> bool:
                  log_to_driver=True)
         return False
     temp = os.path.join(tempfile.gettempdir(), f"ray-{os.getuid()}-{os.getpid()}")
-    need = cfg.resources.workers * cfg.resources.cpus_per_worker
+    need = cfg.resources.max_workers * cfg.resources.cpus_per_worker
     # The dashboard (loopback only) also serves the state API, which Ray Train V2's
     # placement-group cleaner polls; without it the console fills with its warnings.
     ray.init(
@@ -212,7 +221,7 @@ def run_job(cfg: ExperimentConfig, config_name: str = "run",
         init_ray(cfg)
         _on_sigterm(term)   # ray.init replaces the SIGTERM handler with its own
         sink = _sink_actor().remote()
-        counts = {"group_start": 0, "preemption": 0}
+        counts = {"group_start": 0, "preemption": 0, "world_sizes": []}
 
         def poll() -> None:
             asked = False
@@ -246,8 +255,11 @@ def run_job(cfg: ExperimentConfig, config_name: str = "run",
             train_loop_config={**to_dict(cfg), "_sink": sink, "_console": on_console is not None},
             torch_config=BoundStoreTorchConfig(backend="nccl" if r.use_gpu else "gloo",
                                                timeout_s=int(r.timeout_s)),
-            scaling_config=ScalingConfig(num_workers=r.workers, use_gpu=r.use_gpu,
-                                         resources_per_worker=resources),
+            # a [min, max] range: elastic (pretrain/train/elastic.py keeps the global batch)
+            scaling_config=ScalingConfig(num_workers=tuple(worker_range(r)) if is_elastic(r)
+                                         else r.workers, use_gpu=r.use_gpu,
+                                         resources_per_worker=resources,
+                                         elastic_resize_monitor_interval_s=r.elastic_resize_every_s),
             run_config=RunConfig(name=f"{config_name}-{int(time.time())}", storage_path=storage,
                                  failure_config=FailureConfig(
                                      max_failures=r.max_failures,
@@ -283,6 +295,7 @@ def run_job(cfg: ExperimentConfig, config_name: str = "run",
         raise RuntimeError("training finished but rank 0 returned no summary")
     summary["preemptions"] = counts["preemption"]
     summary["restarts"] = max(counts["group_start"] - 1, 0)
+    summary["world_sizes"] = counts["world_sizes"]   # one per group start: [2, 1, 2] elastic
     return summary
 
 
@@ -291,9 +304,10 @@ def _count(item: dict, counts: dict[str, int]) -> None:
     first start). `pretrain status` reads these lines back from a job's log."""
     if "group_start" in item:
         counts["group_start"] += 1
+        counts["world_sizes"].append(item.get("world_size"))
         if counts["group_start"] > 1:
             print(f"worker group restart {counts['group_start'] - 1}: resuming from the newest "
-                  "checkpoint", file=sys.stderr, flush=True)
+                  f"checkpoint on {item.get('world_size')} workers", file=sys.stderr, flush=True)
         return
     from pretrain.train.preemption_poll import describe
 

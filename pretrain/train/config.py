@@ -114,8 +114,11 @@ class TrainConfig:
 
 @dataclass
 class ResourcesConfig:
-    workers: int = config_field(
-        1, "training processes (Ray Train workers / torchrun ranks)", min=1)
+    workers: int | tuple[int, int] = config_field(
+        1, "training processes (Ray Train workers / torchrun ranks); [min, max] = elastic: Ray "
+        "Train runs the job on as many as the cluster holds in that range, shrinking when a node "
+        "is lost and growing back when capacity returns, with the global batch of max workers "
+        "(pretrain/train/elastic.py)", min=1)
     use_gpu: bool = config_field(False, "one GPU per worker (NCCL); false = CPU workers on gloo")
     cpus_per_worker: float = config_field(1.0, "CPUs Ray reserves per worker", min=0.0)
     threads_per_worker: int = config_field(
@@ -129,6 +132,14 @@ class ResourcesConfig:
         -1, "Ray Train restarts of the worker group after a node preemption (drain), counted "
         "apart from max_failures; -1 = any number", min=-1)
     timeout_s: float = config_field(1800.0, "collective-operation timeout in seconds", min=1.0)
+    elastic_resize_every_s: float = config_field(
+        60.0, "elastic workers: seconds between Ray Train's checks for capacity to grow the "
+        "group (each resize restarts it from the newest checkpoint)", min=0.0)
+
+    @property
+    def max_workers(self) -> int:
+        """The most workers the job runs on (resources.workers, or its range's max)."""
+        return self.workers if isinstance(self.workers, int) else self.workers[1]
 
 
 @dataclass
@@ -161,6 +172,11 @@ class ExperimentConfig:
     tracking: TrackingConfig = config_field(factory=TrackingConfig)
     bootstrap: BootstrapConfig = config_field(factory=BootstrapConfig)
     masked: MaskedConfig = config_field(factory=MaskedConfig)
+
+    def validate(self) -> None:
+        from pretrain.train.elastic import check_worker_range
+
+        check_worker_range(self.resources, self.data)   # across sections: workers x batches
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:

@@ -14,6 +14,7 @@ import torch
 
 from pretrain.process_env import uses_cpu
 from pretrain.train.config import ExperimentConfig
+from pretrain.train.elastic import micro_batches_per_step
 from pretrain.train.optim import build_optimizer, build_scheduler
 
 
@@ -87,10 +88,12 @@ def micro_batch_size(cfg: ExperimentConfig) -> int:
 def deepspeed_config(cfg: ExperimentConfig, world_size: int) -> dict[str, Any]:
     t = cfg.train
     mbs = micro_batch_size(cfg)
+    # elastic workers: fewer ranks split their larger share into more micro-batches
+    accum = t.grad_accum_steps * micro_batches_per_step(cfg.resources, world_size)
     ds: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": mbs,
-        "gradient_accumulation_steps": t.grad_accum_steps,
-        "train_batch_size": mbs * t.grad_accum_steps * world_size,
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": mbs * accum * world_size,
         "gradient_clipping": t.grad_clip,
         "steps_per_print": 10**9,           # our own metrics, not DeepSpeed's log lines
         "wall_clock_breakdown": False,

@@ -35,6 +35,7 @@ from pretrain.process_env import set_torch_threads
 from pretrain.train.checkpoint_hook import CheckpointHook, make_checkpoint_hook
 from pretrain.train.config import ExperimentConfig, from_dict, load_config
 from pretrain.train.device_batches import DeviceBatches, eval_batches, train_batches
+from pretrain.train.elastic import rank_share, split
 from pretrain.train.engine import autocast_dtype, build_engine, device_for_rank
 from pretrain.train.evaluate import evaluate
 from pretrain.train.metrics import IntervalTotals, accelerator_peak, sample_costs, skipped_samples
@@ -92,12 +93,14 @@ def build_model(cfg: ExperimentConfig, num_classes: dict[str, int]) -> torch.nn.
     return training_model(encoder, cfg, pretrained=bool(cfg.bootstrap.init_from or cfg.model.init_from))
 
 
-def train_micro_step(engine, batch, objective: Objective = SUPERVISED) -> torch.Tensor:
+def train_micro_step(engine, batch, objective: Objective = SUPERVISED,
+                     weight: float = 1.0) -> torch.Tensor:
     """Forward + backward of one micro-batch (already on the device) for `objective`; the
-    optimizer steps at the accumulation boundary inside engine.step(). Returns the (device)
-    loss."""
+    optimizer steps at the accumulation boundary inside engine.step(). `weight` scales the
+    loss backpropagated (elastic micro-batches of unequal size, pretrain/train/elastic.py).
+    Returns the (device) loss, unweighted."""
     loss = objective.loss(engine, batch)
-    engine.backward(loss)
+    engine.backward(loss if weight == 1.0 else loss * weight)
     engine.step()
     return loss
 
@@ -179,7 +182,10 @@ class Trainer:
         self.per_sample = sample_costs(model, self.info, self.objective.masking())
         _, self.peak = accelerator_peak(cfg.resources.accelerator, cfg.train.precision)
 
-        self.loader = train_batches(cfg.data, self.info, self.rank, self.world, cfg.train.seed,
+        # elastic workers: this rank's share of the global batch of max workers
+        share = rank_share(cfg.resources, cfg.data, self.world)
+        self.micro_batches = share.micro_batches
+        self.loader = train_batches(share.data, self.info, self.rank, self.world, cfg.train.seed,
                                     device=self.device, dtype=self.dtype)
         self.hook = self.hook or make_checkpoint_hook(cfg, self.rank, self.world)
         self.start_step, extra = self.hook.maybe_resume(self.engine, self.loader)
@@ -237,15 +243,19 @@ class Trainer:
         self.totals.start += time.perf_counter() - t0
 
     def train_step(self) -> None:
-        """One optimizer step: grad_accum_steps micro-batches, each timed and counted."""
+        """One optimizer step: grad_accum_steps loader batches (each one micro-batch, or
+        several on an elastic group below max workers), each micro-batch timed and counted."""
         for _ in range(self.cfg.train.grad_accum_steps):
             t0 = time.perf_counter()
             batch = next(self.loader)
             self.totals.data_wait_s += time.perf_counter() - t0
-            loss = train_micro_step(self.engine, batch, self.objective)
-            n = len(batch)
-            tokens, flops = self.per_sample[batch.modality]
-            self.totals.add_step(loss, n, tokens * n, flops * n, batch.modality)
+            for part, weight in split(batch, self.micro_batches):
+                loss = train_micro_step(self.engine, part, self.objective, weight)
+                if weight == 0.0:   # a padding repeat (elastic.split): not counted
+                    continue
+                n = len(part)
+                tokens, flops = self.per_sample[part.modality]
+                self.totals.add_step(loss, n, tokens * n, flops * n, part.modality)
 
     def log_metrics(self, step: int) -> None:
         """A log point (collective): the interval's totals reduced to metrics, then a new
