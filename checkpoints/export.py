@@ -34,7 +34,7 @@ from pretrain.errors import UserError
 
 from . import safe_load
 from .discovery import CheckpointInfo, resolve
-from .restore import CheckpointDamaged, fetch
+from .restore import CheckpointDamaged, fetch, run_model_name
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -129,12 +129,12 @@ def stored_model_config(d: dict, name: str | None = None):
     when the named family does not read it: a masked run names its encoder), the one
     registered family whose keys it has (TubeViT's tubes, VideoMAE's tubelet, a masked
     autoencoder's encoder and decoder)."""
-    from pretrain.model.registry import FAMILIES, presets, stored_config
+    from pretrain.model.registry import FAMILIES, family_named, stored_config
 
-    named = presets().get(name or "")
+    named = family_named(name)
     if named is not None:
         try:
-            return stored_config(next(f.key for f in FAMILIES if f.config is named[0]), d)
+            return stored_config(named.key, d)
         except UserError:
             pass
     errors = []
@@ -161,8 +161,7 @@ def export_checkpoint(uri: str, out: str, dtype: str = "fp32", local_dir: str | 
                         "exported file could not describe the model; it was not written by "
                         "`pretrain run`")
     try:
-        config = stored_model_config(manifest.model_config,
-                                     ((manifest.config or {}).get("model") or {}).get("name"))
+        config = stored_model_config(manifest.model_config, run_model_name(manifest.config))
     except Exception as exc:
         raise UserError(f"checkpoint {info.uri} has a model config no model family reads "
                         f"({exc})") from None

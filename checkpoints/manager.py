@@ -365,7 +365,9 @@ class CheckpointManager:
 
     def _load(self, engine, loader, info: CheckpointInfo) -> ResumeState:
         manifest = info.manifest
-        _restore.check_compatible(manifest.model_config, self._model_config(engine), info.uri)
+        _restore.check_compatible(manifest.model_config, self._model_config(engine), info.uri,
+                                  saved_name=_restore.built_from_name(manifest.config),
+                                  current_name=_restore.built_from_name(self.run_config))
         stage = self._stage(engine)
         root = os.path.join(self.cfg.local_dir, "restore", self._attempt_id())
         in_place = not storage.is_remote(info.uri)

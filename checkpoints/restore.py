@@ -34,8 +34,17 @@ NON_STRUCTURAL_KEYS = ("drop_rate", "attn_drop_rate", "drop_path_rate")
 
 
 def check_compatible(saved: dict[str, Any], current: dict[str, Any], where: str,
-                     ignore: tuple[str, ...] = NON_STRUCTURAL_KEYS) -> None:
-    """UserError listing every differing model-config key (beyond `ignore`)."""
+                     ignore: tuple[str, ...] = NON_STRUCTURAL_KEYS, *, saved_name: str | None = None,
+                     current_name: str | None = None) -> None:
+    """UserError when the checkpoint's model family differs from this run's (`saved_name`,
+    `current_name`: the runs' model.name, see built_from_name; None skips this) or listing
+    every differing model-config key (beyond `ignore`).
+
+    Why the family first: ViViT, its factorised variants and TimeSformer share their config
+    keys, so a checkpoint of one and a model of another with the same dims differ in a key
+    or two that do not say what is wrong (vivit-fsa against vivit: class_token only), or in
+    none, and then DeepSpeed's strict load fails later, naming tensors."""
+    check_same_family(saved_name, current_name, where)
     if not saved or not current:
         return
     keys = sorted((set(saved) | set(current)) - set(ignore))
@@ -46,6 +55,41 @@ def check_compatible(saved: dict[str, Any], current: dict[str, Any], where: str,
                         f"into this one; differing model config keys: {shown}. Resume with the "
                         "checkpoint's model settings, or point checkpoint.uri at a fresh folder "
                         "to start a new run.")
+
+
+def run_model_name(run_config: dict[str, Any] | None) -> str | None:
+    """model.name of a run config as manifests store it (Manifest.config); None in manifests
+    written before they held it."""
+    return ((run_config or {}).get("model") or {}).get("name")
+
+
+def built_from_name(run_config: dict[str, Any] | None) -> str | None:
+    """The model.name a run config builds its model from: None when it has none, or when its
+    model comes from a file (model.init_from, bootstrap.init_from), whose architecture is the
+    file's whatever model.name says (pretrain/train/worker.py build_model)."""
+    run_config = run_config or {}
+    if ((run_config.get("model") or {}).get("init_from")
+            or (run_config.get("bootstrap") or {}).get("init_from")):
+        return None
+    return run_model_name(run_config)
+
+
+def check_same_family(saved_name: str | None, current_name: str | None, where: str) -> None:
+    """UserError when the model names of checkpoint `where` and of this run belong to
+    different families (the registry's: vivit-s and vivit-b are one family, vivit and
+    vivit-fsa two). Skipped when either name is None or no family registers it (an older
+    manifest), since then only the architecture keys can be compared."""
+    from pretrain.model.registry import family_named   # torch and the models: only when asked
+
+    saved, current = family_named(saved_name), family_named(current_name)
+    if saved is None or current is None or saved.key == current.key:
+        return
+    raise UserError(f"checkpoint {where} was saved from a {saved.key} model (model.name={saved_name}) "
+                    f"and this run builds a {current.key} model (model.name={current_name}); a "
+                    "checkpoint loads only into its own family's layers. Resume with model.name="
+                    f"{saved_name} (or another {saved.key} size with the checkpoint's dims: "
+                    f"{', '.join(saved.sizes)}), or point checkpoint.uri at a fresh folder to start "
+                    "a new run.")
 
 
 class CheckpointDamaged(UserError):

@@ -334,12 +334,13 @@ def _on_sigterm(term: threading.Event):
 def resume_point(cfg: ExperimentConfig, data_info: DataInfo | None = None):
     """The committed checkpoint this run will resume from (CheckpointInfo), or None.
 
-    Checked here, before Ray starts, against the model this config builds: resuming into a
-    different architecture is a UserError listing the differing keys."""
+    Checked here, before Ray starts, against the model this config builds: resuming into
+    another model family (model.name) or a different architecture is a UserError naming the
+    families or listing the differing keys."""
     if not cfg.checkpoint.uri or not cfg.checkpoint.resume:
         return None
     from checkpoints.discovery import resume_candidates
-    from checkpoints.restore import check_compatible
+    from checkpoints.restore import built_from_name, check_compatible
 
     # the one the workers will load first: checkpoint.resume_from, else the newest that
     # verifies (the workers move on to an older one only if this one breaks while fetched)
@@ -348,7 +349,9 @@ def resume_point(cfg: ExperimentConfig, data_info: DataInfo | None = None):
         return None
     current = expected_model_config(cfg, data_info)
     if current is not None:
-        check_compatible(info.manifest.model_config, current, info.uri)
+        # current is None for models from a file, so cfg.model.name is what builds this one
+        check_compatible(info.manifest.model_config, current, info.uri,
+                         saved_name=built_from_name(info.manifest.config), current_name=cfg.model.name)
     return info
 
 

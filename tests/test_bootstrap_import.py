@@ -1,7 +1,9 @@
 """Image ViT import (timm layout) and the image-to-video bootstrap, against timm itself.
 
 Tiny random timm ViTs stand in for ViT-B/L/H (never downloaded): patch 16 and 14, with and
-without a CLS token (and its position), any width/depth; saved as safetensors and .pth.
+without a CLS token (and its position), norm_pre, no final norm, any width/depth; saved as
+safetensors and .pth. Without timm those tests skip, and the norm layouts are also checked
+against the project's own ViT (ViViT model 1 on one frame, in timm's names).
 """
 from __future__ import annotations
 
@@ -11,15 +13,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-timm = pytest.importorskip("timm")
-
-from orchestration.cli import main  # noqa: E402
-from pretrain.errors import UserError  # noqa: E402
-from pretrain.model import count_flops, create_model, load_model, read_metadata, save_model  # noqa: E402
-from pretrain.model.bootstrap import (  # noqa: E402
+from orchestration.cli import main
+from pretrain.errors import UserError
+from pretrain.model import count_flops, create_model, load_model, read_metadata, save_model
+from pretrain.model.bootstrap import (
     BootstrapConfig, apply_freeze, bootstrap, init_from_file, map_tube_width, shared_isometry, width_projection)
-from pretrain.model.image_vit_weights import inspect_timm, read_state_dict  # noqa: E402
-from pretrain.train.optim import build_optimizer  # noqa: E402
+from pretrain.model.image_vit_weights import inspect_timm, read_state_dict
+from pretrain.train.optim import build_optimizer
 
 
 
@@ -42,6 +42,7 @@ def small_tubevit(dim=48):
 
 
 def timm_vit(patch=16, img=64, dim=192, depth=3, heads=3, **kw):
+    pytest.importorskip("timm")   # only the tests that compare with timm need it
     from timm.models.vision_transformer import VisionTransformer
 
     torch.manual_seed(0)
@@ -93,6 +94,83 @@ def test_images_equal_timm_at_init_and_video_works(tmp_path, variant, fmt):
     assert meta["gate_layer"] == "1" and meta["width_map"].startswith(expected)
 
 
+# timm's norm layouts around the blocks: norm_pre (CLIP-style; timm then has no patch bias)
+# and no final norm (timm final_norm=False), alone, together and with fc_norm
+NORM_LAYOUTS = {
+    "norm-pre-cls": dict(pre_norm=True),
+    "norm-pre-no-cls-fc-norm": dict(pre_norm=True, class_token=False, global_pool="avg"),
+    "no-final-norm-cls": dict(final_norm=False),
+    "no-final-norm-no-cls": dict(final_norm=False, class_token=False, global_pool="avg"),
+    "norm-pre-and-no-final-norm": dict(pre_norm=True, final_norm=False),
+}
+
+
+def _check_norm_layout_bootstrap(state, reference, *, norm_pre, final_norm, tmp_path):
+    """Bootstrap `state` (timm layout); on images the model computes `reference(images)`
+    exactly, keeps doing so through a model file, freezes norm_pre with the prefix and runs
+    video."""
+    model, meta = bootstrap(state, small_tubevit(), gate_layer=1)
+    model.eval()
+    assert (model.config.norm_pre, model.config.final_norm) == (norm_pre, final_norm)
+    assert ("norm.weight" in model.state_dict()) == (final_norm != "none")
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ours, theirs = model.forward_features(images), reference(images)
+    assert ours.shape == theirs.shape
+    assert torch.allclose(ours, theirs, rtol=1e-5, atol=1e-5), (ours - theirs).abs().max()
+    # the architecture (with the new fields) round-trips through a model file
+    path = str(tmp_path / "boot.safetensors")
+    save_model(model, path, meta)
+    config = json.loads(read_metadata(path)["config"])
+    assert config.get("norm_pre", False) == norm_pre and config.get("final_norm", "tokens") == final_norm
+    again = load_model(path).eval()
+    assert again.config == model.config
+    with torch.no_grad():
+        assert torch.equal(again.forward_features(images), ours)
+    trainable = set(apply_freeze(model))   # norm_pre feeds the frozen blocks: frozen with them
+    assert not {"norm_pre.weight", "norm_pre.bias"} & trainable and "blocks.1.norm1.weight" in trainable
+    logits = model(torch.randn(2, 3, 8, 64, 64), dataset="vid")
+    assert logits.shape == (2, 4) and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("layout", list(NORM_LAYOUTS))
+def test_norm_pre_and_no_final_norm_images_equal_timm(tmp_path, layout):
+    kw = NORM_LAYOUTS[layout]
+    vit = timm_vit(depth=2, **kw)
+    with torch.no_grad():   # timm inits norms at ones/zeros: make each one matter
+        for name, p in vit.named_parameters():
+            if name.startswith(("norm_pre.", "norm.", "fc_norm.")):
+                p.uniform_(0.5, 1.5) if name.endswith("weight") else p.normal_(0, 0.5)
+
+    def reference(images):   # fc_norm becomes TubeViT's token norm (bootstrap.py docstring)
+        return vit.fc_norm(vit.forward_features(images))
+
+    _check_norm_layout_bootstrap(vit.state_dict(), reference, norm_pre=bool(kw.get("pre_norm")),
+                                 final_norm="none" if kw.get("final_norm") is False else "tokens",
+                                 tmp_path=tmp_path)
+
+
+@pytest.mark.parametrize("norm_pre,final_norm", [(True, "tokens"), (False, "none"), (True, "none")])
+def test_norm_layouts_equal_the_projects_own_vit(tmp_path, norm_pre, final_norm):
+    """Without timm: ViViT model 1 on one frame is a plain image ViT with the same options;
+    its weights under timm's names are what the bootstrap imports."""
+    torch.manual_seed(2)
+    vit = create_model("vivit-s", depth=2, dim=192, heads=3, mlp_dim=768, tubelet=(1, 16, 16), num_frames=1,
+                       img_size=64, norm_pre=norm_pre, final_norm=final_norm, num_classes={"k": 3}).eval()
+    with torch.no_grad():   # positions, CLS token and norms away from their init, so each matters
+        for name, p in vit.named_parameters():
+            if name.startswith(("pos_embed.", "cls_token.")) or "norm" in name:
+                p.uniform_(0.5, 1.5) if "norm" in name and name.endswith("weight") else p.normal_(0, 0.5)
+    own = vit.state_dict()
+    state = {"patch_embed.proj.weight": own["tokenizer.tubes.0.weight"][:, :, 0],
+             "patch_embed.proj.bias": own["tokenizer.tubes.0.bias"],
+             "pos_embed": own["pos_embed.table"],          # no CLS row: timm's no_embed_class
+             "cls_token": own["cls_token.token"],
+             **{k: v for k, v in own.items() if k.startswith(("blocks.", "norm_pre.", "norm."))}}
+    _check_norm_layout_bootstrap(state, vit.forward_features, norm_pre=norm_pre, final_norm=final_norm,
+                                 tmp_path=tmp_path)
+
+
 def test_gate_formula_at_layer_s():
     """z_S = MLP(LN(y_S)) + y_S + tanh(alpha) z_0 with S the 0-based block index."""
     model, _ = bootstrap(timm_vit().state_dict(), small_tubevit(), gate_layer=1)
@@ -117,7 +195,8 @@ def test_other_image_sizes_resample_the_table_like_timm(size):
     model.eval()
     vit.dynamic_img_size = True
     vit.patch_embed.strict_img_size, vit.patch_embed.flatten = False, False
-    vit.patch_embed.output_fmt = timm.layers.Format.NHWC
+    from timm.layers import Format
+    vit.patch_embed.output_fmt = Format.NHWC
     x = torch.randn(1, 3, *size)
     with torch.no_grad():
         ours, theirs = model.forward_features(x), vit.forward_features(x)

@@ -312,6 +312,71 @@ def test_incompatible_model_config_names_the_keys():
     assert "depth" not in msg
 
 
+def test_checkpoint_of_another_model_family_is_refused_naming_both():
+    """ViViT's variants share config keys, so the architecture dicts alone say little (or
+    nothing): the families of the runs' model.name are compared first, as the registry
+    defines them."""
+    from pretrain.model.registry import model_config
+
+    fsa, vivit = model_config("vivit-fsa-s").to_dict(), model_config("vivit-s").to_dict()
+    for now in (vivit, fsa):   # differing keys or none at all: the family is what is named
+        with pytest.raises(UserError) as err:
+            check_compatible(fsa, now, "gs://b/step_1", saved_name="vivit-fsa-s", current_name="vivit-s")
+        msg = str(err.value)
+        for part in ("gs://b/step_1", "vivit-fsa model (model.name=vivit-fsa-s)",
+                     "vivit model (model.name=vivit-s)", "Resume with model.name=vivit-fsa-s",
+                     "vivit-fsa-b", "checkpoint.uri"):
+            assert part in msg, (part, msg)
+        assert "differing model config keys" not in msg
+    # another size of the same family, its dims overridden to the checkpoint's: accepted
+    dims = {k: fsa[k] for k in ("dim", "depth", "heads", "mlp_dim")}
+    check_compatible(fsa, model_config("vivit-fsa-b", **dims).to_dict(), "u",
+                     saved_name="vivit-fsa-s", current_name="vivit-fsa-b")
+    # an older manifest without model.name (or a name no family registers): the keys only
+    check_compatible(fsa, fsa, "u", saved_name=None, current_name="vivit-s")
+    check_compatible(fsa, fsa, "u", saved_name="vivit-fsa-xl", current_name="vivit-s")
+    with pytest.raises(UserError, match="differing model config keys: class_token"):
+        check_compatible(fsa, vivit, "u", saved_name=None, current_name="vivit-s")
+
+
+def test_model_names_come_from_the_run_configs_that_build_from_them():
+    from checkpoints.restore import built_from_name, run_model_name
+
+    assert built_from_name({"model": {"name": "vivit-s"}}) == "vivit-s"
+    assert built_from_name({}) is None and built_from_name(None) is None     # older manifests
+    # a model from a file has the file's architecture, whatever model.name says
+    assert built_from_name({"model": {"name": "vivit-s", "init_from": "m.safetensors"}}) is None
+    bootstrapped = {"model": {"name": "tubevit-b"}, "bootstrap": {"init_from": "b.safetensors"}}
+    assert built_from_name(bootstrapped) is None
+    assert run_model_name({"model": {"name": "vivit-s", "init_from": "m.safetensors"}}) == "vivit-s"
+
+
+def test_resume_point_compares_the_families_before_ray_starts(monkeypatch):
+    """The driver's check (orchestration/driver.py resume_point) names the manifest's family."""
+    from types import SimpleNamespace
+
+    import checkpoints.discovery
+    from orchestration import driver
+    from pretrain.model.registry import model_config
+
+    arch = model_config("vivit-fsa-s").to_dict()
+    saved = Manifest(step=1, attempt="a", world_size=1, zero_stage=2, files={}, model_config=arch,
+                     config={"model": {"name": "vivit-fsa-s"}})
+    info = SimpleNamespace(uri="gs://b/ck/step_00000001", manifest=saved)
+    monkeypatch.setattr(checkpoints.discovery, "resume_candidates", lambda uri, resume_from: iter([info]))
+    monkeypatch.setattr(driver, "expected_model_config", lambda cfg, data_info=None: arch)
+
+    def cfg(name):
+        return SimpleNamespace(checkpoint=SimpleNamespace(uri="gs://b/ck", resume=True, resume_from=None),
+                               model=SimpleNamespace(name=name))
+
+    assert driver.resume_point(cfg("vivit-fsa-b")) is info    # another size of the family
+    with pytest.raises(UserError, match=r"step_00000001 was saved from a vivit-fsa model.*a vivit model"):
+        driver.resume_point(cfg("vivit-s"))
+    saved.config = {}                                         # an older manifest: keys only
+    assert driver.resume_point(cfg("vivit-s")) is info
+
+
 def test_manifest_parse_errors_are_descriptive():
     with pytest.raises(ValueError, match="lacks world_size"):
         Manifest.from_json(b'{"step": 1, "zero_stage": 2, "files": {}}')

@@ -187,3 +187,34 @@ def test_parameters_are_used_only_inside_their_own_modules_forward(overrides):
         # 40 frames: every tube fits (the paper's Charades 32x8x8 tube at offset 4 needs 36)
         assert model(torch.randn(1, 3, 40, 64, 64), dataset="kinetics").shape == (1, 400)
         assert model(torch.randn(1, 3, 64, 64), dataset="imagenet").shape == (1, 1000)
+
+
+def test_image_vit_norm_layouts():
+    """norm_pre / final_norm (vit.ImageNorms, as the vivit families): a LayerNorm before the
+    blocks, and the last norm on the tokens, on the attention pool's output or none. Left out
+    of the stored architecture at their defaults, so older ones load as the paper's model."""
+    torch.manual_seed(0)
+    base = tiny().eval()
+    assert not {"norm_pre", "final_norm"} & set(base.config.to_dict())
+    assert TubeViTConfig.from_dict(base.config.to_dict()) == base.config
+    x = torch.randn(*CLIP)
+    for norm_pre, final_norm in ((True, "tokens"), (False, "pooled"), (True, "none")):
+        model = tiny(norm_pre=norm_pre, final_norm=final_norm).eval()
+        stored = model.config.to_dict()
+        assert (stored.get("norm_pre", False), stored.get("final_norm", "tokens")) == (norm_pre, final_norm)
+        assert TubeViTConfig.from_dict(stored) == model.config
+        state = {k: v for k, v in base.state_dict().items() if k in model.state_dict()}
+        if norm_pre:   # away from the identity-like init, so it matters
+            state["norm_pre.weight"] = torch.rand(base.config.dim) + 0.5
+            state["norm_pre.bias"] = torch.randn(base.config.dim)
+        model.load_state_dict(state, strict=True)
+        with torch.no_grad():
+            z = model.tokens(x)
+            z = model.norm_pre(z) if norm_pre else z
+            for block in model.blocks:
+                z = block(z)
+            tokens = base.norm(z) if final_norm == "tokens" else z
+            pooled = base.norm(model.pool(tokens)) if final_norm == "pooled" else model.pool(tokens)
+            assert torch.equal(model.forward_features(x), tokens)
+            assert torch.equal(model.pool_tokens(tokens), pooled)
+            assert torch.equal(model(x, dataset="kinetics"), model.heads["kinetics"](pooled))

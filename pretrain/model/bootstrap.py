@@ -11,7 +11,11 @@ What the bootstrapped model is made of:
 - 2D tokens: the image ViT's own patch embedding (`tokenizer.tubes[i]`, kernel 1xPxP,
   spatial stride P; temporal stride and offset of the small model's image tube), its own
   learned position table and CLS token (`pos_embed="learned"`, see posembed.py), blocks and
-  final norm. So on images `forward_features` equals the image ViT's (timm's) exactly.
+  norms, in every timm layout image_vit_weights.py accepts: LayerScale (folded), norm_pre
+  (config `norm_pre`, CLIP-style), the final norm on tokens (`norm`), after pooling
+  (`fc_norm`: it becomes the token norm, as the attention pool after it is new) or none
+  (config `final_norm: none`). So on images `forward_features` equals the image ViT's
+  (timm's) exactly (with fc_norm: timm's fc_norm on each of its tokens).
 - 3D tokens: the small model's non-image tubes, same geometry (kernels, strides, offsets,
   space-to-depth; with the space-to-depth width map a larger factor), their kernels reused
   without training, taken from width d to the large width D without new trained weights
@@ -23,8 +27,8 @@ What the bootstrapped model is made of:
 - New, randomly initialised (seeded): the attention pool and one linear head per dataset.
 
 Index convention: S counts blocks from 0. `freeze="prefix"` freezes the tokenizer, the
-positions/CLS token and `blocks[:S]`; `blocks[S:]`, the gate, the final norm, the pool and
-the heads train, i.e. the last `depth - S` blocks. The paper's "gate at the 26th of 32
+positions/CLS token, norm_pre (if any) and `blocks[:S]`; `blocks[S:]`, the gate, the final
+norm, the pool and the heads train, i.e. the last `depth - S` blocks. The paper's "gate at the 26th of 32
 layers" (1-based) is S=25 (7 trained blocks); its best bootstrap result trains "+8 layers
 with the gate", which is S=24 on ViT-H (32 blocks) and what configs/bootstrap-h.yaml uses.
 
@@ -209,7 +213,9 @@ def bootstrap_config(spec: ImageViTSpec, small: TubeViT, gate_layer: int,
         kernel_mode="separate", num_classes=dict(num_classes or sc.num_classes),
         skip_unfit_tubes=sc.skip_unfit_tubes, unfit_tubes=sc.unfit_tubes, in_chans=sc.in_chans, qkv_bias=spec.qkv_bias,
         norm_eps=1e-6, gate_layer=gate_layer, pos_embed="learned", pos_grid=spec.grid,
-        class_token=spec.class_token)
+        class_token=spec.class_token, norm_pre=spec.norm_pre,
+        # fc_norm becomes the token norm before the (new) attention pool: image_vit_weights.py
+        final_norm="none" if spec.final_norm == "none" else "tokens")
 
 
 def bootstrap(image_state: dict[str, torch.Tensor], small: TubeViT, gate_layer: int, *,
@@ -291,8 +297,9 @@ def enlarge_model(model: TubeViT, kernels) -> TubeViT:
 # ---- freezing ---------------------------------------------------------------------------------
 
 def frozen_prefix(name: str, gate_layer: int) -> bool:
-    """Whether parameter `name` is in the frozen prefix: tokenizer, positions, blocks[:S]."""
-    if name.startswith(("tokenizer.", "pos_embed.")):
+    """Whether parameter `name` is in the frozen prefix: tokenizer, positions, norm_pre,
+    blocks[:S] (norm_pre feeds the frozen blocks: training it would move their input)."""
+    if name.startswith(("tokenizer.", "pos_embed.", "norm_pre.")):
         return True
     m = re.match(r"^blocks\.(\d+)\.", name)
     return bool(m) and int(m.group(1)) < gate_layer

@@ -17,7 +17,7 @@ The keys and what they become:
     blocks.N.ls1.gamma, ls2.gamma      (D,)                  folded into attn.proj / mlp.fc2 (below)
     norm.{weight,bias}                 (D,)                  norm.*
     fc_norm.{weight,bias}              (D,)                  norm.* (below)
-    norm_pre.{weight,bias}             (D,)                  refused for TubeViT (below)
+    norm_pre.{weight,bias}             (D,)                  norm_pre.* (config norm_pre=true)
     head.*, head_drop.*, attn_pool.*                         dropped (the image classifier)
 
 i = the image tube of the TubeViT (`image_tube_index`). With a CLS token timm's pos_embed
@@ -34,13 +34,13 @@ gamma), so the model code needs no LayerScale module. `fold_layer_scale` does it
 The final norm: timm has `norm` on every token (global_pool token, or avg with
 fc_norm=False), or `fc_norm` on the pooled token instead (global_pool avg, the default
 with avg), or neither (final_norm=False). `ImageViTSpec.final_norm` says which ("tokens",
-"pooled", "none"). The video families of vivit.py reproduce all three (their `final_norm`
-config field) and `norm_pre` (a LayerNorm before the first block, CLIP-style); the
-inflation is pretrain/model/inflate.py. TubeViT (`inspect_timm(..., target="tubevit")`,
-the default) has a token norm before its attention pool and no pre-norm: fc_norm becomes
-that token norm (the pool and heads are new, so "norm after pooling" has no trained
-counterpart to keep; the blocks are exact), and norm_pre or no final norm are refused,
-naming the tensor, because tubevit.py has no such option.
+"pooled", "none"). TubeViT and the video families of vivit.py reproduce all three (their
+`final_norm` config field) and `norm_pre` (a LayerNorm before the first block, CLIP-style;
+config `norm_pre`): the same fields and code for both (vit.ImageNorms). The inflation is
+pretrain/model/inflate.py; the TubeViT bootstrap (bootstrap.py) maps norm_pre and "none"
+as they are, and fc_norm onto TubeViT's token norm before its attention pool (the pool and
+heads are new, so "norm after pooling" has no trained counterpart to keep; the blocks are
+exact). VTN's backbone has no such options, and inflate.py refuses those layouts for it.
 
 Anything else (register tokens, q/k norms, both norm and fc_norm, non-square patches) is a
 layout this code does not reproduce exactly, so it is refused with a UserError naming the
@@ -75,7 +75,6 @@ _TOP = {"patch_embed.proj.weight", "pos_embed"}
 _OPTIONAL_TOP = {"patch_embed.proj.bias", "cls_token", "norm.weight", "norm.bias", "fc_norm.weight",
                  "fc_norm.bias", "norm_pre.weight", "norm_pre.bias"}
 _DROPPED = re.compile(r"^(head|head_drop|attn_pool)\.")
-TARGETS = ("tubevit", "video")
 _BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.+)$")
 
 
@@ -158,16 +157,11 @@ def _strip_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 # ---- the timm layout ------------------------------------------------------------------------
 
 def inspect_timm(state: dict[str, torch.Tensor], heads: int | None = None,
-                 grid: tuple[int, int] | None = None, source: str = "image checkpoint",
-                 target: str = "tubevit") -> ImageViTSpec:
+                 grid: tuple[int, int] | None = None, source: str = "image checkpoint") -> ImageViTSpec:
     """Check that `state` is a timm ViT this project reproduces exactly and read its shape.
 
-    `target`: "tubevit" (the TubeViT bootstrap: refuses norm_pre and a missing final norm)
-    or "video" (the vivit.py families, pretrain/model/inflate.py: take every layout here).
     UserError names the unknown, missing or mis-shaped keys.
     """
-    if target not in TARGETS:
-        raise ValueError(f"target {target!r}; valid: {TARGETS}")
     state = _strip_prefix(state)
     blocks: dict[int, set[str]] = {}
     unknown = []
@@ -205,14 +199,6 @@ def inspect_timm(state: dict[str, torch.Tensor], heads: int | None = None,
                         "one final norm")
     final_norm = "tokens" if "norm.weight" in state else "pooled" if "fc_norm.weight" in state else "none"
     norm_pre = "norm_pre.weight" in state
-    if target == "tubevit" and norm_pre:
-        raise UserError(f"{source}: norm_pre.weight (a LayerNorm before the first block, CLIP-style) "
-                        "cannot be mapped onto TubeViT, which has no pre-norm; inflate it into a "
-                        "vivit-family model instead (pretrain bootstrap --video-model)")
-    if target == "tubevit" and final_norm == "none":
-        raise UserError(f"{source}: has neither norm.weight nor fc_norm.weight (timm final_norm=False); "
-                        "TubeViT's token norm would have no counterpart. Inflate it into a vivit-family "
-                        "model instead (pretrain bootstrap --video-model)")
 
     pw = state["patch_embed.proj.weight"]
     if pw.ndim != 4 or pw.shape[2] != pw.shape[3]:
@@ -344,10 +330,10 @@ def timm_to_tubevit(state: dict[str, torch.Tensor], spec: ImageViTSpec,
                     image_tube: int) -> dict[str, torch.Tensor]:
     """The image ViT's tensors under TubeViT names (call `inspect_timm` first for `spec`).
 
-    `image_tube` is the index of the TubeViT's 2D tube in `tokenizer.tubes`.
+    `image_tube` is the index of the TubeViT's 2D tube in `tokenizer.tubes`. The model's
+    config carries the norm layout (bootstrap.bootstrap_config): norm_pre.* with norm_pre,
+    no norm.* with final_norm none.
     """
-    if spec.norm_pre or spec.final_norm == "none":   # inspect_timm(target="tubevit") refuses these
-        raise UserError("the image ViT's norm_pre / missing final norm cannot be mapped onto TubeViT")
     src = image_tensors(state, spec)
     out: dict[str, torch.Tensor] = {}
     t = f"tokenizer.tubes.{image_tube}."
@@ -358,7 +344,7 @@ def timm_to_tubevit(state: dict[str, torch.Tensor], spec: ImageViTSpec,
         out["pos_embed.cls_pos"] = src["cls.pos"]                             # (1, 1, D)
     out["pos_embed.grid"] = src["pos.grid"]                                    # (1, n, D)
     for key, value in src.items():
-        if key.startswith("blocks."):
+        if key.startswith(("blocks.", "norm_pre.")):
             out[key] = value
         elif key.startswith("final_norm."):                                    # norm or fc_norm
             out["norm." + key[len("final_norm."):]] = value

@@ -202,7 +202,7 @@ def inflate(image_state: dict[str, torch.Tensor], family: str, *, embed_init: st
     """(inflated video model, metadata for its file). See the module docstring."""
     if embed_init not in EMBED_INITS:
         raise UserError(f"--embed-init {embed_init!r} is unknown; valid: {', '.join(EMBED_INITS)}")
-    spec = inspect_timm(image_state, heads=heads, source=source, target="video")
+    spec = inspect_timm(image_state, heads=heads, source=source)
     config = inflated_config(spec, family, tubelet=tubelet, num_frames=num_frames,
                              num_classes=num_classes, global_pool=global_pool)
     torch.manual_seed(seed)              # the new parts: heads, model 2's temporal encoder

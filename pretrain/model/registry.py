@@ -100,6 +100,16 @@ def family_of(config: ModelConfig) -> ModelFamily:
                     f"registered: {', '.join(f.config.__name__ for f in FAMILIES)}")
 
 
+def family_named(name: str | None) -> ModelFamily | None:
+    """The family a size name belongs to ("vivit-fsa-b" -> vivit-fsa; every size of a family
+    is the same family), None for no name or one no family registers. What a run config's
+    model.name says its model is: export and resume read a checkpoint's family this way."""
+    for family in FAMILIES:
+        if name in family.sizes:
+            return family
+    return None
+
+
 def family_key(config: ModelConfig) -> str:
     """The name model files store for `config`'s family (metadata "family")."""
     return family_of(config).key

@@ -16,14 +16,18 @@ Meta-device pattern (torchtitan style), to plan or shard a large model without a
 Gated skip for image-to-video bootstrapping (TubeViT paper, "Image-To-Video Scaling"): with
 `gate_layer = s` (0-based index into `model.blocks`) the output of `blocks[s]` gets
 `tanh(gate.alpha) * z_0` added, where z_0 is the block stack's input (tube tokens + position
-embedding, after the input dropout). alpha starts at 0, so the gate changes nothing until it
-trains. Freezing `tokenizer` and `blocks[:s]` is the bootstrap's business, not the model's
+embedding, after the input dropout and norm_pre). alpha starts at 0, so the gate changes
+nothing until it trains. Freezing `tokenizer` and `blocks[:s]` is the bootstrap's business, not the model's
 (pretrain/model/bootstrap.py; the paper's 1-based "layer 26 of 32" is s = 25).
 
 Bootstrapped image ViTs keep their own learned positions: `pos_embed="learned"` with
 `pos_grid` (and `class_token` when the image ViT has a CLS token, which then leads the token
 sequence of forward_features as in timm); see posembed.LearnedPositionEmbedding. The default
-`pos_embed="fixed"` is the paper's sin/cos embedding.
+`pos_embed="fixed"` is the paper's sin/cos embedding. They also keep their norms: `norm_pre`
+(a LayerNorm before the first block, CLIP-style) and `final_norm` (tokens: the usual norm on
+every token; pooled: on the attention pool's output instead; none), vit.py's ImageNorms, the
+same fields and code as the vivit.py families'. Both default to the paper's model (no
+pre-norm, a token norm) and are left out of to_dict() there, so earlier architectures match.
 """
 from __future__ import annotations
 
@@ -43,7 +47,9 @@ from pretrain.model.posembed import (FixedPositionEmbedding, LearnedPositionEmbe
                                      tube_coords)
 from pretrain.model.tubes import (TUBE_SETS, SparseTubeTokenizer, TubeSpec, image_grid, image_tube_index,
                                   resolve_tubes)
-from pretrain.model.vit import AttentionPool, Block, TanhGate, head_name, idle_heads, init_linear_and_norm
+from pretrain.model.vit import (IMAGE_NORM_DEFAULTS, AttentionPool, Block, ImageNorms, TanhGate,
+                                drop_defaults, final_norm_field, head_name, idle_heads,
+                                init_linear_and_norm, norm_pre_field)
 
 KERNEL_MODES = ("separate", "interpolated")
 POS_EMBEDS = ("fixed", "learned")
@@ -108,6 +114,11 @@ class TubeViTConfig(ModelConfig):
         None, "learned table size (rows, cols) in patches; pos_embed=learned only", min=1)
     class_token: bool = config_field(
         False, "prepend a learned CLS token (image ViTs that have one); pos_embed=learned only")
+    # Bootstrapped image ViTs' norm layouts (vit.ImageNorms); defaults = the paper's model.
+    norm_pre: bool = norm_pre_field("TubeViT: the blocks' input, so also the gate's z_0")
+    final_norm: str = final_norm_field(
+        "TubeViT: pooled = on the attention pool's output; the bootstrap maps timm's fc_norm to "
+        "tokens, see image_vit_weights.py")
 
     def __post_init__(self):
         self.tubes = resolve_tubes(self.tubes)
@@ -122,10 +133,11 @@ class TubeViTConfig(ModelConfig):
         return self.skip_unfit_tubes or self.unfit_tubes == "skip"
 
     def to_dict(self) -> dict:
-        """The architecture; `unfit_tubes` is a run-time policy and stays out, and tubes
-        without s2d_split / s2d_outer have no such keys (stored architectures and checkpoint
-        manifests of earlier versions have neither, and a resume compares them)."""
-        d = super().to_dict()
+        """The architecture; `unfit_tubes` is a run-time policy and stays out, tubes without
+        s2d_split / s2d_outer have no such keys, and norm_pre / final_norm are left out at their
+        defaults (stored architectures and checkpoint manifests of earlier versions have none
+        of these, and a resume compares them)."""
+        d = drop_defaults(super().to_dict(), IMAGE_NORM_DEFAULTS)
         d.pop("unfit_tubes", None)
         # TubeSpec's own form: optional space-to-depth keys only when set, as stored before
         d["tubes"] = [t.to_dict() for t in self.tubes]
@@ -171,7 +183,7 @@ class TubeViTConfig(ModelConfig):
 
 
 
-class TubeViT(nn.Module):
+class TubeViT(ImageNorms, nn.Module):
     def __init__(self, config: TubeViTConfig):
         super().__init__()
         config_loader.check(config, source="the TubeViT config")
@@ -184,6 +196,7 @@ class TubeViT(nn.Module):
         else:
             self.pos_embed = FixedPositionEmbedding(c.tubes, c.dim)
         self.pos_drop = nn.Dropout(c.drop_rate)
+        self.norm_pre = self._pre_norm()
         norm = lambda d: nn.LayerNorm(d, eps=c.norm_eps)  # noqa: E731
         dpr = [c.drop_path_rate * i / max(c.depth - 1, 1) for i in range(c.depth)]
         self.blocks = nn.ModuleList(
@@ -192,7 +205,7 @@ class TubeViT(nn.Module):
             for i in range(c.depth)
         )
         self.gate = TanhGate() if c.gate_layer is not None else None
-        self.norm = norm(c.dim)
+        self.norm = self._final_norm()
         self.pool = AttentionPool(c.dim, c.pool_heads or c.heads, qkv_bias=c.qkv_bias)
         self.head_drop = nn.Dropout(c.drop_rate)
         self.heads = nn.ModuleDict({name: nn.Linear(c.dim, n) for name, n in c.num_classes.items()})
@@ -207,7 +220,8 @@ class TubeViT(nn.Module):
         return list(self.heads.keys())
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Video (B,3,T,H,W) or image (B,3,H,W) -> tokens (B, N, dim) after the final norm."""
+        """Video (B,3,T,H,W) or image (B,3,H,W) -> tokens (B, N, dim) after the final norm
+        (unless final_norm puts it after pooling or there is none)."""
         return self.encode(self.tokens(x))
 
     # ---- the masked-modelling interface (pretrain/model/mae.py) -------------------------
@@ -225,18 +239,21 @@ class TubeViT(nn.Module):
         return self.pos_drop(tokens + pos)                                 # (B, N, d)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Tokens (B, n, dim), all or any subset of `tokens(x)` -> after blocks and final norm."""
+        """Tokens (B, n, dim), all or any subset of `tokens(x)` -> after norm_pre, blocks and
+        the final norm (on tokens)."""
+        x = self.norm_pre(x)   # per token, so a subset of the tokens gets what it would whole
         z0 = x
         use_ckpt = self.grad_checkpointing and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
             x = checkpoint(block, x, use_reentrant=False) if use_ckpt else block(x)  # (B, n, d)
             if i == self.config.gate_layer:
                 x = self.gate(x, z0)
-        return self.norm(x)
+        return self._token_norm(self.norm, x)
 
     def pool_tokens(self, features: torch.Tensor) -> torch.Tensor:
-        """(B, N, d) encoded tokens -> (B, d): the classification pooling (attention pool)."""
-        return self.pool(features)
+        """(B, N, d) encoded tokens -> (B, d): the classification pooling (attention pool),
+        then the final norm when it is on the pooled token (final_norm=pooled)."""
+        return self._pooled_norm(self.norm, self.pool(features))
 
     def token_groups(self, shape: tuple[int, ...]) -> list[tuple[int, TubeSpec, tuple[int, int, int]]]:
         """(group, tube geometry, grid) per tube that yields tokens, in token order; geometry
@@ -267,14 +284,14 @@ class TubeViT(nn.Module):
 
     def forward_head(self, features: torch.Tensor, dataset: str | None = None) -> torch.Tensor:
         """(B, N, d) features -> (B, classes) logits of `dataset`'s head."""
-        pooled = self.head_drop(self.pool(features))                      # (B, d)
+        pooled = self.head_drop(self.pool_tokens(features))               # (B, d)
         return self.heads[self._dataset(dataset)](pooled)
 
     def forward(self, x: torch.Tensor, dataset: str | None = None) -> torch.Tensor:
         name = self._dataset(dataset)  # fail before the expensive part
         if not (self.all_parameters_in_forward and self.training and torch.is_grad_enabled()):
             return self.forward_head(self.forward_features(x), name)
-        pooled = self.head_drop(self.pool(self.forward_features(x)))      # (B, d)
+        pooled = self.head_drop(self.pool_tokens(self.forward_features(x)))  # (B, d)
         logits = self.heads[name](pooled)                                 # (B, classes)
         idle = idle_heads(self.heads, name, pooled)
         if x.ndim == 4:                              # image: the video-only tubes are idle

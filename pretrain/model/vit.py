@@ -1,5 +1,6 @@
-"""Pre-LN ViT building blocks: Attention, Mlp, DropPath, Block, AttentionPool, TanhGate; and
-what every family does with its per-dataset heads (`head_name`, `idle_heads`).
+"""Pre-LN ViT building blocks: Attention, Mlp, DropPath, Block, AttentionPool, TanhGate; what
+every family does with its per-dataset heads (`head_name`, `idle_heads`); and the image-ViT
+norm layouts an imported image ViT may have (`ImageNorms`: timm's norm_pre and final norm).
 
 Submodule names follow timm's `vision_transformer.py` (norm1, attn.qkv, attn.proj, norm2,
 mlp.fc1, mlp.fc2), so an image ViT's weights map onto `blocks.N.*` without renaming, and a
@@ -11,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pretrain.config_loader import config_field
 from pretrain.errors import UserError
 
 
@@ -176,3 +178,63 @@ def idle_heads(heads: nn.ModuleDict, used: str, pooled: torch.Tensor) -> torch.T
     0 so every head gets a (zero) gradient. ZeRO-3 would otherwise reuse an idle head's stale
     gradient partition (TubeViT.set_all_parameters_in_forward says more)."""
     return sum((h(pooled).sum() for n, h in heads.items() if n != used), pooled.new_zeros(()))
+
+
+# ---- image-ViT norm layouts (timm's norm_pre and final norm) ----------------------------------
+# What an imported timm ViT (pretrain/model/image_vit_weights.py) may have around its blocks:
+# a LayerNorm before the first block (norm_pre, CLIP-style) and its last norm on every token
+# (norm), on the pooled token (fc_norm) or none. The families that import image ViTs (TubeViT
+# by bootstrap.py, the vivit.py families by inflate.py) take the same two config fields and
+# build them with ImageNorms, so both reproduce every layout the same way.
+
+FINAL_NORMS = ("tokens", "pooled", "none")
+# Left out of to_dict() at these values: stored architectures and checkpoint manifests written
+# before the fields existed then match (a resume compares them) and load with the defaults.
+IMAGE_NORM_DEFAULTS = {"norm_pre": False, "final_norm": "tokens"}
+
+
+def norm_pre_field(note: str = ""):
+    """The `norm_pre` config field; `note` says where the family puts it."""
+    return config_field(
+        False, "a LayerNorm on the tokens (+ CLS, + positions) before the first block (timm's "
+        f"norm_pre, CLIP-style image ViTs{'; ' + note if note else ''})")
+
+
+def final_norm_field(note: str = ""):
+    """The `final_norm` config field; `note` says what the family's choices mean for it."""
+    return config_field(
+        "tokens", "the last LayerNorm: on every output token (tokens, timm's norm), on the pooled "
+        "token instead (pooled, timm's fc_norm with global_pool=avg), or none"
+        f"{' (' + note + ')' if note else ''}", choices=FINAL_NORMS)
+
+
+def drop_defaults(d: dict, defaults: dict) -> dict:
+    """`d` without the keys of `defaults` that hold their default value (see IMAGE_NORM_DEFAULTS)."""
+    return {k: v for k, v in d.items() if k not in defaults or v != defaults[k]}
+
+
+class ImageNorms:
+    """Mixed into a model whose config has dim, norm_eps, norm_pre and final_norm: builds and
+    applies the norms of FINAL_NORMS and norm_pre (TubeViT, vivit.VideoTransformer)."""
+
+    config: object
+
+    def _norm(self) -> nn.LayerNorm:
+        return nn.LayerNorm(self.config.dim, eps=self.config.norm_eps)
+
+    def _pre_norm(self) -> nn.Module:
+        """timm's norm_pre: a LayerNorm, or an Identity (no parameters, no state) unless asked
+        for, so models without it keep their state dicts."""
+        return self._norm() if self.config.norm_pre else nn.Identity()
+
+    def _final_norm(self) -> nn.Module:
+        """The image side's last norm (config.final_norm): a LayerNorm, or Identity for none."""
+        return nn.Identity() if self.config.final_norm == "none" else self._norm()
+
+    def _token_norm(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """`norm` on every token when final_norm is "tokens"; else the tokens as they are."""
+        return norm(x) if self.config.final_norm == "tokens" else x
+
+    def _pooled_norm(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """`norm` on a pooled token when final_norm is "pooled" (timm's fc_norm)."""
+        return norm(x) if self.config.final_norm == "pooled" else x

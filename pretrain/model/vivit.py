@@ -65,9 +65,11 @@ Image-ViT layouts (pretrain/model/inflate.py inflates a timm ViT into these fami
 usual norm on every token; pooled: after pooling instead, timm's fc_norm; none) and, for
 models 1 and TimeSformer, `pool` (mean: the mean of the tokens after the CLS token, timm's
 global_pool=avg). All default off, and to_dict() leaves them out at their defaults, so every
-earlier architecture is unchanged. LayerScale is not a module here: the inflation folds it
-into the linear layers (image_vit_weights.fold_layer_scale). A family that does not apply
-these options (VTN) refuses them (`image_norms`).
+earlier architecture is unchanged. norm_pre and final_norm are vit.py's (`ImageNorms`: the
+same fields and code as TubeViT's, which the image-to-video bootstrap sets). LayerScale is
+not a module here: the inflation folds it into the linear layers
+(image_vit_weights.fold_layer_scale). A family that does not apply these options (VTN)
+refuses them (`image_norms`).
 
 Masked pretraining (pretrain/model/mae.py): model 1 without a CLS token (`class_token:
 false`) is VideoMAE's encoder with learned positions, and MaskedAutoencoder wraps it the
@@ -93,14 +95,15 @@ from pretrain.errors import UserError
 from pretrain.model.family import ModelConfig
 from pretrain.model.tubes import SparseTubeTokenizer, TubeSpec, video_grids
 from pretrain.model.videomae import sinusoid_table
-from pretrain.model.vit import Attention, Block, DropPath, Mlp, head_name, idle_heads, init_linear_and_norm
+from pretrain.model.vit import (IMAGE_NORM_DEFAULTS, Attention, Block, DropPath, ImageNorms, Mlp,
+                                drop_defaults, final_norm_field, head_name, idle_heads, init_linear_and_norm,
+                                norm_pre_field)
 
 SPATIAL_POOLS = ("token", "mean")
 POOLS = ("auto", "token", "mean")
-FINAL_NORMS = ("tokens", "pooled", "none")
 # Fields added for inflated image ViTs (pretrain/model/inflate.py): left out of to_dict() at
 # their defaults, so stored architectures and checkpoint manifests of earlier versions match.
-_OPTIONAL_AT_DEFAULT = {"norm_pre": False, "final_norm": "tokens", "pool": "auto"}
+_OPTIONAL_AT_DEFAULT = {**IMAGE_NORM_DEFAULTS, "pool": "auto"}
 
 
 # ---- configs ---------------------------------------------------------------------------------
@@ -133,21 +136,13 @@ class VideoViTConfig(ModelConfig):
                                          less_than=1.0)
     drop_path_rate: float = config_field(0.0, "stochastic depth at the last block (linear ramp "
                                          "from 0 at the first)", min=0.0, less_than=1.0)
-    norm_pre: bool = config_field(
-        False, "a LayerNorm on the tokens (+ CLS, + positions) before the first block (timm's "
-        "norm_pre, CLIP-style image ViTs; model 2: before its spatial encoder)")
-    final_norm: str = config_field(
-        "tokens", "the last LayerNorm: on every output token (tokens, timm's norm), on the pooled "
-        "token instead (pooled, timm's fc_norm with global_pool=avg), or none (model 2: its "
-        "spatial encoder's norm; the temporal encoder always norms its tokens)", choices=FINAL_NORMS)
+    norm_pre: bool = norm_pre_field("model 2: before its spatial encoder")
+    final_norm: str = final_norm_field("model 2: its spatial encoder's norm; the temporal encoder "
+                                       "always norms its tokens")
 
     def to_dict(self) -> dict:
         """The architecture; the inflation fields only when set (see _OPTIONAL_AT_DEFAULT)."""
-        d = super().to_dict()
-        for key, default in _OPTIONAL_AT_DEFAULT.items():
-            if key in d and d[key] == default:
-                d.pop(key)
-        return d
+        return drop_defaults(super().to_dict(), _OPTIONAL_AT_DEFAULT)
 
     def __post_init__(self):
         self.tubelet = tuple(int(v) for v in self.tubelet)
@@ -394,7 +389,7 @@ class DividedBlock(nn.Module):
 
 # ---- what the families share ----------------------------------------------------------------
 
-class VideoTransformer(nn.Module):
+class VideoTransformer(ImageNorms, nn.Module):
     """Tubelet tokens, heads, the forward signature and the training hooks of the four
     families; a subclass builds its positions and blocks, then calls `_finish()`."""
 
@@ -413,25 +408,9 @@ class VideoTransformer(nn.Module):
         self.config = config
         self.tokenizer = SparseTubeTokenizer([config.tube], config.dim, in_chans=config.in_chans)
         self.pos_drop = nn.Dropout(config.drop_rate)
-        # timm's norm_pre; an Identity (no parameters, no state) unless asked for
-        self.norm_pre = self._norm() if config.norm_pre else nn.Identity()
+        self.norm_pre = self._pre_norm()
         self.grad_checkpointing = False
         self.all_parameters_in_forward = False
-
-    def _norm(self) -> nn.LayerNorm:
-        return nn.LayerNorm(self.config.dim, eps=self.config.norm_eps)
-
-    def _final_norm(self) -> nn.Module:
-        """The image side's last norm (config.final_norm): a LayerNorm, or Identity for none."""
-        return nn.Identity() if self.config.final_norm == "none" else self._norm()
-
-    def _token_norm(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """`norm` on every token when final_norm is "tokens"; else the tokens as they are."""
-        return norm(x) if self.config.final_norm == "tokens" else x
-
-    def _pooled_norm(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """`norm` on a pooled token when final_norm is "pooled" (timm's fc_norm)."""
-        return norm(x) if self.config.final_norm == "pooled" else x
 
     def _blocks(self, block_type, depth: int) -> nn.ModuleList:
         c = self.config
