@@ -220,7 +220,11 @@ def run_job(cfg: ExperimentConfig, config_name: str = "run",
     try:
         init_ray(cfg)
         _on_sigterm(term)   # ray.init replaces the SIGTERM handler with its own
-        sink = _sink_actor().remote()
+        # On the driver's node: the sink must outlive any worker node (a lost node, an
+        # elastic shrink), and it dies with the driver's node only when the job does too.
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+        sink = _sink_actor().options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+            ray.get_runtime_context().get_node_id(), soft=False)).remote()
         counts = {"group_start": 0, "preemption": 0, "world_sizes": []}
 
         def poll() -> None:
@@ -307,7 +311,7 @@ def _count(item: dict, counts: dict[str, int]) -> None:
         counts["world_sizes"].append(item.get("world_size"))
         if counts["group_start"] > 1:
             print(f"worker group restart {counts['group_start'] - 1}: resuming from the newest "
-                  f"checkpoint on {item.get('world_size')} workers", file=sys.stderr, flush=True)
+                  f"checkpoint on {item.get('world_size')} worker(s)", file=sys.stderr, flush=True)
         return
     from pretrain.train.preemption_poll import describe
 
