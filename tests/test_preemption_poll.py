@@ -118,14 +118,15 @@ def test_driver_counts_notices_and_restarts_and_status_reads_them_back(capsys):
     from orchestration.commands.jobs import interruptions
     from orchestration.driver import _count
 
-    counts = {"group_start": 0, "preemption": 0}
+    counts = {"group_start": 0, "preemption": 0, "world_sizes": []}
     notice = {"nodes": ["n1"], "ranks": [1], "deadline_ms": None, "step": 30}
-    for item in ({"group_start": 1.0}, {"preemption": notice}, {"group_start": 2.0}):
+    for item in ({"group_start": 1.0, "world_size": 2}, {"preemption": notice},
+                 {"group_start": 2.0, "world_size": 1}):
         _count(item, counts)
-    assert counts == {"group_start": 2, "preemption": 1}
+    assert counts == {"group_start": 2, "preemption": 1, "world_sizes": [2, 1]}
     err = capsys.readouterr().err
     assert "preemption notice 1: node n1 (ranks [1])" in err and "checkpoint at step 30" in err
-    assert "worker group restart 1:" in err
+    assert "worker group restart 1: resuming from the newest checkpoint on 1 worker(s)" in err
     assert interruptions(err, {}) == {"restarts": 1, "preemptions": 1}   # a running job's tail
     assert interruptions("", {"restarts": 0, "preemptions": 2}) == {"restarts": 0,
                                                                     "preemptions": 2}
