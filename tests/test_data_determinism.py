@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from pretrain.data.media import decode_frames, probe_video
 from pretrain.data.synthetic import (SYNTHETIC_CODEC, VIDEO_CLASSES, _moving_shape_clip,
@@ -35,11 +36,13 @@ def test_synthetic_encoding_is_reproducible_call_to_call():
         del junk
 
 
-def test_prepare_synthetic_twice_writes_identical_datasets(tmp_path, monkeypatch):
+@pytest.mark.parametrize("style", ["random", "bright"])
+def test_prepare_synthetic_twice_writes_identical_datasets(tmp_path, monkeypatch, style):
     monkeypatch.setenv("TUBEVIT_CACHE_DIR", str(tmp_path / "cache"))
     roots = [str(tmp_path / "a"), str(tmp_path / "b")]
     for root in roots:
-        prepare_synthetic(root, videos=12, images=8, frames=8, size=32, workers=1)
+        prepare_synthetic(root, videos=12, images=8, frames=8, size=32, workers=1,
+                          image_style=style, video_style=style)
 
     def files(root: str) -> dict[str, str]:
         out = {}

@@ -180,3 +180,23 @@ def test_synthetic_image_style_from_the_command_line(tmp_path):
         prepare_synthetic(lib, 0, 8, size=32, workers=1, progress=False, image_style=style)
         assert images(out) == images(lib)
     assert images(str(tmp_path / "cli-bright")) != images(str(tmp_path / "cli-random"))
+
+
+def test_synthetic_video_style_from_the_command_line(tmp_path):
+    from pretrain.data.synthetic import prepare_synthetic
+
+    def clips(folder):
+        from streaming import LocalDataset
+
+        return [s["video"] for s in LocalDataset(local=os.path.join(folder, "video", "train"))]
+
+    for style in ("bright", "random"):
+        out = str(tmp_path / f"cli-{style}")
+        args = ["prepare", "synthetic", "--out", out, "--videos", "4", "--images", "0",
+                "--no-progress", "--size", "32", "--frames", "8", "--workers", "1"]
+        assert cli(args + (["--video-style", style] if style == "bright" else [])) == 0
+        lib = str(tmp_path / f"lib-{style}")
+        prepare_synthetic(lib, 4, 0, frames=8, size=32, workers=1, progress=False,
+                          video_style=style)
+        assert clips(out) == clips(lib)
+    assert clips(str(tmp_path / "cli-bright")) != clips(str(tmp_path / "cli-random"))

@@ -1,4 +1,5 @@
-"""The smoke demo's synthetic images carry their class where a tiny ViT can learn it (issue 15).
+"""The smoke demo's synthetic images and clips carry their class where a tiny ViT can learn it
+quickly (issue 15 for the images; the same cause kept the clips at chance for ~900 steps).
 
 Cause of the issue: the "random" image style draws the shape in any colour on any background,
 so the shape is as often darker as lighter than its surroundings; the smoke config's tiny ViT
@@ -14,6 +15,10 @@ dark background) and more of them. Checked here, without training:
 - train and val splits share one label map, and file names agree with the stored labels;
 - the "random" style still draws exactly the images it drew before "bright" existed (old
   datasets and checkpoints regenerate byte-identical).
+The same for the clips (video_style "bright", a bright, larger, faster shape on a dark
+background): the smoke config asks for them in a new root, a fixed threshold finds the whole
+shape, and it moves most of a patch along the class direction inside one motion tube; the
+"random" style still draws the clips it drew before.
 """
 from __future__ import annotations
 
@@ -65,10 +70,60 @@ def _shape_class(chw: np.ndarray) -> str:
     return "cross"
 
 
-def test_smoke_config_makes_learnable_images():
+def test_smoke_config_makes_learnable_images_and_clips():
     syn = load_config(CONFIGS / "smoke.yaml").data.synthetic
     assert syn.image_style == "bright"
     assert syn.images >= 1024   # 256 images were memorised
+    assert syn.video_style == "bright"
+    assert syn.root not in ("data/smoke", "data/synthetic")   # prepared with other pixels
+
+
+def _clip(i: int, style: str, frames: int = 20, size: int = 32) -> tuple[np.ndarray, str]:
+    """Clip i of the train split as prepare_synthetic draws it (seed 0)."""
+    cls = synthetic.VIDEO_CLASSES[i % len(synthetic.VIDEO_CLASSES)]
+    rng = np.random.default_rng([0, 0, 0, i])
+    return synthetic._moving_shape_clip(rng, cls, frames, size, style), cls
+
+
+def _circular_centre(mask: np.ndarray, axis: int) -> float:
+    """Centre of the mask's mass along `axis` on a torus (the shape wraps at the edges)."""
+    n = mask.shape[axis]
+    weight = mask.sum(1 - axis)
+    angle = np.angle((weight * np.exp(2j * np.pi * np.arange(n) / n)).sum())
+    return angle * n / (2 * np.pi)
+
+
+def test_bright_clips_show_their_direction_within_one_tube():
+    # The smoke model's motion tube spans 4 sampled frames (kernel [4, 8, 8], frame_stride 2):
+    # the bright shape must move most of a patch (8 px) inside it, along the class direction.
+    cfg = load_config(CONFIGS / "smoke.yaml")
+    step = cfg.data.frame_stride
+    for i in range(32):
+        clip, cls = _clip(i, "bright")
+        masks = clip.astype(np.float64).mean(-1) > 128
+        assert 0.07 < masks[0].mean() < 0.3, (i, masks[0].mean())    # a large shape, all of it
+        dy, dx = synthetic._DIRECTIONS[cls]
+        for t in range(0, clip.shape[0] - 3 * step, step):
+            a, b = masks[t], masks[t + 3 * step]
+            moved = [(_circular_centre(b, ax) - _circular_centre(a, ax) + 16) % 32 - 16
+                     for ax in (0, 1)]
+            along = moved[0] * dy + moved[1] * dx
+            across = abs(moved[0] * dx) + abs(moved[1] * dy)
+            assert along >= 5.5 and across < 1, (i, cls, t, moved)
+
+
+def test_random_video_style_draws_what_it_drew_before_styles_existed():
+    h = hashlib.sha256()
+    for i in range(16):
+        rng = np.random.default_rng([0, 0, i % 2, i])
+        h.update(synthetic._moving_shape_clip(rng, synthetic.VIDEO_CLASSES[i % 4], 8, 32).tobytes())
+    # sha256 of the same 16 clips from pretrain/data/synthetic.py at 10d14e7
+    assert h.hexdigest() == "9379cd588fd0b5ac8f600ca559a857cac63854020b42791bc8fe94043340d741"
+
+
+def test_unknown_video_style_is_refused(tmp_path):
+    with pytest.raises(UserError, match="video_style 'shiny'.*random, bright"):
+        synthetic.prepare_synthetic(str(tmp_path), 4, 0, size=32, workers=1, video_style="shiny")
 
 
 def test_bright_shapes_are_named_by_their_outline_on_eval_and_train_views():

@@ -90,6 +90,10 @@ def add_arguments(parser) -> None:
     p.add_argument("--image-style", choices=("random", "bright"), default="random",
                    help="random: a shape of any colour on any background; bright: a large "
                    "bright shape on a dark background (what configs/smoke.yaml trains on)")
+    p.add_argument("--video-style", choices=("random", "bright"), default="random",
+                   help="random: a small shape of any colour on any background, slow; bright: a "
+                   "larger bright shape on a dark background, faster (what configs/smoke.yaml "
+                   "trains on)")
     p.add_argument("--workers", type=int, help="parallel processes (default: cores)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
@@ -108,7 +112,8 @@ def run(args) -> int:
                             "(h264 with yuv420p needs even sizes)")
         results = prepare_synthetic(args.out, args.videos, args.images, seed=args.seed,
                                     frames=args.frames, size=args.size, workers=args.workers,
-                                    progress=not args.no_progress, image_style=args.image_style)
+                                    progress=not args.no_progress, image_style=args.image_style,
+                                    video_style=args.video_style)
     else:
         from pretrain.data.prepare import prepare_from_manifest
         from pretrain.data.shards import read_labels

@@ -45,6 +45,11 @@ class SyntheticConfig:
         "random", "synthetic images: random (any colours, sizes, places) or bright (a bright "
         "shape on a dark background, large and centred: learnable by a tiny ViT in a short "
         "demo; see pretrain/data/synthetic.py)", choices=("random", "bright"))
+    video_style: str = config_field(
+        "random", "synthetic videos: random (a small shape of any colour on any background, "
+        "slow) or bright (a larger bright shape on a dark background, moving faster: learnable "
+        "by a tiny ViT in a short demo; see pretrain/data/synthetic.py)",
+        choices=("random", "bright"))
 
 
 @dataclass

@@ -104,5 +104,6 @@ def ensure_datasets(cfg: DataConfig, prepare: bool = True) -> DataInfo:
 
             log.warning("preparing synthetic data under %s", syn.root)
             prepare_synthetic(syn.root, syn.videos, syn.images, seed=syn.seed, frames=syn.frames,
-                              size=syn.size, image_style=syn.image_style)
+                              size=syn.size, image_style=syn.image_style,
+                              video_style=syn.video_style)
     return DataInfo.from_config(cfg)
