@@ -27,6 +27,7 @@ VERBS: dict[str, str] = {
     "plan": "plan",
     "prepare": "prepare",
     "run": "run",
+    "launch": "launch",
     "submit": "jobs:SUBMIT",
     "status": "jobs:STATUS",
     "logs": "jobs:LOGS",

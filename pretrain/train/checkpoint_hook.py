@@ -63,6 +63,9 @@ class NoCheckpoints:
         return None
 
 
+LAUNCH_RUN_ID_ENV = "PRETRAIN_LAUNCH_RUN_ID"   # the job id pretrain.train.launch gives its ranks
+
+
 def make_checkpoint_hook(cfg: ExperimentConfig, rank: int, world_size: int) -> CheckpointHook:
     if not cfg.checkpoint.uri:
         return NoCheckpoints()
@@ -84,5 +87,8 @@ def launcher_job_id() -> str:
         # `pretrain run`) numbers its first job 01000000, so the cluster is part of the id
         context = ray.get_runtime_context()
         return f"ray:{context.gcs_address}/{context.get_job_id()}"
+    ours = os.environ.get(LAUNCH_RUN_ID_ENV)   # set by python -m pretrain.train.launch
+    if ours:
+        return f"launch:{ours}"
     elastic = os.environ.get("TORCHELASTIC_RUN_ID")
     return f"torchrun:{elastic}" if elastic else ""

@@ -3,11 +3,14 @@
 It runs the same way under Ray Train (the driver calls `train(config_dict, report=...)` in
 each worker; Ray has made the process group) and standalone:
 
-    torchrun --nproc_per_node 8 -m pretrain.train.worker configs/tubevit-b.yaml train.steps=100
+    python -m pretrain.train.launch --nproc-per-node 8 configs/tubevit-b.yaml train.steps=100
     deepspeed --num_gpus 8 --module pretrain.train.worker configs/tubevit-b.yaml
+    torchrun --nproc_per_node 8 -m pretrain.train.worker configs/tubevit-b.yaml
 
-(then it makes the process group itself from RANK / WORLD_SIZE / MASTER_ADDR). Nothing here
-imports Ray.
+(then it makes the process group itself from RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT,
+rank 0's store on 127.0.0.1 when the job is on one node, else on MASTER_ADDR. torchrun works
+too, but its store lives in the torchrun process and listens on every interface; rank 0
+warns about it). Nothing here imports Ray.
 
 Step anatomy (every rank, same order): next batch from the joint loader, on the device (one
 modality per micro-batch, the same modality on every rank because the mixer is seeded
@@ -31,12 +34,14 @@ import torch
 import torch.distributed as dist
 
 from pretrain.data.metadata import DataInfo
+from pretrain.errors import UserError
 from pretrain.process_env import set_torch_threads
 from pretrain.train.checkpoint_hook import CheckpointHook, make_checkpoint_hook
 from pretrain.train.config import ExperimentConfig, from_dict, load_config
 from pretrain.train.device_batches import DeviceBatches, eval_batches, train_batches
 from pretrain.train.elastic import rank_share, split
-from pretrain.train.engine import autocast_dtype, build_engine, device_for_rank
+from pretrain.train.engine import (LOOPBACK, autocast_dtype, build_engine, device_for_rank,
+                                   init_process_group)
 from pretrain.train.evaluate import evaluate
 from pretrain.train.metrics import IntervalTotals, accelerator_peak, sample_costs, skipped_samples
 from pretrain.train.masked import training_model
@@ -53,13 +58,45 @@ SUPERVISED = Supervised()
 def init_distributed(cfg: ExperimentConfig) -> tuple[int, int]:
     """(rank, world_size); makes the process group unless Ray / the launcher already did."""
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
         backend = "nccl" if cfg.resources.use_gpu and torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=cfg.resources.timeout_s))
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            _join_torchrun_store(backend, cfg.resources.timeout_s)
+        else:
+            _make_group(backend, cfg.resources.timeout_s)
     return dist.get_rank(), dist.get_world_size()
+
+
+def _make_group(backend: str, timeout_s: float) -> None:
+    """The group of ranks started with RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT
+    (pretrain.train.launch, deepspeed; alone: one rank), over a store rank 0 serves on one
+    address: loopback when the job is on one node, else MASTER_ADDR (never every interface,
+    which torch's env:// rendezvous would do)."""
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    port = int(os.environ.get("MASTER_PORT", "0"))   # 0: rank 0 of a job of one picks one
+    if world > 1 and not port:
+        raise UserError(f"rank {rank} of {world}: MASTER_PORT is not set; start the ranks with "
+                        "`python -m pretrain.train.launch --nproc-per-node N CONFIG ...`")
+    host = LOOPBACK if _one_node(world) else os.environ.get("MASTER_ADDR", LOOPBACK)
+    init_process_group(backend, host, port, rank, world, timeout_s)
+
+
+def _one_node(world: int) -> bool:
+    """Whether every rank of the job runs on this node (as far as the launcher's env says:
+    deepspeed's sets neither variable, and its MASTER_ADDR is then used as it is)."""
+    local = os.environ.get("LOCAL_WORLD_SIZE")
+    return world == 1 or os.environ.get("NNODES") == "1" or (local is not None and int(local) == world)
+
+
+def _join_torchrun_store(backend: str, timeout_s: float) -> None:
+    """Under torchrun the store is its agent's, made in the torchrun process: env:// joins it.
+    We cannot bind it to one address, so rank 0 says so."""
+    if os.environ.get("RANK") == "0":
+        print("warning: torchrun's rendezvous store (in the torchrun process) listens on every "
+              "network interface, whatever --master-addr says; `python -m pretrain.train.launch "
+              "--nproc-per-node N CONFIG ...` keeps it on 127.0.0.1 on one node",
+              file=sys.stderr, flush=True)
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
 
 
 def seed_everything(seed: int) -> None:
@@ -382,10 +419,9 @@ def _fmt(seconds: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Standalone entry: `python -m pretrain.train.worker CONFIG [key=value ...]` under a
-    launcher that sets RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT (torchrun, deepspeed)."""
+    launcher that sets RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT (pretrain.train.launch,
+    deepspeed, torchrun), or alone as a job of one."""
     import json
-
-    from pretrain.errors import UserError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     argv = [a for a in argv if not a.startswith("--local_rank")]  # the deepspeed launcher adds it
