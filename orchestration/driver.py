@@ -225,7 +225,7 @@ def run_job(cfg: ExperimentConfig, config_name: str = "run",
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
         sink = _sink_actor().options(scheduling_strategy=NodeAffinitySchedulingStrategy(
             ray.get_runtime_context().get_node_id(), soft=False)).remote()
-        counts = {"group_start": 0, "preemption": 0, "world_sizes": []}
+        counts = {"group_start": 0, "preemption": 0, "world_sizes": [], "notices": []}
 
         def poll() -> None:
             asked = False
@@ -300,12 +300,15 @@ def run_job(cfg: ExperimentConfig, config_name: str = "run",
     summary["preemptions"] = counts["preemption"]
     summary["restarts"] = max(counts["group_start"] - 1, 0)
     summary["world_sizes"] = counts["world_sizes"]   # one per group start: [2, 1, 2] elastic
+    if counts["notices"]:   # all of the job's, not only those of the last group's rank 0
+        summary["preemption_notices"] = counts["notices"]
     return summary
 
 
-def _count(item: dict, counts: dict[str, int]) -> None:
-    """A worker group start or a drain notice from rank 0: counted, one line each (after the
-    first start). `pretrain status` reads these lines back from a job's log."""
+def _count(item: dict, counts: dict) -> None:
+    """A worker group start or a drain notice from rank 0: counted and kept (the group's size,
+    the notice), one line each (after the first start). `pretrain status` reads these lines
+    back from a job's log."""
     if "group_start" in item:
         counts["group_start"] += 1
         counts["world_sizes"].append(item.get("world_size"))
@@ -317,6 +320,7 @@ def _count(item: dict, counts: dict[str, int]) -> None:
 
     notice = item["preemption"]
     counts["preemption"] += 1
+    counts["notices"].append(notice)
     print(describe(notice, notice.get("step", 0), prefix=f"preemption notice {counts['preemption']}"),
           file=sys.stderr, flush=True)
 

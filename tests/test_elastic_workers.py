@@ -1,38 +1,55 @@
-"""Elastic workers on a real two-node Ray cluster (tests/fixtures/ray_nodes.py).
+"""A node drained, lost and replaced under a running job, on a real two-node Ray cluster
+(tests/fixtures/ray_nodes.py), through the operator's verbs (`pretrain submit`, `status`,
+`logs`, `stop` against the cluster's Jobs API).
 
-A job with resources.workers=[1, 2] (one worker per node: 2 CPUs each on 2-CPU nodes)
-starts on both nodes; the second node is lost (SIGKILL to its raylet, agents and workers:
-a machine gone, not a polite drain); Ray Train restarts the group on the one worker left,
-which resumes from the newest checkpoint and trains on; a new node joins and the group grows
-back to two; the job is stopped. It has then seen exactly the samples an uninterrupted run of
-as many steps sees (its loader position equals that of a one-rank loader taking the global
-batch every step), and MLflow holds every step once.
+The job: resources.workers=[1, 2] (elastic), 2 CPUs per worker on 2-CPU nodes, so one worker
+per node. In order:
+1. it starts on both nodes (one Ray Train worker on each);
+2. the second node is drained (Ray's `ray drain-node`, reason PREEMPTION, a deadline: what
+   a cloud's spot reclaim does through the autoscaler): the workers get the notice, write a
+   checkpoint at once, committed before the deadline, and train on; the log and `pretrain
+   status` name the notice;
+3. the deadline passes and the node goes (SIGKILL to its raylet, agents and workers: a
+   machine gone): Ray Train restarts the group on the one worker left, which resumes from
+   the newest checkpoint and trains on;
+4. a new node joins: the group grows back to two;
+5. `pretrain stop`: a final checkpoint. The run has then seen exactly the samples an
+   uninterrupted run of as many steps sees (its loader position equals that of one rank
+   taking the global batch every step), and MLflow holds every step once.
 """
 from __future__ import annotations
 
 import dataclasses
 import re
-import signal
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.fixtures.pretrain_run import Run, committed, history, overrides
-from tests.fixtures.ray_nodes import add_node, kill_node, ray_cluster
-from tests.test_preemption_drain import second_node_id
+from orchestration.ray_jobs import last_json_line
+from tests.fixtures.pretrain_run import committed, history
+from tests.fixtures.ray_nodes import (add_node, drain_node, kill_node, node_ids, ray_cluster,
+                                      state_rows)
+from tests.test_jobs_submit import (SMOKE, TERMINAL, last_json, logs_tail, run_cli,
+                                    smoke_overrides, wait_for)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
-
+DEADLINE_S = 90   # the drain's deadline, from the moment it is sent
 # A lost node is declared dead after ~3 s of missed health checks (Ray's default: ~30 s).
 FAST_HEALTH_CHECKS = {"RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "1000",
                       "RAY_health_check_failure_threshold": "3"}
 
 
 @pytest.fixture
-def two_nodes():
+def two_nodes(monkeypatch):
+    """A head and a second node, 2 CPUs each, with this process set up to authenticate."""
     with ray_cluster(num_cpus=2, second_node_resources={}, system_env=FAST_HEALTH_CHECKS) as info:
+        for key, value in info["env"].items():
+            monkeypatch.setenv(key, value)
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+        monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
         yield info
 
 
@@ -40,16 +57,27 @@ def _steps(text: str) -> list[int]:
     return [int(s) for s in re.findall(r"^step (\d+)/\d+ ", text, re.M)]
 
 
-def _trains_past(run: Run, marker: str, steps: int, timeout: float = 300) -> int:
-    """Wait for `marker` in the run's console, then for `steps` more training steps after
-    it; the last step seen."""
-    run.wait_for(marker, timeout)
+def _log(address: str) -> str:
+    return run_cli("logs", "elastic", "--address", address)[1]
 
-    def after() -> list[int]:
-        return _steps(run.stderr().split(marker, 1)[1])
 
-    run.wait_for_true(lambda: len(after()) >= steps, timeout, f"{steps} steps after {marker!r}")
-    return after()[-1]
+def _wait_log(address: str, ok, what: str, timeout: float = 300) -> str:
+    """Poll the job's log until `ok(log)`; fails if the job ends first or after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        log = _log(address)
+        if ok(log):
+            return log
+        st = wait_for(address, "elastic", statuses=TERMINAL + ("RUNNING", "PENDING"))
+        assert st["status"] in ("RUNNING", "PENDING"), (what, st, log[-4000:])
+        assert time.monotonic() < deadline, (f"no {what}", log[-4000:])
+        time.sleep(2)
+
+
+def _trains_past(address: str, marker: str, steps: int) -> None:
+    """Wait for `marker` in the job's log, then for `steps` training steps after it."""
+    _wait_log(address, lambda log: marker in log and len(_steps(log.split(marker, 1)[1])) >= steps,
+              f"{steps} steps after {marker!r}")
 
 
 def _uninterrupted_streams(config: dict, steps: int) -> dict:
@@ -71,32 +99,65 @@ def _uninterrupted_streams(config: dict, steps: int) -> dict:
         loader.close()
 
 
-def test_two_workers_lose_a_node_go_on_with_one_and_grow_back(two_nodes, tmp_path):
-    data, ckpt = tmp_path / "synthetic", tmp_path / "ckpt"
-    tracking = f"sqlite:///{tmp_path}/mlflow.db"
-    args = overrides(data, 5000, 3, "resources.workers=[1, 2]", "resources.cpus_per_worker=2",
-                     "resources.max_failures=3", "resources.elastic_resize_every_s=5",
-                     f"checkpoint.uri={ckpt}", f"tracking.tracking_uri={tracking}")
-    run = Run(tmp_path, *args, env={"RAY_ADDRESS": two_nodes["address"], **two_nodes["env"]})
-    run.wait_for("step 6/", timeout=400)
+def test_a_node_drained_lost_and_replaced_under_an_elastic_job(two_nodes, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    address = two_nodes["dashboard"]
+    ckpt, tracking = tmp_path / "ckpt", f"sqlite:///{tmp_path}/mlflow.db"
+    code, out, err = run_cli("submit", SMOKE, *smoke_overrides(tmp_path / "synthetic", 5000, 3),
+                             "resources.workers=[1, 2]", "resources.cpus_per_worker=2",
+                             "resources.max_failures=3", "resources.elastic_resize_every_s=5",
+                             "train.preemption_poll_steps=3", f"checkpoint.uri={ckpt}",
+                             f"tracking.tracking_uri={tracking}", "--name", "elastic",
+                             "--address", address, "--json")
+    assert code == 0, err
+    uri = last_json(out)["checkpoint_uri"]   # the job's own folder under checkpoint.uri
 
-    kill_node(second_node_id(two_nodes))
-    lost_at = _steps(run.stderr())[-1]
-    _trains_past(run, "worker group restart 1: resuming from the newest checkpoint on 1 "
+    # 1. two workers, one per node
+    _wait_log(address, lambda log: len(_steps(log)) >= 3, "3 steps", timeout=400)
+    workers = {a["node_id"] for a in state_rows(two_nodes, "actors")
+               if "TrainWorker" in a.get("class_name", "") and a["state"] == "ALIVE"}
+    assert workers == set(node_ids(two_nodes)), workers
+    second = node_ids(two_nodes, head=False)[0]
+
+    # 2. the drain notice: a checkpoint before the deadline, training goes on
+    before = _steps(_log(address))[-1]
+    drain_node(two_nodes, second, DEADLINE_S)
+    deadline = time.time() + DEADLINE_S
+    notice = r"preemption notice 1: node (\w+) .*deadline .*checkpoint at step (\d+)"
+    log = _wait_log(address, lambda log: re.search(notice, log), "a preemption notice")
+    notice_step = int(re.search(notice, log).group(2))
+    assert notice_step > before
+    _wait_log(address, lambda log: f"committed checkpoint step {notice_step} " in log,
+              f"the checkpoint of step {notice_step}")
+    assert time.time() < deadline
+    code, out, _ = run_cli("status", "elastic", "--address", address)
+    assert "preemption notices 1" in out, out
+
+    # 3. the node goes: the group goes on on one worker
+    kill_node(second)
+    _trains_past(address, "worker group restart 1: resuming from the newest checkpoint on 1 "
                  "worker(s)", 6)
 
+    # 4. capacity returns: the group grows back to two
     add_node(two_nodes)
-    _trains_past(run, "worker group restart 2: resuming from the newest checkpoint on 2 "
+    _trains_past(address, "worker group restart 2: resuming from the newest checkpoint on 2 "
                  "worker(s)", 4)
-    run.proc.send_signal(signal.SIGTERM)
-    out = run.finish(timeout=300)
 
-    assert out["stopped"] and out["world_sizes"] == [2, 1, 2] and out["restarts"] == 2, out
-    steps = out["steps"]
-    assert steps > lost_at + 6
-    info = committed(str(ckpt))
-    assert info.step == steps and info.world_size == 2
+    # 5. stop: a final checkpoint, the summary, the samples of an uninterrupted run
+    code, out, err = run_cli("stop", "elastic", "--address", address, "--json")
+    assert code == 0, err
+    done = wait_for(address, "elastic")
+    log = logs_tail(address, "elastic", 20000)
+    assert done["status"] == "STOPPED", (done, log)
+    summary = last_json_line(log)
+    assert summary and summary["stopped"], log
+    assert summary["world_sizes"] == [2, 1, 2] and summary["restarts"] == 2, summary
+    assert summary["preemptions"] == 1 and summary["preemption_notices"][0]["step"] == notice_step
+    assert done["preemptions"] == 1 and done["restarts"] == 2, done
+    steps = summary["steps"]
+    info = committed(uri)
+    assert info.step == steps == done["checkpoint_step"] and info.world_size == 2
     state = torch.load(Path(info.uri) / "run_state" / "rank_00000.pt", weights_only=False)
     assert state["loader"]["streams"] == _uninterrupted_streams(info.manifest.config, steps)
     # every step logged once, restarts and replays included
-    assert [s for s, _ in history(tracking, out["mlflow_run_id"])] == list(range(1, steps + 1))
+    assert [s for s, _ in history(tracking, summary["mlflow_run_id"])] == list(range(1, steps + 1))

@@ -1,9 +1,8 @@
 """The job verbs against real Ray clusters on 127.0.0.1 with token auth.
 
 - the `ray_head` fixture (one node): trivial jobs for status/logs/list/stop mechanics and the
-  error paths; the smoke config submitted, followed to SUCCEEDED, stopped and resumed by name;
-- a two-node cluster started here (a second `ray start --address` node) for a job whose
-  workers cannot fit on one node.
+  error paths; the smoke config submitted, followed to SUCCEEDED, stopped and resumed by name.
+  (A job on two nodes, drained, losing one and growing back: tests/test_elastic_workers.py.)
 """
 from __future__ import annotations
 
@@ -349,47 +348,6 @@ def test_stop_writes_a_final_checkpoint_and_the_name_resumes(head, smoke_data, t
     run = MlflowClient(done["tracking_uri"]).get_run(done["mlflow_run_id"])
     assert run.data.tags["team"] == "vision" and run.data.tags["sweep"] == "lr-3"
     assert run.info.run_name == "smoke-stop"
-
-
-# ---------------------------------------------------------------------------------------
-# Several Ray nodes on this machine
-
-
-@pytest.fixture(scope="module")
-def two_node_cluster():
-    """A head and a second node on 127.0.0.1, 2 CPUs each, token auth; stopped afterwards.
-    The one cluster here not on loopback only: Ray 2.60 joins a second node only over the
-    machine's external address (see tests/fixtures/ray_nodes.py)."""
-    with ray_cluster(num_cpus=2, second_node_resources={"second_node": 1}) as info:
-        yield info
-
-
-@pytest.mark.slow
-def test_workers_spread_across_nodes(two_node_cluster, smoke_data, tmp_path, monkeypatch):
-    import requests
-
-    for key, value in two_node_cluster["env"].items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
-    monkeypatch.chdir(tmp_path)
-    address = two_node_cluster["dashboard"]
-    token = Path(two_node_cluster["env"]["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
-    auth = {"Authorization": f"Bearer {token}"}
-    nodes = requests.get(f"{address}/api/v0/nodes", params={"detail": "1"}, headers=auth,
-                         timeout=30).json()["data"]["result"]["result"]
-    assert sum(n["state"] == "ALIVE" for n in nodes) == 2
-    # 2 workers x 2 CPUs on two 2-CPU nodes: the job can only run one worker per node
-    code, out, err = run_cli("submit", SMOKE, *smoke_overrides(smoke_data, 2, 2),
-                             "resources.cpus_per_worker=2", "--name", "spread",
-                             "--address", address, "--json")
-    assert code == 0, err
-    st = wait_for(address, "spread")
-    assert st["status"] == "SUCCEEDED", logs_tail(address, "spread")
-    actors = requests.get(f"{address}/api/v0/actors", params={"detail": "1", "limit": "1000"},
-                          headers=auth, timeout=30).json()
-    rows = actors["data"]["result"]["result"]
-    workers = {a["node_id"] for a in rows if "TrainWorker" in a.get("class_name", "")}
-    assert len(workers) == 2, rows
 
 
 @pytest.mark.slow

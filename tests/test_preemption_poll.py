@@ -1,6 +1,6 @@
 """The drain-notice poll's cadence and reactions, fast: `get_preemption_info` here is a FAKE
 (a plain function standing in for `ray.train.get_preemption_info`, which only works inside
-a Ray Train worker); tests/test_preemption_drain.py drains a real node."""
+a Ray Train worker); tests/test_elastic_workers.py drains a real node."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -118,12 +118,13 @@ def test_driver_counts_notices_and_restarts_and_status_reads_them_back(capsys):
     from orchestration.commands.jobs import interruptions
     from orchestration.driver import _count
 
-    counts = {"group_start": 0, "preemption": 0, "world_sizes": []}
+    counts = {"group_start": 0, "preemption": 0, "world_sizes": [], "notices": []}
     notice = {"nodes": ["n1"], "ranks": [1], "deadline_ms": None, "step": 30}
     for item in ({"group_start": 1.0, "world_size": 2}, {"preemption": notice},
                  {"group_start": 2.0, "world_size": 1}):
         _count(item, counts)
-    assert counts == {"group_start": 2, "preemption": 1, "world_sizes": [2, 1]}
+    assert counts == {"group_start": 2, "preemption": 1, "world_sizes": [2, 1],
+                      "notices": [notice]}
     err = capsys.readouterr().err
     assert "preemption notice 1: node n1 (ranks [1])" in err and "checkpoint at step 30" in err
     assert "worker group restart 1: resuming from the newest checkpoint on 1 worker(s)" in err
