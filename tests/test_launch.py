@@ -89,6 +89,8 @@ def test_every_rank_gets_its_place_in_the_job_and_one_job_id():
 
 
 def test_the_checkpoint_lease_gets_the_launchers_job_id(monkeypatch):
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")   # torchrun's default: every job's
+    assert checkpoint_hook.launcher_job_id() == ""
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "t1")
     assert checkpoint_hook.launcher_job_id() == "torchrun:t1"
     monkeypatch.setenv(checkpoint_hook.LAUNCH_RUN_ID_ENV, "abc")

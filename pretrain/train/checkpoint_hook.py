@@ -90,5 +90,6 @@ def launcher_job_id() -> str:
     ours = os.environ.get(LAUNCH_RUN_ID_ENV)   # set by python -m pretrain.train.launch
     if ours:
         return f"launch:{ours}"
+    # torchrun's default --rdzv-id is "none", shared by every job not given one: no job id
     elastic = os.environ.get("TORCHELASTIC_RUN_ID")
-    return f"torchrun:{elastic}" if elastic else ""
+    return f"torchrun:{elastic}" if elastic and elastic != "none" else ""
