@@ -42,6 +42,9 @@ def test_counts_that_do_not_split_the_global_batch_are_named_with_a_fix():
         check_worker_range(ResourcesConfig(workers=(2, 4)), _data(batch_size=16))
     msg = str(err.value)
     assert "over 3 workers" in msg and "multiples of 3" in msg
+    assert "resources.workers=[4, 4]" in msg   # 3 breaks any range below 4 here
+    with pytest.raises(UserError, match=r"resources.workers=\[5, 6\]"):   # 30 splits over
+        check_worker_range(ResourcesConfig(workers=(2, 6)), _data(batch_size=5))  # 5, 6; not 4
     # the suggested fix works
     check_worker_range(ResourcesConfig(workers=(2, 4)), _data(batch_size=12))
     # videos split into whole videos: 2 clips per video, 3 workers of 4 x 6 = 24 -> 8 each

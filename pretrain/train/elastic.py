@@ -61,23 +61,31 @@ def check_worker_range(resources: "ResourcesConfig", data: "DataConfig") -> None
                         "[min, max] with min <= max")
     if lo == hi:
         return
-    batches = _global_batches(data, hi)
-    unit = {"video": data.clips_per_video, "image": 1}
-    bad = [w for w in range(lo, hi + 1)
-           if any(g % w or (g // w) % unit[m] for m, g in batches.items())]
+    bad = [w for w in range(lo, hi + 1) if not _splits(data, hi, w)]
     if not bad:
         return
     # The per-rank batch that makes every count work: G = b x max must be a multiple of
     # every w (times the video unit), so b must be a multiple of lcm(...) / gcd(lcm, max).
     need = math.lcm(*(w * data.clips_per_video for w in range(lo, hi + 1)))
     step = need // math.gcd(need, hi)
+    # ... or the widest range down from max that these batch sizes allow
+    widest = min(m for m in range(lo, hi + 1)
+                 if all(_splits(data, hi, w) for w in range(m, hi + 1)))
     raise UserError(
         f"config key 'resources.workers' is [{lo}, {hi}]: Ray may run the job on any count in "
         f"that range, and the global batch (data.batch_size {data.batch_size} and "
-        f"data.image_batch_size {data.image_micro_batch} x {hi} workers) does not split evenly over "
-        f"{', '.join(map(str, bad))} workers. Use batch sizes that are multiples of {step}, "
-        f"or a range whose counts all divide the global batch (e.g. [{hi // 2 or 1}, {hi}] "
-        f"when max/2 divides it), or a fixed resources.workers")
+        f"data.image_batch_size {data.image_micro_batch} x {hi} workers) does not split evenly "
+        f"over {', '.join(map(str, bad))} workers. Use batch sizes that are multiples of "
+        f"{step}, or resources.workers=[{widest}, {hi}] (the widest range these batch sizes "
+        "allow)")
+
+
+def _splits(data: "DataConfig", max_workers: int, world: int) -> bool:
+    """Whether `world` workers split the global batches into whole per-rank batches (video
+    ones into whole videos: data.clips_per_video clips each)."""
+    unit = {"video": data.clips_per_video, "image": 1}
+    return all(g % world == 0 and (g // world) % unit[m] == 0
+               for m, g in _global_batches(data, max_workers).items())
 
 
 @dataclasses.dataclass(frozen=True)
