@@ -203,6 +203,35 @@ def test_corrupt_sample_at_train_time_is_skipped_and_counted(data_root, tmp_path
     assert loader.state_dict()["skipped_samples"] == 1
 
 
+def test_a_truncated_shard_is_skipped_and_counted_not_a_crash(data_root, tmp_path):
+    """Half a shard's bytes gone (an interrupted copy): the samples past the cut cannot be
+    read out of it at all; they are skipped and counted like undecodable ones, at training
+    and at evaluation."""
+    from streaming import LocalDataset, MDSWriter
+
+    from pretrain.data.loader import EvalLoader
+
+    src = LocalDataset(local=str(data_root / "syn/video/train"))
+    out = tmp_path / "cut"
+    with MDSWriter(out=str(out), columns=shards.VIDEO_COLUMNS) as w:
+        for i in range(8):
+            w.write(dict(src[i]))
+    shard = next(out.glob("*.mds"))
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    (out / shards.LABELS).write_text(json.dumps(shards.label_doc("video", "cut", ["a"] * 4, 8)))
+    loader = JointLoader(_cfg(data_root, video_uri=str(out), image_uri=None), seed=0)
+    batches = [b for _, b in zip(range(2), loader)]
+    loader.close()
+    kept = sorted(i for b in batches for i in b.sample_ids.tolist())
+    assert 0 < len(kept) < 8 and loader.skipped_samples == 8 - len(kept)
+    assert any("not readable from its shard" in r for r in loader.skip_reasons)
+
+    cfg = _cfg(data_root, video_uri=str(out), image_uri=None, video_eval_uri=str(out))
+    ev = EvalLoader(cfg, "video", uri=str(out))
+    valid = sum(int(b.valid.sum()) for b in ev)
+    assert valid == len(kept) and ev.skipped_samples == 8 - len(kept)
+
+
 def test_short_videos_loop_and_fps_sampling(data_root):
     from pretrain.data.samples import ClipSpec, train_clip
     from streaming import LocalDataset

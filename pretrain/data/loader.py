@@ -56,6 +56,13 @@ try:
     SAMPLE_ERRORS: tuple = (BadMedia, OSError, ValueError, KeyError, EOFError, av.FFmpegError)
 except (ImportError, AttributeError):
     SAMPLE_ERRORS = (BadMedia, OSError, ValueError, KeyError, EOFError)
+# ... and that a sample cannot be read out of its shard at all: streaming raises IndexError
+# for a sample past the end of a truncated shard.
+SHARD_ERRORS: tuple = (*SAMPLE_ERRORS, IndexError)
+
+
+def _unreadable(sample_id: int, exc: Exception) -> str:
+    return f"sample {sample_id}: not readable from its shard ({type(exc).__name__}: {exc})"
 
 
 @dataclass
@@ -142,9 +149,13 @@ class _TrainShards(StreamingDataset):
         yield from super().__iter__()
 
     def get_item(self, sample_id: int, retry: int = 7) -> dict:
-        raw = super().get_item(sample_id, retry)
-        rng = sample_rng(self.aug_seed, self._epoch, int(sample_id))
+        # the slot first, whatever happens to the sample: later samples keep their rows
         slot = self._slots.next() if self.modality == "video" and self._slots else None
+        try:
+            raw = super().get_item(sample_id, retry)
+        except SHARD_ERRORS as exc:   # a damaged shard: skipped and counted like bad bytes
+            return {"skip": _unreadable(sample_id, exc), "id": int(sample_id)}
+        rng = sample_rng(self.aug_seed, self._epoch, int(sample_id))
         try:
             if self.modality == "video" and self.clips_per_video > 1:
                 x = train_clips(raw, self.spec, rng, self.clips_per_video,
@@ -562,21 +573,28 @@ class _EvalView(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         sample_id, valid = self.items[i]
-        raw = self.ds.get_item(sample_id)
+        try:
+            raw = self.ds.get_item(sample_id)
+        except SHARD_ERRORS as exc:
+            return self._placeholder(sample_id, 0, _unreadable(sample_id, exc))
         try:
             if self.modality == "video":
                 x = eval_clip(raw, self.spec)  # (V, 3, T, S, S)
             else:
                 x = eval_image(raw, self.image_size)  # (3, S, S)
         except SAMPLE_ERRORS as exc:
-            # Keep the batch shape (all ranks must run the same forwards): zeros, not counted.
-            shape = ((self.spec.temporal_views * self.spec.spatial_views, 3, self.spec.frames,
-                      self.spec.size, self.spec.size) if self.modality == "video"
-                     else (3, self.image_size, self.image_size))
-            return {"x": torch.zeros(shape, dtype=torch.uint8), "y": int(raw["label"]),
-                    "id": sample_id, "valid": False,
-                    "skip": f"{raw.get('key', sample_id)}: {exc}"}
+            return self._placeholder(sample_id, int(raw["label"]),
+                                     f"{raw.get('key', sample_id)}: {exc}")
         return {"x": x, "y": int(raw["label"]), "id": sample_id, "valid": valid}
+
+    def _placeholder(self, sample_id: int, label: int, reason: str) -> dict:
+        """A sample that could not be read: zeros in its place, not counted. The batch keeps
+        its shape (all ranks must run the same forwards)."""
+        shape = ((self.spec.temporal_views * self.spec.spatial_views, 3, self.spec.frames,
+                  self.spec.size, self.spec.size) if self.modality == "video"
+                 else (3, self.image_size, self.image_size))
+        return {"x": torch.zeros(shape, dtype=torch.uint8), "y": label, "id": sample_id,
+                "valid": False, "skip": reason}
 
 
 def _collate_eval(samples: list[dict]) -> dict:
