@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -279,8 +280,15 @@ def sigterm_random_steps(b: Bench) -> tuple[bool, bool, str]:
     stops, before = [], {}
     for k in at:
         run = b.run(where, 30, 1000, uri)
-        run.wait_for(f"step {k}/30", timeout=300)
-        run.proc.send_signal(signal.SIGTERM)
+        # step k or later: a resumed run starts after its stop step, which may be past k
+        try:
+            run.wait_for_true(lambda: max(map(int, re.findall(r"^step (\d+)/30 ", run.stderr(),
+                                                             re.M)), default=0) >= k,
+                              300, f"step {k}/30 or later")
+            run.proc.send_signal(signal.SIGTERM)
+        except AssertionError:
+            if run.proc.poll() is None:
+                raise   # neither there nor finished in time
         out = run.finish(timeout=120)
         stops.append(out["steps"])
         before.update(committed_steps(uri))
@@ -361,7 +369,9 @@ def two_jobs_one_uri(b: Bench) -> tuple[bool, bool, str]:
 
 
 def staging_disk_full(b: Bench) -> tuple[bool, bool, str] | None:
-    """checkpoint.local_dir on a 3 MB tmpfs: the first save does not fit."""
+    """checkpoint.local_dir on a 3 MB tmpfs: the first save does not fit. The URI is the
+    bucket's and the snapshot goes through the disk (snapshot_in_memory=false): a local URI
+    stages next to itself and an in-memory snapshot never touches local_dir."""
     where = b.folder("staging_disk_full")
     small = where / "small"
     small.mkdir(exist_ok=True)
@@ -370,8 +380,9 @@ def staging_disk_full(b: Bench) -> tuple[bool, bool, str] | None:
     if mount.returncode != 0:
         return None
     try:
-        uri = str(where / "ckpt")
-        run = b.run(where, 40, 4, uri, f"checkpoint.local_dir={small}")
+        uri = b.bucket() + "/staging"
+        run = b.run(where, 40, 4, uri, f"checkpoint.local_dir={small}",
+                    "checkpoint.snapshot_in_memory=false")
         try:
             out = run.finish(timeout=600)
             return False, False, f"finished {out['steps']} steps without a word about the disk"
