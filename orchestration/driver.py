@@ -58,7 +58,6 @@ from pretrain.data.metadata import DataInfo
 from pretrain.errors import UserError
 from pretrain.process_env import config_env
 from pretrain.train.config import ExperimentConfig, to_dict
-from pretrain.train.elastic import is_elastic, worker_range
 from pretrain.train.tracking import end_run, start_run, usable_tracking_uri
 
 # Set to "0" before ray is imported, Ray keeps a 127.0.0.1 node address instead of swapping in
@@ -260,8 +259,8 @@ def run_job(cfg: ExperimentConfig, config_name: str = "run",
             torch_config=BoundStoreTorchConfig(backend="nccl" if r.use_gpu else "gloo",
                                                timeout_s=int(r.timeout_s)),
             # a [min, max] range: elastic (pretrain/train/elastic.py keeps the global batch)
-            scaling_config=ScalingConfig(num_workers=tuple(worker_range(r)) if is_elastic(r)
-                                         else r.workers, use_gpu=r.use_gpu,
+            scaling_config=ScalingConfig(num_workers=r.worker_range if r.elastic else r.workers,
+                                         use_gpu=r.use_gpu,
                                          resources_per_worker=resources,
                                          elastic_resize_monitor_interval_s=r.elastic_resize_every_s),
             run_config=RunConfig(name=f"{config_name}-{int(time.time())}", storage_path=storage,

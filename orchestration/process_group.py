@@ -25,11 +25,6 @@ def _node_address() -> str:
     return ray.util.get_node_ip_address()
 
 
-def _free_port_on(host: str) -> int:
-    with engine.listening_socket(host, 0) as sock:
-        return sock.getsockname()[1]
-
-
 def _set_master(addr: str, port: int) -> None:
     os.environ["MASTER_ADDR"] = addr
     os.environ["MASTER_PORT"] = str(port)
@@ -41,7 +36,7 @@ class _BoundStoreBackend(_TorchBackend):
 
         hosts = worker_group.execute(_node_address)
         host = engine.store_host(hosts[0], hosts)
-        port = worker_group.execute_single(0, _free_port_on, host)
+        port = worker_group.execute_single(0, engine.free_port, host)
         worker_group.execute(_set_master, addr=host, port=port)
         if not isinstance(worker_group, V1WorkerGroup):   # LOCAL_RANK etc., as Ray's does
             worker_group.execute(_set_torch_distributed_env_vars)

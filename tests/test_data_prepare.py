@@ -163,40 +163,26 @@ def test_synthetic_layout(tmp_path):
     assert shards.dataset_info(os.path.join(out, "video", "val"))["num_samples"] == 4
 
 
-def test_synthetic_image_style_from_the_command_line(tmp_path):
+@pytest.mark.parametrize("modality", ["image", "video"])
+def test_synthetic_style_from_the_command_line(tmp_path, modality):
+    """--image-style / --video-style write what prepare_synthetic(image_style= / video_style=)
+    writes, and "bright" differs from the default "random"."""
     from pretrain.data.synthetic import prepare_synthetic
 
-    def images(folder):
+    videos, images = (4, 0) if modality == "video" else (0, 8)
+
+    def samples(folder):
         from streaming import LocalDataset
 
-        return [s["image"] for s in LocalDataset(local=os.path.join(folder, "image", "train"))]
+        return [s[modality] for s in LocalDataset(local=os.path.join(folder, modality, "train"))]
 
     for style in ("bright", "random"):
         out = str(tmp_path / f"cli-{style}")
-        args = ["prepare", "synthetic", "--out", out, "--videos", "0", "--images", "8",
-                "--no-progress", "--size", "32", "--workers", "1"]
-        assert cli(args + (["--image-style", style] if style == "bright" else [])) == 0
+        args = ["prepare", "synthetic", "--out", out, "--videos", str(videos), "--images",
+                str(images), "--no-progress", "--size", "32", "--frames", "8", "--workers", "1"]
+        assert cli(args + ([f"--{modality}-style", style] if style == "bright" else [])) == 0
         lib = str(tmp_path / f"lib-{style}")
-        prepare_synthetic(lib, 0, 8, size=32, workers=1, progress=False, image_style=style)
-        assert images(out) == images(lib)
-    assert images(str(tmp_path / "cli-bright")) != images(str(tmp_path / "cli-random"))
-
-
-def test_synthetic_video_style_from_the_command_line(tmp_path):
-    from pretrain.data.synthetic import prepare_synthetic
-
-    def clips(folder):
-        from streaming import LocalDataset
-
-        return [s["video"] for s in LocalDataset(local=os.path.join(folder, "video", "train"))]
-
-    for style in ("bright", "random"):
-        out = str(tmp_path / f"cli-{style}")
-        args = ["prepare", "synthetic", "--out", out, "--videos", "4", "--images", "0",
-                "--no-progress", "--size", "32", "--frames", "8", "--workers", "1"]
-        assert cli(args + (["--video-style", style] if style == "bright" else [])) == 0
-        lib = str(tmp_path / f"lib-{style}")
-        prepare_synthetic(lib, 4, 0, frames=8, size=32, workers=1, progress=False,
-                          video_style=style)
-        assert clips(out) == clips(lib)
-    assert clips(str(tmp_path / "cli-bright")) != clips(str(tmp_path / "cli-random"))
+        prepare_synthetic(lib, videos, images, frames=8, size=32, workers=1, progress=False,
+                          **{f"{modality}_style": style})
+        assert samples(out) == samples(lib)
+    assert samples(str(tmp_path / "cli-bright")) != samples(str(tmp_path / "cli-random"))

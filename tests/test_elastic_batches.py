@@ -10,8 +10,7 @@ from pretrain.data.config import DataConfig
 from pretrain.data.loader import Batch
 from pretrain.errors import UserError
 from pretrain.train.config import ResourcesConfig, load_config
-from pretrain.train.elastic import (check_worker_range, micro_batches_per_step, rank_share,
-                                    split, worker_range)
+from pretrain.train.elastic import check_worker_range, micro_batches_per_step, rank_share, split
 
 
 def _data(**kw) -> DataConfig:
@@ -20,9 +19,11 @@ def _data(**kw) -> DataConfig:
 
 def test_a_range_in_the_config_is_elastic_and_a_count_is_not(tmp_path):
     cfg = load_config("configs/smoke.yaml", ["resources.workers=[1, 2]"])
-    assert worker_range(cfg.resources) == (1, 2) and cfg.resources.max_workers == 2
+    assert cfg.resources.worker_range == (1, 2) and cfg.resources.max_workers == 2
+    assert cfg.resources.elastic
     cfg = load_config("configs/smoke.yaml", ["resources.workers=2"])
-    assert worker_range(cfg.resources) == (2, 2) and cfg.resources.max_workers == 2
+    assert cfg.resources.worker_range == (2, 2) and cfg.resources.max_workers == 2
+    assert not cfg.resources.elastic
 
 
 @pytest.mark.parametrize("workers, says", [

@@ -95,6 +95,7 @@ def _moving_shape_clip(rng: np.random.Generator, cls: str, frames: int, size: in
         mask = (np.abs(yy - size // 2) <= r) & (np.abs(xx - size // 2) <= r)
     else:
         mask = (yy - size // 2) ** 2 + (xx - size // 2) ** 2 <= r * r
+    # drawn after the shape, as "random" always did: its clips stay byte-identical
     if style == "bright":
         speed = rng.uniform(1.0, 1.5) * size / 32
     else:

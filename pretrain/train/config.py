@@ -137,9 +137,21 @@ class ResourcesConfig:
         "group (each resize restarts it from the newest checkpoint)", min=0.0)
 
     @property
+    def worker_range(self) -> tuple[int, int]:
+        """(min, max) workers: resources.workers as a range, a fixed count as (n, n)."""
+        w = self.workers
+        return (w, w) if isinstance(w, int) else (int(w[0]), int(w[1]))
+
+    @property
+    def elastic(self) -> bool:
+        """A [min, max] range with min < max (pretrain/train/elastic.py)."""
+        lo, hi = self.worker_range
+        return lo != hi
+
+    @property
     def max_workers(self) -> int:
         """The most workers the job runs on (resources.workers, or its range's max)."""
-        return self.workers if isinstance(self.workers, int) else self.workers[1]
+        return self.worker_range[1]
 
 
 @dataclass

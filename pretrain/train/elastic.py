@@ -35,17 +35,6 @@ if TYPE_CHECKING:
     from pretrain.train.config import ResourcesConfig
 
 
-def worker_range(resources: "ResourcesConfig") -> tuple[int, int]:
-    """(min, max) workers: resources.workers as a range, a fixed count as (n, n)."""
-    w = resources.workers
-    return (w, w) if isinstance(w, int) else (int(w[0]), int(w[1]))
-
-
-def is_elastic(resources: "ResourcesConfig") -> bool:
-    lo, hi = worker_range(resources)
-    return lo != hi
-
-
 def _global_batches(data: "DataConfig", max_workers: int) -> dict[str, int]:
     """Modality -> its global batch at max workers (per-rank batch x max)."""
     return {"video": data.batch_size * max_workers,
@@ -55,7 +44,7 @@ def _global_batches(data: "DataConfig", max_workers: int) -> dict[str, int]:
 def check_worker_range(resources: "ResourcesConfig", data: "DataConfig") -> None:
     """A UserError unless every worker count of an elastic range splits the global batches
     into whole per-rank batches (video ones into whole videos: data.clips_per_video)."""
-    lo, hi = worker_range(resources)
+    lo, hi = resources.worker_range
     if lo > hi:
         raise UserError(f"config key 'resources.workers' is [{lo}, {hi}]; an elastic range is "
                         "[min, max] with min <= max")
@@ -97,7 +86,7 @@ class RankShare:
 
 def rank_share(resources: "ResourcesConfig", data: "DataConfig", world: int) -> RankShare:
     """This rank's share of the global batch at `world` workers (module docstring)."""
-    lo, hi = worker_range(resources)
+    lo, hi = resources.worker_range
     if lo == hi:
         return RankShare(data, 1)
     if not lo <= world <= hi:
@@ -112,7 +101,7 @@ def rank_share(resources: "ResourcesConfig", data: "DataConfig", world: int) -> 
 
 def micro_batches_per_step(resources: "ResourcesConfig", world: int) -> int:
     """Model micro-batches per loader batch at `world` workers (DeepSpeed accumulates them)."""
-    lo, hi = worker_range(resources)
+    lo, hi = resources.worker_range
     return 1 if lo == hi else math.ceil(hi / world)
 
 

@@ -44,6 +44,12 @@ def listening_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def free_port(host: str) -> int:
+    """A port free on `host` now (the store's rank 0 binds it moments later)."""
+    with listening_socket(host, 0) as sock:
+        return sock.getsockname()[1]
+
+
 def rendezvous_store(host: str, port: int, rank: int, world_size: int, timeout_s: float):
     """The c10d TCPStore of a process group: rank 0 serves it on `host` only (not on every
     interface), the other ranks connect to it there."""

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 from pretrain.errors import UserError
 from pretrain.train.checkpoint_hook import LAUNCH_RUN_ID_ENV
-from pretrain.train.engine import LOOPBACK, listening_socket
+from pretrain.train.engine import LOOPBACK, free_port
 
 FAILURE_GRACE_S = 10.0   # after a rank fails: how long the others get to exit on SIGTERM
 POLL_S = 0.2
@@ -106,12 +106,6 @@ def job_from_args(args: argparse.Namespace) -> Job:
     run_id = args.run_id or (uuid.uuid4().hex[:12] if args.nnodes == 1 else f"{addr}:{port}")
     return Job(args.nproc_per_node, args.nnodes, args.node_rank, addr, port, run_id,
                (args.config, *args.overrides))
-
-
-def free_port(host: str) -> int:
-    """A port free on `host` now (rank 0 binds it moments later)."""
-    with listening_socket(host, 0) as sock:
-        return sock.getsockname()[1]
 
 
 def rank_env(job: Job, local_rank: int, base: dict[str, str]) -> dict[str, str]:
