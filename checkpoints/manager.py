@@ -14,10 +14,11 @@ the engine is collective (all ranks, same step): DeepSpeed's save and load are.
 Ownership: before it resumes or saves anything, rank 0 takes the lease on the URI
 (checkpoints.lease); another job's live lease refuses this one with a UserError on every
 rank. Failures stop the run at the next save, on every rank together: when
-`max_failed_uploads` checkpoints in a row could not be uploaded, or another job took the
-lease over. Resume tries the checkpoints newest first and loads the first that verifies
-(or exactly `resume_from`); one found damaged while being fetched gets one warning naming
-it and the next older one is tried.
+`max_failed_uploads` checkpoints in a row could not be uploaded, another job took the
+lease over, or the staging disk has no room for the save (checked before anything is
+written: checkpoints.disk_space). Resume tries the checkpoints newest first and loads the
+first that verifies (or exactly `resume_from`); one found damaged while being fetched gets
+one warning naming it and the next older one is tried.
 
 Saving blocks only while DeepSpeed gathers its state and we copy it to host memory
 (checkpoints.snapshot; with snapshot_in_memory=false: DeepSpeed's write to `local_dir`) plus
@@ -42,6 +43,7 @@ import torch
 from pretrain import storage
 from pretrain.errors import UserError
 
+from . import disk_space
 from . import restore as _restore
 from . import safe_load
 from .config import CheckpointConfig
@@ -220,51 +222,104 @@ class CheckpointManager:
         t0 = time.perf_counter()
         self._ensure_lease()
         self._check_health()
+        self._check_room(step, engine)
         tag = step_dir(step)
         if self.rank == 0:
             self._uncommit(step)
         _barrier()   # no rank uploads a file of `step` while an old COMMIT.json still lists it
         stage_root = self._stage_root()
         local = os.path.join(stage_root, tag)
-        writer = None
+        # DeepSpeed's writer, wrapped: a write error is kept until save_checkpoint returned
+        # on every rank (raising out of its middle would hang the others in its barriers).
+        from .snapshot import GuardedCheckpointEngine, SnapshotCheckpointEngine   # DeepSpeed
+
+        wrapper = SnapshotCheckpointEngine if self.cfg.snapshot_in_memory else GuardedCheckpointEngine
+        writer = wrapper(engine.checkpoint_engine)
         error = None
         try:
             shutil.rmtree(local, ignore_errors=True)
             os.makedirs(stage_root, exist_ok=True)
-            if self.cfg.snapshot_in_memory:
-                from .snapshot import SnapshotCheckpointEngine
-
-                writer = SnapshotCheckpointEngine(engine.checkpoint_engine)
-                engine.checkpoint_engine = writer
+            engine.checkpoint_engine = writer
             try:
                 engine.save_checkpoint(stage_root, tag=tag, save_latest=False)
             finally:
-                if writer is not None:
-                    engine.checkpoint_engine = writer.inner
+                engine.checkpoint_engine = writer.inner
+            writer.raise_error()
             extra = dict(extra or {})
             run_state = {"step": step, "rank": self.rank, "world_size": self.world_size,
                          "rng": capture_rng(), "extra": extra,
                          "loader": loader.state_dict() if hasattr(loader, "state_dict") else None}
             os.makedirs(os.path.join(local, "run_state"), exist_ok=True)
             torch.save(run_state, os.path.join(local, run_state_name(self.rank)))
-        except OSError as exc:   # e.g. a full staging disk: every rank stops, with the reason
+        except Exception as exc:   # every rank stops, with the reason (a full disk named)
             shutil.rmtree(local, ignore_errors=True)
-            error = f"checkpoint step {step} could not be written locally: {describe_failure(exc, local)}"
+            error = (f"checkpoint step {step} could not be written locally: "
+                     f"{describe_failure(exc, local, self._staging_disk()[1])}")
         errors = _gather_errors(error, raw=True)
-        if errors:
-            raise CheckpointSaveError(errors[0])
+        if errors:   # given up on every rank: the ranks that wrote theirs free the disk too
+            shutil.rmtree(local, ignore_errors=True)
+            raise CheckpointSaveError(errors[0] + self._stop_note())
         fields = {}
         if self.rank == 0:
             fields = {"world_size": self.world_size, "zero_stage": self._stage(engine),
                       "model_config": self._model_config(engine), "config": self.run_config,
                       "mlflow_run_id": extra.get("mlflow_run_id")}
         gate = self.commit_gate() if self.commit_gate is not None and self.rank == 0 else None
+        in_memory = isinstance(writer, SnapshotCheckpointEngine)
         self._get_uploader().submit(UploadJob(step, local, fields,
-                                              prepare=writer.write_all if writer else None,
+                                              prepare=writer.write_all if in_memory else None,
                                               before_commit=_waiter(gate, step) if gate else None))
         self._saved.add(step)
         self.blocked_s.append(time.perf_counter() - t0)
         return f"{self.uri}/{tag}"
+
+    def _staging_disk(self) -> tuple[str, str]:
+        """The folder a user knows the staging disk by, and the setting that places it."""
+        if not storage.is_remote(self.uri):
+            return storage.local_path(self.uri), "checkpoint.uri"
+        return self.cfg.local_dir, "checkpoint.local_dir"
+
+    def _expected_bytes(self, engine) -> int:
+        """What this rank's next save will stage: its files of the newest save whose upload
+        finished, else (first save, or none finished yet) the bytes of its state's tensors."""
+        if self._uploader is not None:
+            done = [s.bytes for s in self._uploader.stats if s.finished and s.bytes]
+            if done:
+                return done[-1]
+        return disk_space.state_bytes(engine)
+
+    def _check_room(self, step: int, engine) -> None:
+        """Stop every rank together, before anything is written, when the staging disk has
+        no room for this save (collective; see checkpoints.disk_space for why it stops).
+        When it is short while checkpoints are still uploading, those are waited for first:
+        their staged files are removed once uploaded."""
+        need = disk_space.needed_bytes(self._expected_bytes(engine))
+        folder, setting = self._staging_disk()
+        stage = self._stage_root()
+        for last_try in (False, True):
+            rooms = _all_gather(disk_space.Room.measure(self.rank, stage, need))
+            short = disk_space.shortfall(rooms)
+            if short is None:
+                return
+            in_flight = _all_gather(bool(self._uploader and self._uploader.pending_steps()))
+            if last_try or not any(in_flight):
+                break
+            log.warning("checkpoint step %d: the staging disk is short of space; waiting for "
+                        "the checkpoints still uploading to free theirs", step)
+            if self._uploader is not None:
+                self._uploader.wait()
+        ranks, free, need = short
+        raise CheckpointSaveError(
+            f"checkpoint step {step} was not saved: "
+            + disk_space.full_disk_message(folder, free, need, setting=setting,
+                                           ranks=[r.rank for r in ranks], host=ranks[0].host)
+            + ". Nothing of it was written" + self._stop_note())
+
+    def _stop_note(self) -> str:
+        """How a stop at a save leaves the checkpoints (collective: rank 0 knows the newest)."""
+        newest = _broadcast(self.last_committed)
+        return (f". The run stops here; every committed checkpoint is intact (newest: "
+                f"{newest or 'none'}) and the next run resumes from it.")
 
     def _uncommit(self, step: int) -> None:
         """Rank 0, before saving `step` again (a resumed run passes a step an earlier attempt
@@ -492,19 +547,24 @@ def _waiter(gate: threading.Event, step: int) -> Callable[[], None]:
     return wait
 
 
+def _all_gather(obj: Any) -> list[Any]:
+    """Every rank's `obj`, by rank (collective)."""
+    dist = _dist()
+    if dist is None:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def _gather_errors(error: Exception | str | None, raw: bool = False) -> list[str]:
     """Every rank's error message (collective); empty when all went fine. `raw`: `error`
     is the message itself (no exception type in front)."""
-    dist = _dist()
     if error is None:
         mine = None
     else:
         mine = str(error) if raw else f"{type(error).__name__}: {error}"
-    if dist is None:
-        return [mine] if mine else []
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, mine)
-    return [m for m in out if m]
+    return [m for m in _all_gather(mine) if m]
 
 
 def _step_of(uri: str) -> int:

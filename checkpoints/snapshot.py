@@ -1,6 +1,13 @@
-"""Take DeepSpeed's checkpoint state out of the training loop's way.
+"""DeepSpeed's checkpoint engine, wrapped for the duration of our saves.
 
-DeepSpeed's `save_checkpoint` hands each file's state dict to its checkpoint engine, which
+`GuardedCheckpointEngine` writes as DeepSpeed would, but an error while writing a file (a
+disk that filled up after checkpoints.disk_space's check) is kept instead of raised: DeepSpeed's
+save is collective, and a rank that raised out of its middle would skip the barriers the
+other ranks wait in. The manager raises the kept error once `save_checkpoint` returned on
+every rank, and all ranks stop together. Later files of the same save are not written.
+
+`SnapshotCheckpointEngine` (checkpoint.snapshot_in_memory, the default) takes the state
+out of the training loop's way. DeepSpeed's `save_checkpoint` hands each file's state dict to its checkpoint engine, which
 normally serialises it to disk there and then (the slow part of a save). While our save runs,
 the engine's checkpoint engine is swapped for `SnapshotCheckpointEngine`: it only copies the
 tensors (device -> host, or a host memcpy; the live tensors change with the next step) and
@@ -36,18 +43,37 @@ def snapshot(obj: Any) -> Any:
     return obj  # scalars, strings, torch.Size, configs: not changed by training
 
 
-class SnapshotCheckpointEngine(CheckpointEngine):
+class GuardedCheckpointEngine(CheckpointEngine):
+    """DeepSpeed's own engine (`inner`), whose write errors wait for `raise_error`."""
+
     def __init__(self, inner: CheckpointEngine):
         super().__init__()
         self.inner = inner
-        self.name = "SnapshotCheckpointEngine"
-        self.pending: list[tuple[Any, str]] = []
+        self.name = type(self).__name__
+        self.error: BaseException | None = None
+
+    def save(self, state_dict, path: str):
+        if self.error is not None:
+            return   # the save already failed: write nothing more, let DeepSpeed finish
+        try:
+            self._save(state_dict, path)
+        except Exception as exc:
+            self.error = exc
+            try:
+                os.remove(path)   # a partial file frees its space; the save is given up
+            except OSError:
+                pass
+
+    def _save(self, state_dict, path: str):
+        self.inner.save(state_dict, path)
+
+    def raise_error(self) -> None:
+        """Call after `save_checkpoint` returned (on every rank): the first write error."""
+        if self.error is not None:
+            raise self.error
 
     def create(self, info):
         return self.inner.create(info)
-
-    def save(self, state_dict, path: str):
-        self.pending.append((snapshot(state_dict), path))
 
     def load(self, path: str, map_location=None):
         return self.inner.load(path, map_location)
@@ -60,6 +86,23 @@ class SnapshotCheckpointEngine(CheckpointEngine):
 
     def is_data_parallel_writer(self, dp_rank):
         return self.inner.is_data_parallel_writer(dp_rank)
+
+    def is_decoupled(self):
+        return self.inner.is_decoupled()
+
+    def preserves_storage_sharing(self):
+        return self.inner.preserves_storage_sharing()
+
+
+class SnapshotCheckpointEngine(GuardedCheckpointEngine):
+    """Copies the state at the save; `write_all` serialises it later, in the upload thread."""
+
+    def __init__(self, inner: CheckpointEngine):
+        super().__init__(inner)
+        self.pending: list[tuple[Any, str]] = []
+
+    def _save(self, state_dict, path: str):
+        self.pending.append((snapshot(state_dict), path))
 
     def preserves_storage_sharing(self):
         return False  # snapshot() already copies each tensor compactly

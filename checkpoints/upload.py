@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 from pretrain import storage
 
+from .disk_space import existing_parent, free_bytes, full_disk_message, is_disk_full
 from .integrity import Digests, digest_file
 from .layout import MANIFEST, FileRecord, Manifest, RankMarker, marker_name, step_dir
 
@@ -154,7 +155,8 @@ class AsyncUploader:
                 if self.on_commit is not None:
                     self.on_commit(manifest, storage.uri_of(self.fs, folder))
         except BaseException as exc:  # reported by wait(); the checkpoint stays uncommitted
-            stats.error = describe_failure(exc, job.local_folder)
+            stats.error = describe_failure(
+                exc, job.local_folder, "checkpoint.uri" if storage.is_local(self.fs) else "checkpoint.local_dir")
             log.error("checkpoint step %d (rank %d) was not saved: %s", job.step, self.rank,
                       stats.error)
             # Free the staging disk: a half-written local copy is never used again.
@@ -265,11 +267,16 @@ def _move_into_place(src: str, dst: str) -> bool:
     return True
 
 
-def describe_failure(exc: BaseException, local_folder: str) -> str:
-    """One line saying why a checkpoint could not be saved; a full disk is named as such."""
-    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-        where = exc.filename or local_folder
-        return (f"no space left on the device holding {where} (ENOSPC); the checkpoint was "
-                "not committed and its partial files were removed. Free space there or point "
-                "checkpoint.local_dir at a larger disk")
+def describe_failure(exc: BaseException, local_folder: str,
+                     setting: str = "checkpoint.local_dir") -> str:
+    """One line saying why a checkpoint could not be saved. A full disk (ENOSPC, or torch's
+    "unexpected pos" for the same short write) is named as such, with the free space now;
+    `setting` is the config key that places `local_folder` (checkpoints.disk_space)."""
+    if is_disk_full(exc):
+        where = getattr(exc, "filename", None) or local_folder
+        folder = existing_parent(where)
+        folder = folder if os.path.isdir(folder) else os.path.dirname(folder)   # not the file
+        return (f"no space left on the device holding {where}; the checkpoint was not "
+                "committed and its partial files were removed: "
+                + full_disk_message(folder, free_bytes(folder), None, setting=setting))
     return f"{type(exc).__name__}: {exc}"

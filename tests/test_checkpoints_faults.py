@@ -1,6 +1,7 @@
 """Faults injected into checkpointing, with real files, real DeepSpeed engines and the GCS
 emulator: same-size corruption of the newest checkpoint, two jobs on one checkpoint URI,
-uploads that keep failing, a full staging disk (injected ENOSPC), re-saving a step.
+uploads that keep failing, a full staging disk (found before the save, or injected ENOSPC
+and torch's "unexpected pos" during it), re-saving a step.
 
 Each fault must end in one of two ways: the run goes on from a checkpoint that verifies,
 or it stops with one clear paragraph; never a committed checkpoint lost or a corrupt one
@@ -130,7 +131,8 @@ def test_failures_in_a_row_and_a_full_staging_disk(tmp_path, monkeypatch):
     streak = up.failed_in_a_row()
     assert [s.step for s in streak] == [4, 5]
     assert "no space left on the device holding" in streak[0].error
-    assert "checkpoint.local_dir" in streak[0].error
+    # a local URI stages inside its own folder: checkpoint.uri places the disk
+    assert f"the staging folder {tmp_path / 'local-r0-s4'} (checkpoint.uri) has" in streak[0].error
     assert not (tmp_path / "local-r0-s4").exists()           # partial staging files removed
     assert [i.step for i in list_checkpoints(uri) if i.loadable] == [1, 3]
     assert not (tmp_path / "ck" / step_dir(4) / MANIFEST).exists()
@@ -216,7 +218,7 @@ def fault_worker(rank, world, uri, local) -> dict:
 
     import torch.distributed as dist
 
-    from checkpoints import snapshot
+    from checkpoints import disk_space, snapshot
     from checkpoints.config import CheckpointConfig
     from checkpoints.integrity import HashingWriter
     from checkpoints.manager import CheckpointManager, CheckpointSaveError
@@ -260,6 +262,28 @@ def fault_worker(rank, world, uri, local) -> dict:
     out["state_1"] = full_state(engine)
     save(mgr, 2, put=broken)
     save(mgr, 3)                                  # one failure, then good: the run goes on
+    # Rank 1 sees no room on the staging disk: every rank stops before writing anything.
+    real_free = disk_space.free_bytes
+    disk_space.free_bytes = (lambda folder: 1000) if rank == 1 else real_free
+    try:
+        expect("no_room", lambda: mgr.save(4, engine), CheckpointSaveError)
+    finally:
+        disk_space.free_bytes = real_free
+    # Rank 0's disk fills up inside DeepSpeed's own write (snapshot_in_memory=false): the
+    # ranks get through DeepSpeed's barriers and all stop, naming the disk.
+    direct = engine.checkpoint_engine
+    if rank == 0:
+        def full(state, path):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+        direct.save = full
+    mgr.cfg = dataclasses.replace(cfg, snapshot_in_memory=False)
+    try:
+        expect("filled_up", lambda: mgr.save(4, engine), CheckpointSaveError)
+    finally:
+        mgr.cfg = cfg
+        vars(direct).pop("save", None)
+    dist.barrier()   # every rank has cleaned up after the stop (the check spans all ranks)
+    out["staged_after_stops"] = sorted(p.name for p in (root / ".staging").rglob("step_00000004"))
     save(mgr, 4, writer=FullDisk)                 # ENOSPC while staging
     dist.barrier()   # every rank's uploader has given step 4 up (the check spans all ranks)
     out["staged_4"] = sorted(p.name for p in (root / ".staging").rglob("step_00000004"))
@@ -312,6 +336,17 @@ def test_faults_with_real_engines(tmp_path):
         assert "2 checkpoints in a row could not be saved" in stopped and "steps 4, 5" in stopped
         assert "checkpoint.max_failed_uploads=2" in stopped and "step_00000003" in stopped
         assert out["staged_4"] == []
+        # A staging disk without room: all ranks stop together, before writing; and one that
+        # fills up inside DeepSpeed's save is named the same way, without a hang.
+        no_room = errors["no_room"]
+        assert no_room.startswith("checkpoint step 4 was not saved: the staging folder ")
+        assert "has 1.0 kB free and this save needs about" in no_room
+        assert "(ranks 0, 1 on host" in no_room      # one disk: the two ranks' needs add up
+        assert "newest: " + f"{uri}/{step_dir(3)}" in no_room
+        filled = errors["filled_up"]
+        assert filled.startswith("checkpoint step 4 could not be written locally: no space left")
+        assert "(checkpoint.uri) has" in filled and "The run stops here" in filled
+        assert out["staged_after_stops"] == []
         refused = errors["refused"]
         assert "is in use by another job" in refused and "checkpoint.take_over_lease" in refused
         assert out["committed"] == [1, 3]
