@@ -2,19 +2,21 @@
 smoke.yaml from scratch, with the same fine-tuning step budget (issue 12 §8).
 
     python benchmarks/masked_finetune.py [--pretrain-steps 800] [--finetune-steps 800] [--json]
+        [--pretrain-set masked.scheme=random ...]
 
-Three training runs, each `python -m pretrain.train.worker` under torchrun with 2 CPU ranks (the standalone path of the same trainer `pretrain run` drives through Ray):
+Three training runs, each `python -m pretrain.train.launch` with 2 CPU ranks (the standalone
+path of the same trainer `pretrain run` drives through Ray; its store listens on 127.0.0.1
+only, where torchrun's would listen on every interface):
 
 1. configs/smoke-masked.yaml for --pretrain-steps (masked autoencoding, kNN monitor);
    its last checkpoint is exported (checkpoints.export) to a model file;
 2. configs/smoke.yaml for --finetune-steps with model.init_from=<that file> (the encoder;
    the decoder is dropped, new heads) and train.layer_decay (--layer-decay, 0.75 as VideoMAE);
-3. configs/smoke.yaml for --finetune-steps from scratch (same seed, data, schedule), run at
-   the same time as 2.
+3. configs/smoke.yaml for --finetune-steps from scratch (same seed, data, schedule), after 2.
 
 Both fine-tuning runs evaluate once, at the end, on the held-out sets. `--json` prints one
-JSON object: the masked run's kNN top-1 at step 0 and at its end and its final
-reconstruction loss; held-out eval/video_top1 and eval/image_top1 of both fine-tuning
+JSON object: the masked run's kNN top-1 and held-out reconstruction loss at each of its
+eval points (step -> value, from step 0) and its final training loss; held-out eval/video_top1 and eval/image_top1 of both fine-tuning
 runs; wall seconds of each run; and `ratio` = mean top-1 (video, image) fine-tuned from
 the masked export / the same from scratch (higher = pretraining helps; 1 = no effect).
 Runs write under --root (default runs/masked_finetune) and log to MLflow in its sqlite file.
@@ -38,15 +40,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 class Training:
-    """One standalone run under torchrun (started at construction); `result()` waits for it
-    and returns its summary (the worker's last stdout line) with its wall seconds."""
+    """One standalone run (pretrain.train.launch, started at construction); `result()` waits
+    for it and returns its summary (rank 0's last JSON stdout line) with its wall seconds."""
 
-    def __init__(self, config: str, overrides: list[str], root: Path, name: str, workers: int,
-                 port: int):
+    def __init__(self, config: str, overrides: list[str], root: Path, name: str, workers: int):
         self.name, self.out, self.err = name, root / f"{name}.out", root / f"{name}.err"
         env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(workers),
-               "--master_port", str(port), "-m", "pretrain.train.worker",
+        cmd = [sys.executable, "-m", "pretrain.train.launch", "--nproc-per-node", str(workers),
                str(ROOT / "configs" / config), *overrides]
         self.t0 = time.monotonic()
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self.out.open("w"),
@@ -67,6 +67,9 @@ def main() -> int:
     parser.add_argument("--pretrain-steps", type=int, default=800)
     parser.add_argument("--finetune-steps", type=int, default=800)
     parser.add_argument("--layer-decay", type=float, default=0.75)
+    parser.add_argument("--pretrain-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for the masked run only (repeatable), e.g. "
+                             "masked.scheme=random")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--root", default="runs/masked_finetune")
     parser.add_argument("--json", action="store_true")
@@ -84,39 +87,38 @@ def main() -> int:
     common = [f"resources.workers={args.workers}", "train.progress_every_s=60",
               f"tracking.tracking_uri=sqlite:///{root}/mlflow.db"]
 
-    port = 29600 + os.getpid() % 400
     masked = Training("smoke-masked.yaml", [f"train.steps={args.pretrain_steps}",
                                             f"checkpoint.uri={root}/masked/ckpt",
                                             f"checkpoint.every_steps={args.pretrain_steps}",
-                                            *common], root, "masked", args.workers, port).result()
+                                            *common, *args.pretrain_set],
+                      root, "masked", args.workers).result()
     model_file = str(root / "masked.safetensors")
     export_checkpoint(masked["checkpoint"], model_file)
     from mlflow.tracking import MlflowClient
     client = MlflowClient(f"sqlite:///{root}/mlflow.db")
-    knn0 = {k: [m.value for m in client.get_metric_history(masked["mlflow_run_id"], k) if m.step == 0]
-            for k in ("eval/knn_video_top1", "eval/knn_image_top1")}
+    # The monitor at every eval point of the masked run (step -> value), step 0 included.
+    curve = {k: {m.step: round(m.value, 4)
+                 for m in client.get_metric_history(masked["mlflow_run_id"], f"eval/{k}")}
+             for k in ("knn_video_top1", "knn_image_top1", "video_recon_loss")}
 
     finetune = [f"train.steps={args.finetune_steps}", "train.eval_every=0",
                 "checkpoint.uri=null", *common]
-    # The two fine-tuning runs side by side (independent; on a shared machine each gets its
-    # share of the cores, and they see the same load).
+    # One after the other: two runs started together on the same shards race for the
+    # streaming library's shared-memory prefix (FileExistsError '/000000_locals' in one).
     tuned = Training("smoke.yaml", [*finetune, f"model.init_from={model_file}",
                                     f"train.layer_decay={args.layer_decay}"],
-                     root, "finetuned", args.workers, port + 1)
-    scratch = Training("smoke.yaml", finetune, root, "scratch", args.workers, port + 2)
-    tuned, scratch = tuned.result(), scratch.result()
+                     root, "finetuned", args.workers).result()
+    scratch = Training("smoke.yaml", finetune, root, "scratch", args.workers).result()
 
     def top1(summary):
         return {k: summary["metrics"].get(f"eval/{k}_top1") for k in ("video", "image")}
 
     t, s = top1(tuned), top1(scratch)
     result = {
-        "pretrain_steps": args.pretrain_steps, "finetune_steps": args.finetune_steps,
+        "pretrain_steps": args.pretrain_steps, "pretrain_set": args.pretrain_set,
+        "finetune_steps": args.finetune_steps,
         "layer_decay": args.layer_decay,
-        "masked_knn_video_top1_step0": (knn0["eval/knn_video_top1"] or [None])[0],
-        "masked_knn_image_top1_step0": (knn0["eval/knn_image_top1"] or [None])[0],
-        "masked_knn_video_top1_end": masked["metrics"].get("eval/knn_video_top1"),
-        "masked_knn_image_top1_end": masked["metrics"].get("eval/knn_image_top1"),
+        **{f"masked_{k}": v for k, v in curve.items()},
         "masked_train_loss_end": masked["metrics"].get("train/loss"),
         "finetuned_video_top1": t["video"], "finetuned_image_top1": t["image"],
         "scratch_video_top1": s["video"], "scratch_image_top1": s["image"],

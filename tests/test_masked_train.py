@@ -56,6 +56,17 @@ def test_smoke_masked_config_is_smoke_yaml_masked_with_the_same_architecture():
     assert masked.resources.workers == 2 and not masked.resources.use_gpu
 
 
+def test_smoke_masked_configs_read_the_data_of_smoke_yaml():
+    """Both smoke masked configs demonstrate on smoke.yaml's data (same shards, same synthetic
+    styles): smoke-videomae.yaml repeats the section, so it can drift when smoke.yaml's changes."""
+    smoke = to_dict(load_config(CONFIGS / "smoke.yaml"))["data"]
+    keys = ("video_uri", "video_eval_uri", "image_uri", "image_eval_uri", "synthetic", "frames",
+            "frame_stride", "size", "image_size")
+    for name in ("smoke-masked.yaml", "smoke-videomae.yaml"):
+        data = to_dict(load_config(CONFIGS / name))["data"]
+        assert {k: data[k] for k in keys} == {k: smoke[k] for k in keys}, name
+
+
 def test_masked_configs_resolve_and_build_their_masked_model():
     for name in ("smoke-masked.yaml", "smoke-videomae.yaml", "videomae-b.yaml", "tubevit-b-masked.yaml"):
         cfg = load_config(CONFIGS / name)
