@@ -6,4 +6,4 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 pytest_plugins = ["tests.fixtures.servers", "tests.fixtures.ray_nodes", "tests.fixtures.media",
-                  "tests.fixtures.threads"]
+                  "tests.fixtures.threads", "tests.fixtures.pretrain_run"]

@@ -99,11 +99,12 @@ def _uninterrupted_streams(config: dict, steps: int) -> dict:
         loader.close()
 
 
-def test_a_node_drained_lost_and_replaced_under_an_elastic_job(two_nodes, tmp_path, monkeypatch):
+def test_a_node_drained_lost_and_replaced_under_an_elastic_job(two_nodes, smoke_data, tmp_path,
+                                                              monkeypatch):
     monkeypatch.chdir(tmp_path)
     address = two_nodes["dashboard"]
     ckpt, tracking = tmp_path / "ckpt", f"sqlite:///{tmp_path}/mlflow.db"
-    code, out, err = run_cli("submit", SMOKE, *smoke_overrides(tmp_path / "synthetic", 5000, 3),
+    code, out, err = run_cli("submit", SMOKE, *smoke_overrides(smoke_data, 5000, 3),
                              "resources.workers=[1, 2]", "resources.cpus_per_worker=2",
                              "resources.max_failures=3", "resources.elastic_resize_every_s=5",
                              "train.preemption_poll_steps=3", f"checkpoint.uri={ckpt}",

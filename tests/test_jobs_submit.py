@@ -20,6 +20,7 @@ import pytest
 from orchestration.cli import main as cli
 from orchestration.ray_jobs import JobsClient, job_runtime_env
 from tests.fixtures.net import free_port
+from tests.fixtures.pretrain_run import overrides
 from tests.fixtures.ray_nodes import ray_agent_ports, ray_cluster
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,19 +66,9 @@ def logs_tail(address: str, job: str, chars: int = 4000) -> str:
 
 
 def smoke_overrides(data_root: Path, steps: int, every: int) -> list[str]:
-    """The smoke config, tiny: few steps and little synthetic data, shared across tests."""
-    return [f"train.steps={steps}", "train.warmup_steps=1", f"checkpoint.every_steps={every}",
-            "train.log_every=1", "train.progress_every_s=0", "train.eval_at_end=false",
-            f"data.synthetic.root={data_root}", "data.synthetic.videos=64",
-            "data.synthetic.images=32", f"data.video_uri={data_root}/video/train",
-            f"data.video_eval_uri={data_root}/video/val",
-            f"data.image_uri={data_root}/image/train",
-            f"data.image_eval_uri={data_root}/image/val", "checkpoint.preempt_grace_s=60"]
-
-
-@pytest.fixture(scope="module")
-def smoke_data(tmp_path_factory):
-    return tmp_path_factory.mktemp("smoke-data") / "synthetic"
+    """The smoke config, tiny (tests/fixtures/pretrain_run.py), with the grace period a
+    `pretrain stop` gives it."""
+    return overrides(data_root, steps, every, "checkpoint.preempt_grace_s=60")
 
 
 # ---------------------------------------------------------------------------------------

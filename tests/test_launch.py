@@ -4,8 +4,9 @@ interface).
 
 Fast: argument errors are one line naming the flag; the env of every rank; the worker's
 choice of store address and its torchrun warning; failure and signal handling with stand-in
-ranks. Slow: 2 ranks of the smoke config through the launcher (store on 127.0.0.1 only,
-summary JSON last on stdout), and SIGTERM to the launcher (final checkpoint, exit 0).
+ranks. Slow: 2 ranks of the smoke config through the launcher, one run: the store on 127.0.0.1
+only while they train, then SIGTERM to the launcher (final checkpoint, exit 0, summary JSON
+last on stdout).
 """
 from __future__ import annotations
 
@@ -219,18 +220,6 @@ def test_a_rank_killed_by_a_signal_exits_the_launcher_as_a_shell_would(tmp_path,
 # ---- the real thing: 2 ranks of the smoke config ----------------------------------------
 
 
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    """Tiny synthetic data, written here: the standalone worker reads datasets, it does not
-    prepare them (`pretrain run` does)."""
-    from pretrain.data.metadata import ensure_datasets
-    from pretrain.train.config import load_config
-
-    root = tmp_path_factory.mktemp("launch-data") / "synthetic"
-    ensure_datasets(load_config(SMOKE, overrides(root, 1, 1)).data, prepare=True)
-    return root
-
-
 class Launched:
     """`python -m pretrain.train.launch --nproc-per-node 2 SMOKE ...` as a subprocess."""
 
@@ -275,31 +264,21 @@ class Launched:
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_two_ranks_train_with_the_store_on_loopback_only(tmp_path, data_root):
-    run = Launched(tmp_path, data_root, 6, 1000)
-    seen: set[str] = set()
-    while run.proc.poll() is None:
-        seen |= run.listening()
-        time.sleep(0.2)
-    rc, summary = run.finish(10)
-    assert rc == 0, run.stderr()[-6000:]
-    assert summary["steps"] == 6 and summary["world_size"] == 2
-    # rank 0's store was seen, and only ever on loopback (torch's own: "::" or "0.0.0.0")
-    assert seen == {"127.0.0.1"}, (seen, run.stderr()[-3000:])
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(600)
-def test_sigterm_to_the_launcher_writes_a_final_checkpoint_and_exits_0(tmp_path, data_root):
+def test_two_ranks_keep_the_store_on_loopback_and_sigterm_writes_a_final_checkpoint(tmp_path, smoke_data):
     # no periodic checkpoint: the one we find is the final one
-    run = Launched(tmp_path, data_root, 400, 1000, "checkpoint.preempt_grace_s=60")
+    run = Launched(tmp_path, smoke_data, 400, 1000, "checkpoint.preempt_grace_s=60")
+    seen: set[str] = set()
     deadline = time.monotonic() + 300
     while "step 3/400" not in run.stderr():
         assert run.proc.poll() is None and time.monotonic() < deadline, run.stderr()[-4000:]
+        seen |= run.listening()
         time.sleep(0.2)
+    seen |= run.listening()
     run.proc.send_signal(signal.SIGTERM)
     rc, summary = run.finish(120)
     assert rc == 0, run.stderr()[-6000:]
-    assert summary["stopped"] and 3 <= summary["steps"] < 400
+    assert summary["stopped"] and 3 <= summary["steps"] < 400 and summary["world_size"] == 2
     info = committed(str(tmp_path / "ckpt"))
     assert info is not None and info.step == summary["steps"] and summary["checkpoint"] == info.uri
+    # rank 0's store was seen, and only ever on loopback (torch's own: "::" or "0.0.0.0")
+    assert seen == {"127.0.0.1"}, (seen, run.stderr()[-3000:])

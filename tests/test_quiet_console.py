@@ -5,7 +5,8 @@ at its source: streaming's `predownload` notice, torch's FutureWarning for the d
 `all_gather_into_tensor` that DeepSpeed's gathers went through.
 
 Fast: the routing by writer (orchestration/console.py) in the driver and in a worker, the
-log file's place, the predownload window, the all-gather. Slow: one short real run.
+log file's place, the predownload window, the all-gather. Slow: the session's six-step run
+(tests/fixtures/pretrain_run.py), read for what its console and log hold.
 """
 from __future__ import annotations
 
@@ -286,25 +287,20 @@ NOISE = ["core_worker.cc", "PreemptionWatcher", "No CUDA runtime is found", "Fut
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_a_short_run_has_a_quiet_console(tmp_path):
-    from tests.fixtures.pretrain_run import Run, overrides
-
-    data = tmp_path / "data"
-    run = Run(tmp_path, *overrides(data, 4, 4, f"checkpoint.uri={tmp_path}/runs/q/ckpt",
-                                   f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db"))
-    summary = run.finish()
+def test_a_short_run_has_a_quiet_console(six_steps):
+    where, run, summary = six_steps
     err = run.stderr()
     out = run.out.read_text()
     for noise in NOISE:
         assert noise not in err, f"{noise!r} on the console:\n{err}"
-    assert re.search(r"^step 4/4  loss [0-9.]+  [0-9.]+ samples/s  eta", err, re.M), err
-    assert "committed checkpoint step 4" in err   # a worker's line of ours
+    assert re.search(r"^step 6/6  loss [0-9.]+  [0-9.]+ samples/s  eta", err, re.M), err
+    assert "committed checkpoint step 6" in err   # a worker's line of ours
     log = Path(summary["log"])
-    assert log.parent == tmp_path / "runs" / "q" / "logs" and log.is_file()
+    assert log.parent == where / "runs" / "q" / "logs" and log.is_file()
     assert f"log: {log}" in err and f"  log {log}" in out   # named on the console and in the summary
     text = log.read_text()
     assert "(RayTrainWorker pid=" in text and "world_rank=0" in text   # the workers' output
-    assert "step 4/4" in text and "finished 4/4 steps" in text
+    assert "step 6/6" in text and "finished 6/6 steps" in text
     # causes that were ours: gone from the log as well
     assert "predownload" not in text and "all_gather_into_tensor" not in text
     lines = [ln for ln in err.splitlines() if ln.strip()]

@@ -1,20 +1,25 @@
 """Resume at the level of `pretrain run`: real embedded Ray, 2 DeepSpeed workers on gloo, the
 smoke model on tiny synthetic data, MLflow in a sqlite file.
 
-- stop-and-resume is invisible: 6 steps straight vs stop after 3 (checkpoint.stop_after_step,
-  the same clean stop SIGTERM takes) + resume to 6 -> bit-identical train/loss at every
-  step, one MLflow run continued without duplicate steps;
-- resume on 1 worker at ZeRO-3 from a 2-worker ZeRO-2 checkpoint (automatic resharding);
+- stop-and-resume is invisible: 6 steps straight (the session's `six_steps` run) vs stop
+  after 3 (checkpoint.stop_after_step, the same clean stop SIGTERM takes) + resume to 6 ->
+  bit-identical train/loss at every step, one MLflow run continued without duplicate steps;
+- resume on 1 worker at ZeRO-3 from a 2-worker ZeRO-2 checkpoint (automatic resharding),
+  stopped by SIGTERM to the `pretrain run` process: final committed checkpoint, exit 0;
 - a checkpoint from another model is a one-paragraph error, exit 2, before Ray starts;
-- SIGTERM to the `pretrain run` process, and SIGTERM to one Ray worker: final committed
-  checkpoint, exit 0;
 - a Ray worker killed with SIGKILL mid-run, checkpoints in gs:// (GCS emulator): Ray Train
-  restarts the group (FailureConfig), it resumes from the newest committed checkpoint and
-  finishes, logging no step twice.
+  restarts the group (FailureConfig), it resumes from the newest committed checkpoint,
+  logging no step twice (and before, the workers listen on 127.0.0.1 only, rank 0's store
+  included); then SIGTERM to one Ray worker of the new group: final committed
+  checkpoint, exit 0.
+
+Each run costs ~60 s of start-up (Ray, worker processes, DeepSpeed) before its first step,
+so one run checks several things where they do not interfere.
 """
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import time
@@ -25,16 +30,11 @@ from tests.fixtures.pretrain_run import Run, committed, history, overrides
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("resume-data") / "synthetic"
-
-
-@pytest.fixture(scope="module")
-def stopped_at_3(tmp_path_factory, data_root):
+def stopped_at_3(tmp_path_factory, smoke_data):
     """A 6-step run stopped cleanly after step 3: (its folder, checkpoint root, summary)."""
     where = tmp_path_factory.mktemp("stopped")
     ckpt = where / "ckpt"
-    run = Run(where, *overrides(data_root, 6, 100, f"checkpoint.uri={ckpt}",
+    run = Run(where, *overrides(smoke_data, 6, 100, f"checkpoint.uri={ckpt}",
                                 f"tracking.tracking_uri=sqlite:///{where}/mlflow.db",
                                 "checkpoint.stop_after_step=3"))
     return where, ckpt, run.finish()
@@ -42,7 +42,7 @@ def stopped_at_3(tmp_path_factory, data_root):
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_stop_and_resume_is_invisible(tmp_path, data_root, stopped_at_3):
+def test_stop_and_resume_is_invisible(smoke_data, stopped_at_3, six_steps):
     where, ckpt, first = stopped_at_3
     assert first["stopped"] and first["steps"] == 3
     assert first["checkpoint"] == f"{ckpt}/step_00000003"
@@ -50,14 +50,13 @@ def test_stop_and_resume_is_invisible(tmp_path, data_root, stopped_at_3):
     from mlflow.tracking import MlflowClient
     assert MlflowClient(tracking).get_run(first["mlflow_run_id"]).info.status == "KILLED"
 
-    straight = Run(tmp_path / "a", *overrides(data_root, 6, 100, f"checkpoint.uri={tmp_path}/a/ckpt",
-                                              f"tracking.tracking_uri=sqlite:///{tmp_path}/a/mlflow.db")).finish()
-    resumed = Run(where, *overrides(data_root, 6, 100, f"checkpoint.uri={ckpt}",
+    straight_at, _, straight = six_steps
+    resumed = Run(where, *overrides(smoke_data, 6, 100, f"checkpoint.uri={ckpt}",
                                     f"tracking.tracking_uri={tracking}")).finish()
     assert resumed["resumed_from_step"] == 3 and resumed["steps"] == 6 and not resumed["stopped"]
     # the same numbers, bit for bit, at every step and at the end
     assert resumed["metrics"]["train/loss"] == straight["metrics"]["train/loss"]
-    a = history(f"sqlite:///{tmp_path}/a/mlflow.db", straight["mlflow_run_id"])
+    a = history(f"sqlite:///{straight_at}/mlflow.db", straight["mlflow_run_id"])
     b = history(tracking, resumed["mlflow_run_id"])
     assert [s for s, _ in a] == [1, 2, 3, 4, 5, 6]
     assert b == a   # one run continued: steps 1-3 from the first part, 4-6 from the resume
@@ -67,26 +66,34 @@ def test_stop_and_resume_is_invisible(tmp_path, data_root, stopped_at_3):
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_resume_on_one_worker_at_zero3(tmp_path, data_root, stopped_at_3):
+def test_resume_on_one_worker_at_zero3_then_sigterm_to_the_driver(tmp_path, smoke_data, stopped_at_3):
     _, ckpt, _ = stopped_at_3
     copy = tmp_path / "ckpt"
     shutil.copytree(ckpt / "step_00000003", copy / "step_00000003")
-    run = Run(tmp_path, *overrides(data_root, 6, 100, f"checkpoint.uri={copy}",
+    # no periodic checkpoint: the one after step 3 is the SIGTERM one
+    run = Run(tmp_path, *overrides(smoke_data, 400, 1000, f"checkpoint.uri={copy}",
                                    f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
-                                   "resources.workers=1", "train.zero_stage=3"))
-    out = run.finish()
-    assert out["resumed_from_step"] == 3 and out["steps"] == 6 and out["world_size"] == 1
+                                   "resources.workers=1", "train.zero_stage=3",
+                                   "checkpoint.preempt_grace_s=60"))
+    run.wait_for("step 5/400")
+    run.proc.send_signal(signal.SIGTERM)
+    t0 = time.monotonic()
+    out = run.finish(timeout=120)
+    assert time.monotonic() - t0 < 60          # within checkpoint.preempt_grace_s
+    assert out["resumed_from_step"] == 3 and out["world_size"] == 1
+    assert out["stopped"] and 5 <= out["steps"] < 400
     assert 0.5 < out["metrics"]["train/loss"] < 3.0
     # this tracking server never saw the checkpoint's run: a new one, said so
     assert "logging to a new run" in run.stderr()
     info = committed(str(copy))
-    assert info.step == 6 and info.world_size == 1 and info.zero_stage == 3
+    assert info.step == out["steps"] and info.world_size == 1 and info.zero_stage == 3
+    assert out["checkpoint"] == info.uri
 
 
 @pytest.mark.slow
-def test_checkpoint_of_another_model_is_a_clear_error(tmp_path, data_root, stopped_at_3):
+def test_checkpoint_of_another_model_is_a_clear_error(tmp_path, smoke_data, stopped_at_3):
     _, ckpt, _ = stopped_at_3
-    run = Run(tmp_path, *overrides(data_root, 6, 100, f"checkpoint.uri={ckpt}",
+    run = Run(tmp_path, *overrides(smoke_data, 6, 100, f"checkpoint.uri={ckpt}",
                                    f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
                                    "model.depth=2"))
     run.finish(code=2, timeout=120)
@@ -96,41 +103,16 @@ def test_checkpoint_of_another_model_is_a_clear_error(tmp_path, data_root, stopp
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("target", ["driver", "worker"])
-def test_sigterm_writes_a_final_checkpoint_and_exits_cleanly(tmp_path, data_root, target):
-    ckpt = tmp_path / "ckpt"
-    # no periodic checkpoint: the one we find is the final one
-    run = Run(tmp_path, *overrides(data_root, 400, 1000, f"checkpoint.uri={ckpt}",
-                                   f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
-                                   "checkpoint.preempt_grace_s=60"))
-    run.wait_for("step 3/400")
-    if target == "driver":
-        run.proc.send_signal(signal.SIGTERM)
-    else:
-        workers = run.train_workers()
-        assert len(workers) == 2
-        os.kill(workers[-1], signal.SIGTERM)
-    t0 = time.monotonic()
-    out = run.finish(timeout=120)
-    assert time.monotonic() - t0 < 60          # within checkpoint.preempt_grace_s
-    assert out["stopped"] and 3 <= out["steps"] < 400
-    info = committed(str(ckpt))
-    assert info is not None and info.step == out["steps"]
-    assert out["checkpoint"] == info.uri
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(600)
-def test_killed_worker_restarts_from_the_newest_checkpoint_on_gcs(tmp_path, data_root, gcs_bucket):
+def test_killed_worker_restarts_from_the_newest_checkpoint_on_gcs_and_sigterm_stops_it(
+        tmp_path, smoke_data, gcs_bucket):
     uri = f"{gcs_bucket}/run"
     tracking = f"sqlite:///{tmp_path}/mlflow.db"
-    # stop_after_step bounds the run's length whatever the restart costs. Metrics are only
-    # sent when a checkpoint asks for it (flush interval longer than the test): rank 0 dies
-    # with metrics queued, and the steps up to the checkpoint it resumes from must be in
-    # MLflow all the same (they are never trained again).
-    run = Run(tmp_path, *overrides(data_root, 400, 2, f"checkpoint.uri={uri}",
+    # Metrics are only sent when a checkpoint asks for it (flush interval longer than the
+    # test): rank 0 dies with metrics queued, and the steps up to the checkpoint it resumes
+    # from must be in MLflow all the same (they are never trained again).
+    run = Run(tmp_path, *overrides(smoke_data, 400, 2, f"checkpoint.uri={uri}",
                                    f"tracking.tracking_uri={tracking}", "resources.max_failures=1",
-                                   "checkpoint.stop_after_step=60", "tracking.flush_every_s=3600"))
+                                   "checkpoint.preempt_grace_s=60", "tracking.flush_every_s=3600"))
     run.wait_for("step 1/400")
     deadline = time.monotonic() + 120
     while (committed(uri) is None or committed(uri).step < 4) and time.monotonic() < deadline:
@@ -138,13 +120,26 @@ def test_killed_worker_restarts_from_the_newest_checkpoint_on_gcs(tmp_path, data
         time.sleep(0.3)
     workers = run.train_workers()
     assert len(workers) == 2
+    # nothing of the workers, rank 0's process-group store included, listens beyond loopback
+    assert run.listening(workers) == {"127.0.0.1"}
     rank0 = run.rank0_pid()
     assert rank0 in workers, run.log().read_text()[-4000:]
     os.kill(rank0, signal.SIGKILL)
-    out = run.finish()
-    assert out["steps"] == 60 and out["stopped"]
-    assert out["resumed_from_step"] and out["resumed_from_step"] >= 4
-    assert f"resumed from {uri}/step_" in run.stderr()
-    assert committed(uri).step == 60
+    run.wait_for(f"resumed from {uri}/step_")
+    # the new group trains a step, then one of its workers gets SIGTERM (a node's preemption
+    # notice as Kubernetes delivers it): the whole group stops with a final checkpoint
+    after = len(run.stderr())
+    run.wait_for_true(lambda: re.search(r"^step \d+/400", run.stderr()[after:], re.M), 240,
+                      "a step after the resume")
+    restarted = run.train_workers()
+    assert len(restarted) == 2 and not set(restarted) & set(workers)
+    os.kill(restarted[-1], signal.SIGTERM)
+    t0 = time.monotonic()
+    out = run.finish(timeout=120)
+    assert time.monotonic() - t0 < 60          # within checkpoint.preempt_grace_s
+    assert out["stopped"] and out["steps"] < 400
+    assert out["resumed_from_step"] and 4 <= out["resumed_from_step"] < out["steps"]
+    info = committed(uri)
+    assert info.step == out["steps"] and out["checkpoint"] == info.uri
     steps = [s for s, _ in history(tracking, out["mlflow_run_id"])]
-    assert steps == list(range(1, 61))   # re-trained steps were not logged twice
+    assert steps == list(range(1, out["steps"] + 1))   # re-trained steps were not logged twice
