@@ -130,6 +130,13 @@ def clear_stop(run: Run) -> bool:
     return run.proc.returncode == 2 and "Traceback" not in tail
 
 
+def stop_message(run: Run) -> str:
+    """The paragraph the run stopped with (the console wraps it), on one line."""
+    lines = run.stderr().strip().splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith("error:")]
+    return " ".join(line.strip() for line in lines[starts[-1]:]) if starts else (lines or [""])[-1]
+
+
 def wait_until(check: Callable[[], bool], run: Run, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not check():
@@ -389,8 +396,8 @@ def staging_disk_full(b: Bench) -> tuple[bool, bool, str] | None:
         except AssertionError:
             pass
         bad = [s for s, ok in committed_steps(uri).items() if not ok]
-        return (clear_stop(run), bool(bad),
-                "stopped: " + run.stderr().strip().splitlines()[-1][:200])
+        error = stop_message(run)
+        return (clear_stop(run) and str(small) in error, bool(bad), f"stopped: {error[:300]}")
     finally:
         subprocess.run(["umount", str(small)], capture_output=True)
 

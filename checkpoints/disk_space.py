@@ -55,7 +55,9 @@ def state_bytes(engine) -> int:
     """Bytes of the tensors this rank's `engine.save_checkpoint` writes: the module's state
     on the ranks that write the model-states file, and this rank's optimizer partition
     (ZeRO: the fp32 master partition and its moments; no ZeRO: the optimizer state, saved
-    in the model-states file). Used for the first save, before any file was measured."""
+    in the model-states file). Used for the first save, before any file was measured. Adam
+    makes its moments at its first step, so a save before any step is estimated without
+    them (a run saves after `checkpoint.every_steps` steps)."""
     total = 0
     writes_module = getattr(engine, "save_non_zero_checkpoint", True)
     writes_zero = getattr(engine, "save_zero_checkpoint", False)

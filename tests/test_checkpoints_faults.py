@@ -259,6 +259,8 @@ def fault_worker(rank, world, uri, local) -> dict:
 
     mgr = CheckpointManager(cfg, job="job-A")
     save(mgr, 1)
+    out["staged_1"] = mgr._get_uploader().stats[0].bytes  # what this rank's files took
+    out["estimated_1"] = disk_space.state_bytes(engine)   # what a first save's check assumes
     out["state_1"] = full_state(engine)
     save(mgr, 2, put=broken)
     save(mgr, 3)                                  # one failure, then good: the run goes on
@@ -347,6 +349,8 @@ def test_faults_with_real_engines(tmp_path):
         assert filled.startswith("checkpoint step 4 could not be written locally: no space left")
         assert "(checkpoint.uri) has" in filled and "The run stops here" in filled
         assert out["staged_after_stops"] == []
+        # the first save's estimate from the state's tensors is close to the files written
+        assert 0.9 <= out["estimated_1"] / out["staged_1"] <= 1.05, (out["estimated_1"], out["staged_1"])
         refused = errors["refused"]
         assert "is in use by another job" in refused and "checkpoint.take_over_lease" in refused
         assert out["committed"] == [1, 3]
