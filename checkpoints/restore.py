@@ -14,9 +14,10 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Callable
 
 from pretrain import storage
 from pretrain.errors import UserError
@@ -24,7 +25,7 @@ from pretrain.process_env import cpu_tool_env
 
 from . import safe_load
 from .discovery import CheckpointInfo, inspect
-from .integrity import digest_file
+from .integrity import Digests
 from .layout import MANIFEST, Manifest
 
 log = logging.getLogger("checkpoints")
@@ -114,15 +115,41 @@ def fetch(info: CheckpointInfo, dest_root: str, verify_checksums: bool = True,
 RANGE_BYTES = 16 << 20   # one request's share of a large file (parallel streams)
 
 
+class _InOrderDigest:
+    """The digest of one file whose byte ranges arrive in any order (parallel streams): a
+    range is hashed as soon as every range before it is in, so hashing runs while the rest
+    downloads and nothing is read back. A range that came early waits in memory; `hashed`
+    is called with each range once it is hashed (it frees the range's slot)."""
+
+    def __init__(self, digests: Digests | None, hashed: Callable[[], None]):
+        self.digests = digests      # None: no checksum wanted, only the order is kept
+        self.hashed = hashed
+        self._next = 0
+        self._early: dict[int, bytes] = {}
+        self._lock = threading.Lock()
+
+    def add(self, start: int, data: bytes) -> None:
+        with self._lock:
+            self._early[start] = data
+            while self._next in self._early:
+                chunk = self._early.pop(self._next)
+                if self.digests is not None:
+                    self.digests.update(chunk)
+                self._next += len(chunk)
+                self.hashed()
+
+
 def download(info: CheckpointInfo, dest_root: str, verify_checksums: bool = True,
              threads: int = 8, retries: int = 5) -> str:
     """Copy the manifest's files of `info` to dest_root/<step folder>; returns that folder.
 
-    Every file is fetched as byte ranges of RANGE_BYTES, all files' ranges in parallel
-    (one stream per object is what limits a single reader), each written at its offset.
-    Each file is then checked against the manifest (size; crc32c, or sha256 for format-1
-    manifests) from the page cache. Everything lands in a temporary folder that is renamed
-    into place only when every file matches, so a reader never sees a partial download.
+    Every file is fetched as byte ranges of RANGE_BYTES, all files' ranges in parallel (one
+    stream per object is what limits a single reader on a real object store), each written
+    at its offset and hashed on arrival, in file order (_InOrderDigest): the checksum the
+    manifest will be compared with (crc32c; sha256 for format-1 manifests) is ready when the
+    last byte is in, with no second pass over the files. At most 2 x `threads` ranges are
+    in memory (fetched, not yet hashed). Everything lands in a temporary folder renamed into
+    place only when every file matches, so a reader never sees a partial download.
     """
     manifest = info.manifest
     assert manifest is not None, "download needs a committed checkpoint"
@@ -138,8 +165,16 @@ def download(info: CheckpointInfo, dest_root: str, verify_checksums: bool = True
     def damaged(rel: str, what: str) -> CheckpointDamaged:
         return CheckpointDamaged(f"checkpoint {info.uri} is damaged: {rel} {what}")
 
-    def fetch_range(task: tuple[str, int, int]) -> None:
-        rel, start, end = task
+    # Submitted in file order, each range takes a slot first and gives it back once hashed.
+    # So the earliest range not yet hashed always holds a slot (it was submitted before the
+    # ones waiting for it): the ranges in memory stay bounded and never wait on each other.
+    slots = threading.Semaphore(2 * threads)
+    hashers: dict[str, _InOrderDigest] = {}
+    for rel, rec in manifest.files.items():
+        wanted = Digests(sha256=not rec.crc32c, crc32c=bool(rec.crc32c)) if verify_checksums else None
+        hashers[rel] = _InOrderDigest(wanted, slots.release)
+
+    def fetch_range(rel: str, start: int, end: int) -> None:
         data = storage.with_retries(f"downloading {rel}",
                                     lambda: fs.cat_file(storage.join(src, rel), start=start, end=end),
                                     retries)
@@ -151,15 +186,15 @@ def download(info: CheckpointInfo, dest_root: str, verify_checksums: bool = True
             os.pwrite(fd, data, start)
         finally:
             os.close(fd)
+        hashers[rel].add(start, data)
 
-    def check(item) -> None:
-        rel, rec = item
-        path = os.path.join(tmp, rel)
-        if os.path.getsize(path) != rec.size:
-            raise damaged(rel, f"has {os.path.getsize(path)} bytes, its manifest says {rec.size}")
-        if not verify_checksums:
+    def check(rel: str, rec) -> None:
+        size = os.path.getsize(os.path.join(tmp, rel))
+        if size != rec.size:
+            raise damaged(rel, f"has {size} bytes, its manifest says {rec.size}")
+        d = hashers[rel].digests
+        if d is None:
             return
-        d = digest_file(path)
         if rec.crc32c and d.crc32c != rec.crc32c:
             raise damaged(rel, "fails its crc32c checksum (content changed)")
         if not rec.crc32c and d.sha256 != rec.sha256:
@@ -173,10 +208,23 @@ def download(info: CheckpointInfo, dest_root: str, verify_checksums: bool = True
             f.truncate(rec.size)
         tasks += [(rel, start, min(rec.size, start + RANGE_BYTES))
                   for start in range(0, rec.size, RANGE_BYTES)]
+    def submit_all(pool: ThreadPoolExecutor) -> list:
+        futures = []
+        for task in tasks:
+            while not slots.acquire(timeout=0.1):
+                # a failed range is never hashed, so the ranges after it keep their slots:
+                # stop submitting rather than wait for a slot forever
+                if any(f.done() and f.exception() for f in futures):
+                    return futures
+            futures.append(pool.submit(fetch_range, *task))
+        return futures
+
     try:
         with ThreadPoolExecutor(threads) as pool:
-            list(pool.map(fetch_range, tasks))
-            list(pool.map(check, manifest.files.items()))
+            for future in submit_all(pool):
+                future.result()
+        for rel, rec in manifest.files.items():
+            check(rel, rec)
         with open(os.path.join(tmp, MANIFEST), "wb") as f:
             f.write(manifest.to_json())
         if os.path.isdir(final):
