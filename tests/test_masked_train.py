@@ -84,7 +84,7 @@ def test_layer_decay_and_masked_section_keys_are_checked(tmp_path):
     base = {"model": {"name": "tubevit-ti"}, "data": {"video_uri": "v"}, "train": {"steps": 10}}
     with pytest.raises(UserError, match="'train.layer_decay'"):
         from_dict(ExperimentConfig, {**base, "train": {"steps": 10, "layer_decay": 1.5}})
-    with pytest.raises(UserError, match="'masked.scheme'.*tube, random, aligned"):
+    with pytest.raises(UserError, match="'masked.scheme'.*auto, tube, random, aligned"):
         from_dict(ExperimentConfig, {**base, "masked": {"scheme": "blocks"}})
     with pytest.raises(UserError, match="masked.video_ratio"):
         from_dict(ExperimentConfig, {**base, "masked": {"video_ratio": 0.0}})

@@ -35,7 +35,7 @@ def test_videomae_masks_have_a_fixed_count_per_sample(videomae, scheme):
     mask = mask_tokens(videomae, x, 0.9, scheme, gen())
     assert mask.dtype == torch.bool and mask.shape == (3, 64)
     per_frame = int(0.9 * 16)
-    expected = 4 * per_frame if scheme == "tube" else int(0.9 * 64)
+    expected = 4 * per_frame if scheme in ("tube", "auto") else int(0.9 * 64)
     assert mask.sum(1).tolist() == [expected] * 3
     assert masked_count(videomae, x.shape, 0.9, scheme) == expected
     assert visible_count(videomae, x.shape, 0.9, scheme) == 64 - expected
@@ -92,6 +92,14 @@ def test_aligned_masks_hide_whole_cells_in_every_tube(tubevit):
     assert min(partly_masked_cells(mask_tokens(tubevit, x, 0.5, "random", gen(1)))) > 1
 
 
+def test_auto_is_tube_for_one_token_grid_and_aligned_for_sparse_tubes(videomae, tubevit):
+    for model, clip, scheme in ((videomae, torch.zeros(2, 3, 8, 64, 64), "tube"),
+                                (tubevit, torch.zeros(2, 3, 32, 64, 64), "aligned")):
+        assert torch.equal(mask_tokens(model, clip, 0.75, "auto", gen(5)),
+                           mask_tokens(model, clip, 0.75, scheme, gen(5)))
+        assert masked_count(model, clip.shape, 0.75, "auto") == masked_count(model, clip.shape, 0.75, scheme)
+
+
 def test_masks_are_a_function_of_the_generator_state(tubevit):
     x = torch.zeros(2, 3, 32, 64, 64)
     g = gen(7)
@@ -109,7 +117,7 @@ def test_mask_errors_name_the_problem(tubevit, videomae):
     x = torch.zeros(1, 3, 32, 64, 64)
     with pytest.raises(UserError, match="mask scheme 'tube'.*4 tubes.*'random' or 'aligned'"):
         mask_tokens(tubevit, x, 0.9, "tube", gen())
-    with pytest.raises(UserError, match="mask scheme 'blocks' is unknown; valid: tube, random, aligned"):
+    with pytest.raises(UserError, match="mask scheme 'blocks' is unknown; valid: auto, tube, random, aligned"):
         mask_tokens(videomae, x, 0.9, "blocks", gen())
     for ratio in (0.0, 1.0, 1.5):
         with pytest.raises(UserError, match=f"mask ratio {ratio} must be in \\(0, 1\\)"):

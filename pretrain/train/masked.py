@@ -51,9 +51,10 @@ class MaskedConfig:
         0.75, "share of an image's tokens hidden (random patches; MAE/OmniMAE: 0.75)",
         min=0.0, less_than=1.0)
     scheme: str = config_field(
-        "tube", "video mask scheme: tube (one spatial mask repeated along time, VideoMAE; "
+        "auto", "video mask scheme: tube (one spatial mask repeated along time, VideoMAE; "
         "dense cube tokenizers), random (per token), aligned (sparse tubes: a hidden region is "
-        "hidden in every tube); see pretrain/model/masking.py", choices=MASK_SCHEMES)
+        "hidden in every tube), auto (tube for one token grid, else aligned); see "
+        "pretrain/model/masking.py", choices=MASK_SCHEMES)
     decoder: DecoderConfig = config_field(
         help="the light decoder that reconstructs the masked tokens (pretrain/model/mae.py)",
         factory=DecoderConfig)
