@@ -5,7 +5,8 @@ One step = forward + backward + AdamW update, batch `--batch` clips of `--frames
 - supervised: the model's classification forward through one head, cross-entropy;
 - masked: the same model as the encoder of a MaskedAutoencoder (pretrain/model/mae.py, the
   decoder at its defaults: width 384, 4 blocks), a fresh mask of `--mask-ratio` per step
-  (`--scheme`, default tube for one token grid, random otherwise), the reconstruction loss.
+  (`--scheme`, default masking.default_scheme: tube for one token grid, else aligned), the
+  reconstruction loss.
 Each has its own AdamW; `--warmup` steps each untimed, then `--reps` timed steps each,
 interleaved so background load hits both alike; medians reported.
 
@@ -45,7 +46,7 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--mask-ratio", type=float, default=0.9)
     parser.add_argument("--scheme", default=None, help="tube, random or aligned (default: tube for "
-                        "one token grid, else random)")
+                        "one token grid, else aligned)")
     parser.add_argument("--reps", type=int, default=3, help="timed steps per objective")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per objective")
     parser.add_argument("--device", default="cpu", help="cpu (default) or e.g. cuda")

@@ -168,6 +168,22 @@ def test_visible_pixels_follow_the_tube_geometry():
     assert array.shape == (3 * (16 + 2) - 2, 8 * (16 + 2) - 2, 3)
 
 
+def test_visible_pixels_of_an_image_through_two_frame_cubes():
+    """VideoMAE's cubes are 2 frames deep, so an image runs as a 2-frame clip: its map is
+    still one frame (smoke-videomae.yaml's first image eval failed on a 2-frame map)."""
+    from pretrain.train.recon_grid import grid_array, visible_pixels
+
+    enc = create_model("videomae-s", depth=1, dim=24, heads=2, mlp_dim=48, tubelet=(2, 8, 8),
+                       num_classes={"img": 3})
+    x = torch.zeros(2, 3, 16, 16)                   # 2x2 patches
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    mask[:, 3] = False                              # the bottom-right patch is visible
+    seen = visible_pixels(enc, tuple(x.shape), mask)
+    assert seen.shape == (2, 1, 16, 16)
+    assert seen[:, 0, 8:, 8:].all() and seen.sum() == 2 * 64
+    assert grid_array(x, seen, x).shape == (2 * 3 * (16 + 2) - 2, 16, 3)
+
+
 # ---- layer-wise lr decay --------------------------------------------------------------------
 
 

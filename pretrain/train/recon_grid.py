@@ -31,9 +31,12 @@ GAP = 2   # pixels between frames and between samples
 def visible_pixels(encoder, shape: tuple[int, ...], mask: torch.Tensor) -> torch.Tensor:
     """(B, T, H, W) bool (an image: T = 1): True where some visible token reads the pixel.
     `mask` (B, N) bool, True = masked, in the encoder's token order."""
-    volume = encoder.pixel_volume(tuple(shape))                              # (T, H, W) ids
+    volume = encoder.pixel_volume(tuple(shape))                              # (T', H, W) ids
     visible = ~mask.cpu()
-    out = torch.zeros(mask.shape[0], volume.numel(), dtype=torch.bool)
+    # Sized by the input's own pixels, not by the volume: a VideoMAE cube is 2 frames deep, so
+    # an image's volume repeats its one frame, both copies holding the same pixel ids.
+    frames = shape[2] if len(shape) == 5 else 1
+    out = torch.zeros(mask.shape[0], frames * shape[-2] * shape[-1], dtype=torch.bool)
     start = 0
     for _, spec, grid in encoder.token_groups(tuple(shape)):   # tubes differ in extent V
         ids = tube_pixel_index(spec, grid, volume)                            # (N_g, V)
@@ -41,7 +44,7 @@ def visible_pixels(encoder, shape: tuple[int, ...], mask: torch.Tensor) -> torch
             seen = ids[visible[b, start:start + ids.shape[0]]].reshape(-1)
             out[b, seen[seen >= 0]] = True
         start += ids.shape[0]
-    return out.view(mask.shape[0], *volume.shape)
+    return out.view(mask.shape[0], frames, shape[-2], shape[-1])
 
 
 def _pixels(x: torch.Tensor) -> np.ndarray:
