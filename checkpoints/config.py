@@ -37,7 +37,9 @@ class CheckpointConfig:
         "false: DeepSpeed writes the files to local_dir while training waits.")
     local_dir: str = config_field(
         "/tmp/pretrain-checkpoints", "Node-local staging folder: ranks write here first, uploads "
-        "read from here, restores download here.")
+        "read from here, restores download here. Each save first checks that it has room for "
+        "the node's ranks' files (about the previous save's size) and stops the run, naming it, "
+        "when it has not.")
     commit_timeout_s: float = config_field(
         3600.0, "How long rank 0 waits for every rank's upload before giving up on a checkpoint "
         "(it then stays uncommitted and is never loaded).", min=1.0)

@@ -301,7 +301,7 @@ class CheckpointManager:
             short = disk_space.shortfall(rooms)
             if short is None:
                 return
-            in_flight = _all_gather(bool(self._uploader and self._uploader.pending_steps()))
+            in_flight = _all_gather(bool(self.uploading()))
             if last_try or not any(in_flight):
                 break
             log.warning("checkpoint step %d: the staging disk is short of space; waiting for "
@@ -334,6 +334,10 @@ class CheckpointManager:
                          MANIFEST)
         except FileNotFoundError:
             pass
+
+    def uploading(self) -> set[int]:
+        """Steps this rank saved whose upload (rank 0: commit) has not finished yet."""
+        return self._uploader.pending_steps() if self._uploader is not None else set()
 
     def wait(self, timeout: float | None = None) -> str | None:
         """Block until queued uploads are done (rank 0: committed).
