@@ -107,6 +107,32 @@ def test_normalize_matches_the_float_reference_on_both_layouts():
         assert torch.equal(normalize(out, "cpu"), out)
 
 
+def test_batch_buffers_are_reused_only_after_the_trainer_lets_go(data_root):
+    """Video batches travel in buffers the loader process reuses (pretrain/data/batch_buffers.py):
+    a batch the trainer still holds, or a view of it, is never written over, the pool grows
+    instead; batches let go of are written again."""
+    cfg = _cfg(data_root, image_uri=None, num_workers=1)
+    loader = JointLoader(cfg, seed=3)
+    try:
+        held = next(loader).x[1:]          # a view keeps its batch
+        copy = held.clone()
+        for _ in range(12):                # three times the worker's prefetch
+            next(loader)
+        assert torch.equal(held, copy)
+    finally:
+        loader.close()
+    loader = JointLoader(_cfg(data_root, image_uri=None, num_workers=0), seed=3)
+    try:
+        for _ in range(6):
+            next(loader)
+        pool = loader.streams["video"].ds._rows.pool
+        assert len(pool.buffers) == 1      # each batch let go before the next
+        kept = [next(loader) for _ in range(3)]
+        assert len(pool.buffers) == 3 and len({b.x.data_ptr() for b in kept}) == 3
+    finally:
+        loader.close()
+
+
 def test_training_side_gets_normalised_batches_with_the_loaders_state(data_root):
     from pretrain.train.device_batches import train_batches
 

@@ -32,12 +32,13 @@ import shutil
 from dataclasses import dataclass
 from typing import Iterator
 
+import numpy as np
 import torch
 from streaming import StreamingDataset
 from torch.utils.data import DataLoader, Dataset
 
 from pretrain import storage
-from pretrain.data import shards, shared_memory, transforms
+from pretrain.data import batch_buffers, shards, shared_memory, transforms
 from pretrain.data.config import DataConfig, parse_bytes
 from pretrain.data.media import BadMedia
 from pretrain.data.metadata import DataInfo, describe
@@ -122,9 +123,10 @@ def _image_spec(cfg: DataConfig, hflip_ok: bool) -> ImageSpec:
 class _TrainShards(StreamingDataset):
     """StreamingDataset that decodes and augments each sample in the loader worker.
 
-    Video clips are written straight into their slot of the batch they will travel in
-    (`_BatchSlots`): the collate then hands that buffer over as the batch, without the copy
-    (and, in a worker, the copy into shared memory) that stacking finished clips costs.
+    Video clips are written straight into their row of the buffer their batch travels in
+    (`_BatchRows`, buffers of this process's `batch_buffers.BufferPool`): the collate then
+    hands that buffer over as the batch, without the copy (and, in a worker, the copy into
+    shared memory) that stacking finished clips costs.
     """
 
     def __init__(self, *, modality: str, spec, aug_seed: int, clips_per_video: int = 1,
@@ -132,8 +134,9 @@ class _TrainShards(StreamingDataset):
         super().__init__(**kwargs)
         self.modality, self.spec, self.aug_seed = modality, spec, aug_seed
         self.clips_per_video = clips_per_video
+        self.loader_id = batch_buffers.new_loader_id()  # the trainer's key for our buffers
         self._epoch = 0
-        self._slots: _BatchSlots | None = None
+        self._rows: _BatchRows | None = None
 
     def _resume_incr_epoch(self) -> tuple[int, int]:
         epoch, offset = super()._resume_incr_epoch()
@@ -142,15 +145,17 @@ class _TrainShards(StreamingDataset):
 
     def __iter__(self):
         if self.modality == "video":
-            k = self.clips_per_video
-            shape = ((k,) if k > 1 else ()) + (self.spec.frames, self.spec.size,
-                                               self.spec.size, 3)
-            self._slots = _BatchSlots(self.batch_size, shape)  # a new epoch starts a batch
+            if self._rows is None or self._rows.pool.pid != os.getpid():  # one pool a process
+                k = self.clips_per_video
+                shape = (self.batch_size,) + ((k,) if k > 1 else ()) + (
+                    self.spec.frames, self.spec.size, self.spec.size, 3)
+                self._rows = _BatchRows(batch_buffers.BufferPool(self.loader_id, shape))
+            self._rows.restart()  # a new epoch starts a batch
         yield from super().__iter__()
 
     def get_item(self, sample_id: int, retry: int = 7) -> dict:
-        # the slot first, whatever happens to the sample: later samples keep their rows
-        slot = self._slots.next() if self.modality == "video" and self._slots else None
+        # the row first, whatever happens to the sample: later samples keep their rows
+        row = self._rows.next() if self.modality == "video" and self._rows else None
         try:
             raw = super().get_item(sample_id, retry)
         except SHARD_ERRORS as exc:   # a damaged shard: skipped and counted like bad bytes
@@ -159,60 +164,57 @@ class _TrainShards(StreamingDataset):
         try:
             if self.modality == "video" and self.clips_per_video > 1:
                 x = train_clips(raw, self.spec, rng, self.clips_per_video,
-                                out=None if slot is None else slot.array)  # (k, 3, T, S, S)
+                                out=None if row is None else row.array)  # (k, 3, T, S, S)
             elif self.modality == "video":
-                x = train_clip(raw, self.spec, rng, out=None if slot is None else slot.array)
+                x = train_clip(raw, self.spec, rng, out=None if row is None else row.array)
             else:
                 x = train_image(raw, self.spec, rng)
         except SAMPLE_ERRORS as exc:
             return {"skip": f"{raw.get('key', sample_id)}: {exc}", "id": int(sample_id)}
-        return {"x": x, "y": int(raw["label"]), "id": int(sample_id), "slot": slot}
+        return {"x": x, "y": int(raw["label"]), "id": int(sample_id), "row": row}
 
 
 @dataclass
-class _Slot:
-    buffer: torch.Tensor   # (batch, ...) channels-last clips of one batch
+class _Row:
+    buffer: batch_buffers.Buffer   # the batch buffer, (batch, ...) channels-last clips
     index: int
-    array: object          # numpy view of buffer[index], where the clip is decoded
+    array: object                  # numpy view of the buffer's row, where the clip is decoded
 
 
-class _BatchSlots:
+class _BatchRows:
     """Where consecutive samples of one loader process write their clips: sample i of each
-    run of `batch` samples goes to row i of that run's buffer (DataLoader batches a worker's
-    consecutive samples). Buffers are in shared memory inside a loader worker, so the batch
-    crosses to the training process as it is; a new one per batch (the trainer may still
-    hold the last). `_collate` checks the rows before trusting them (see `_batch_buffer`)."""
+    run of `batch` samples goes to row i of a buffer taken from the pool for that run
+    (DataLoader batches a worker's consecutive samples). `_collate` checks the rows before
+    trusting them (see `_batch_buffer`)."""
 
-    def __init__(self, batch: int, shape: tuple[int, ...]) -> None:
-        self.batch, self.shape = batch, shape
-        self.buffer: torch.Tensor | None = None
-        self.index = batch
+    def __init__(self, pool: batch_buffers.BufferPool) -> None:
+        self.pool, self.batch = pool, pool.shape[0]
+        self.buffer: batch_buffers.Buffer | None = None
+        self.index = self.batch
 
-    def next(self) -> _Slot:
+    def restart(self) -> None:
+        """A new epoch: a batch left unfinished by the last one (drop_last) never left."""
+        if self.buffer is not None and self.index < self.batch:
+            self.buffer.release()
+        self.buffer, self.index = None, self.batch
+
+    def next(self) -> _Row:
         if self.index == self.batch:
-            self.buffer, self.index = _new_buffer((self.batch, *self.shape)), 0
-        slot = _Slot(self.buffer, self.index, self.buffer[self.index].numpy())
+            self.buffer, self.index = self.pool.take(), 0
+        row = _Row(self.buffer, self.index, self.buffer.pixels[self.index].numpy())
         self.index += 1
-        return slot
+        return row
 
 
-def _new_buffer(shape: tuple[int, ...]) -> torch.Tensor:
-    """uint8 tensor, in shared memory inside a loader worker (as torch's collate allocates)."""
-    if torch.utils.data.get_worker_info() is None:
-        return torch.empty(shape, dtype=torch.uint8)
-    storage = torch.UntypedStorage._new_shared(math.prod(shape))
-    return torch.empty(0, dtype=torch.uint8).new(storage).view(shape)
-
-
-def _batch_buffer(samples: list[dict]) -> torch.Tensor | None:
-    """The shared buffer when the samples are exactly its rows 0..n-1, in order (no sample
-    skipped, the batch aligned with the slots); else None and the clips are stacked."""
-    slots = [s.get("slot") for s in samples]
-    if not slots or any(s is None for s in slots):
+def _batch_buffer(samples: list[dict]) -> batch_buffers.Buffer | None:
+    """The batch buffer when the samples are exactly its rows 0..n-1, in order (no
+    sample skipped, the batch aligned with the rows); else None and the clips are stacked."""
+    rows = [s.get("row") for s in samples]
+    if not rows or any(r is None for r in rows):
         return None
-    buffer = slots[0].buffer
-    if buffer.shape[0] != len(slots) or any(
-            s.buffer is not buffer or s.index != i for i, s in enumerate(slots)):
+    buffer = rows[0].buffer
+    if buffer.shape[0] != len(rows) or any(
+            r.buffer is not buffer or r.index != i for i, r in enumerate(rows)):
         return None
     return buffer
 
@@ -221,36 +223,52 @@ def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
     """torch.stack, straight into shared memory inside a loader worker (as torch's default
     collate does), so sending the batch to the trainer process copies nothing more."""
     first = tensors[0]
-    out = _new_buffer((len(tensors), *first.shape))
-    return torch.stack(tensors, out=out)
+    out = batch_buffers.shared_block(len(tensors) * first.numel())
+    return torch.stack(tensors, out=out.view(len(tensors), *first.shape))
 
 
-def _collate(samples: list[dict]) -> dict:
+def _collate(samples: list[dict], x: torch.Tensor | None = None) -> dict:
+    """The batch: x (the samples' stacked unless given), and y, ids and valid as numpy
+    arrays: they are pickled with the batch, where tensors would each travel as a
+    shared-memory block of their own. `_tensors` makes them tensors in the trainer."""
     good = [s for s in samples if "x" in s]
-    buffer = _batch_buffer(samples)
-    if buffer is not None:  # clips already in place: (B, [k,] T, S, S, 3) -> (B, [k,] 3, T, S, S)
-        x = transforms.channels_first(buffer)
-    else:
-        x = _stack([s["x"] for s in good]) if good else None
+    if x is None and good:
+        x = _stack([s["x"] for s in good])
     return {
         "x": x,
-        "y": torch.tensor([s["y"] for s in good], dtype=torch.long),
-        "ids": torch.tensor([s["id"] for s in good], dtype=torch.long),
-        "valid": torch.tensor([s.get("valid", True) for s in good], dtype=torch.bool),
+        "y": np.array([s["y"] for s in good], dtype=np.int64),
+        "ids": np.array([s["id"] for s in good], dtype=np.int64),
+        "valid": np.array([s.get("valid", True) for s in good], dtype=bool),
         "skipped": [s["skip"] for s in samples if "skip" in s],
     }
 
 
-def _collate_clips(samples: list[dict]) -> dict:
-    """_collate for samples holding k clips each: x (n*k, 3, T, S, S), a video's clips
-    consecutive, its label and id repeated k times."""
-    out = _collate(samples)
-    if out["x"] is not None:
-        k = out["x"].shape[1]
-        out["x"] = out["x"].flatten(0, 1)  # a view: the batch stays in shared memory
-        for key in ("y", "ids", "valid"):
-            out[key] = out[key].repeat_interleave(k)
-    return out
+def _collate_video(samples: list[dict]) -> dict:
+    """`_collate` for training clips: x channels last, (B, [k,] T, S, S, 3), the batch
+    buffer itself when the clips fill it in order, else the clips stacked (a sample was
+    skipped) and the buffer free again."""
+    buffer = _batch_buffer(samples)
+    if buffer is not None:
+        return _collate(samples, batch_buffers.handoff(buffer))
+    good = [s for s in samples if "x" in s]
+    x = _stack([s["x"].movedim(-4, -1) for s in good]) if good else None  # channels last
+    for buffer in {id(s["row"].buffer): s["row"].buffer
+                   for s in samples if s.get("row") is not None}.values():
+        buffer.release()
+    return _collate(samples, x)
+
+
+def _tensors(raw: dict, clips: int | None = None) -> dict:
+    """A collated batch as the trainer uses it: y, ids and valid as tensors; for training
+    clips (`clips` per video) x channels first, (B * clips, 3, T, S, S), a video's clips in
+    consecutive rows, its label and id repeated."""
+    x, repeat = raw["x"], clips or 1
+    if clips is not None and x is not None:  # views: the batch stays where it is
+        x = transforms.channels_first(x)      # (B, [k,] 3, T, S, S)
+        if clips > 1:
+            x = x.flatten(0, 1)
+    out = {key: torch.from_numpy(np.repeat(raw[key], repeat)) for key in ("y", "ids", "valid")}
+    return {**raw, "x": x, **out}
 
 
 def usable_cores() -> int:
@@ -356,6 +374,7 @@ class _ModalityStream:
                  workers: int) -> None:
         self.modality, self.uri = modality, uri
         clips = cfg.clips_per_video if modality == "video" else 1
+        self.clips = clips if modality == "video" else None  # for `_tensors`
         # Samples (videos or images) per rank per batch: what streaming partitions and the
         # position counts; a batch holds `clips` training inputs per sample.
         self.batch_size, self.world_size = batch_size // clips, world_size
@@ -377,7 +396,7 @@ class _ModalityStream:
         self.workers = workers
         self.loader = DataLoader(
             self.ds, batch_size=self.batch_size, num_workers=workers,
-            collate_fn=_collate_clips if clips > 1 else _collate,
+            collate_fn=_collate_video if modality == "video" else _collate,
             drop_last=True, persistent_workers=workers > 0, worker_init_fn=_worker_init,
             prefetch_factor=4 if workers > 0 else None)
         self.epoch = 0
@@ -414,7 +433,7 @@ class _ModalityStream:
                     raise RuntimeError(f"dataset '{self.uri}' yields no full batch in an epoch")
                 continue
             self.sample_in_epoch += self.batch_size * self.world_size
-            return raw
+            return _tensors(raw, self.clips)
 
     def streaming_state(self) -> dict:
         return {"epoch": self.epoch, "sample_in_epoch": self.sample_in_epoch,
@@ -436,6 +455,7 @@ class _ModalityStream:
         if it is not None and hasattr(it, "_shutdown_workers"):
             it._shutdown_workers()
         self.loader._iterator = None
+        batch_buffers.forget(self.ds.loader_id)
         shared_memory.release(self.ds)
 
 
@@ -647,7 +667,7 @@ class EvalLoader:
         shared_memory.release(self.ds)
 
     def __iter__(self) -> Iterator[Batch]:
-        for raw in self.loader:
+        for raw in map(_tensors, self.loader):
             self.skipped_samples += len(raw["skipped"])
             x = raw["x"]
             if self.modality == "video":

@@ -73,7 +73,7 @@ def train_clip(raw: dict, spec: ClipSpec, rng: random.Random,
     """Random temporal crop, random resized crop, optional flip -> uint8 (3, T, S, S).
 
     The pixels are stored channels last: the result is a (3, T, S, S) view of `out`, uint8
-    (T, S, S, 3), which the loader may pass (a slot of its batch buffer, so the clip is
+    (T, S, S, 3), which the loader may pass (a row of its batch buffer, so the clip is
     written once, straight where the trainer receives it); a new array when None.
     """
     n = int(raw["num_frames"])
