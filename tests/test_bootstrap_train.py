@@ -3,9 +3,10 @@
 1. ZeRO-3 on 2 processes with the frozen prefix: the model is built partitioned from the
    file (zero.Init + one tensor at a time), trains a video and an image step, and afterwards
    exactly the trainable parameters differ from the file; the losses equal ZeRO-0's.
-2. End to end on tiny stand-ins: a small TubeViT trained by the training worker on the
-   synthetic demo data -> its model file -> `pretrain bootstrap` into a wider, deeper random
-   timm ViT -> `pretrain run configs/bootstrap-tiny.yaml` (Ray, 2 workers, ZeRO-3).
+2. End to end on tiny stand-ins: a small TubeViT trained on the synthetic demo data (the
+   session's six-step smoke run) -> its model file -> `pretrain bootstrap` into a wider,
+   deeper random timm ViT -> `pretrain run configs/bootstrap-tiny.yaml` (Ray, 2 workers,
+   ZeRO-3) on the same data.
 """
 from __future__ import annotations
 
@@ -19,7 +20,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.fixtures.net import free_port
 from tests.fixtures.ranks import run_ranks
 
 timm = pytest.importorskip("timm")
@@ -112,30 +112,18 @@ def _run(cmd: list[str], cwd: Path, env: dict, timeout: float = 240) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(420)
-def test_small_tubevit_to_bootstrapped_vit_trains_through_pretrain_run(tmp_path):
+@pytest.mark.timeout(900)   # the first user of the session's six-step run pays for it here
+def test_small_tubevit_to_bootstrapped_vit_trains_through_pretrain_run(tmp_path, six_steps, smoke_data):
     from pretrain.model import load_model
     from pretrain.model.bootstrap import frozen_prefix
+    from tests.fixtures.pretrain_run import overrides
 
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(DS_ACCELERATOR="cpu", RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=str(REPO))
     py = sys.executable
-    _run([py, "-m", "orchestration.cli", "prepare", "synthetic", "--out", "data/synthetic", "--videos", "32",
-          "--images", "16", "--frames", "20", "--size", "32", "--workers", "1", "--no-progress"], tmp_path, env)
-
-    # 1. the small TubeViT: the smoke config, a few steps, by the training worker (no Ray)
-    small_args = ["train.steps=3", "train.warmup_steps=1", "train.log_every=1", "train.eval_at_end=false",
-                  "resources.workers=1", "data.batch_size=4", "data.image_batch_size=4",
-                  "checkpoint.every_steps=3", "tracking.enabled=false"]
-    small_args += [f"data.{k}={tmp_path}/data/synthetic/{m}/{s}" for k, m, s in [
-        ("video_uri", "video", "train"), ("video_eval_uri", "video", "val"), ("image_uri", "image", "train"),
-        ("image_eval_uri", "image", "val")]]
-    small_args += [f"data.cache_dir={tmp_path}/cache", f"checkpoint.uri={tmp_path}/ckpt/smoke"]
-    wenv = dict(env, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    summary = json.loads(_run([py, "-m", "pretrain.train.worker", str(REPO / "configs/smoke.yaml"), *small_args],
-                              tmp_path, wenv).strip().splitlines()[-1])
+    # 1. the small TubeViT: the smoke config trained a few steps (the session's six-step run)
     # 2. its model file, from the committed checkpoint
-    _run([py, "-m", "orchestration.cli", "export", summary["checkpoint"], "--out", "small.safetensors"],
+    _run([py, "-m", "orchestration.cli", "export", six_steps[2]["checkpoint"], "--out", "small.safetensors"],
          tmp_path, env)
 
     # 3. a larger "image ViT" (width 128 vs 96, 6 blocks, patch 8 at 32 px) and the bootstrap
@@ -147,8 +135,9 @@ def test_small_tubevit_to_bootstrapped_vit_trains_through_pretrain_run(tmp_path)
     assert boot["dim"] == 128 and boot["trained_blocks"] == 2 and boot["width_map"].endswith("d=96 -> D=128")
 
     # 4. train it: pretrain run, Ray, 2 workers, ZeRO-3, frozen prefix
+    same_data = [o for o in overrides(smoke_data, 4, 4) if o.startswith("data.")]
     out = _run([py, "-m", "orchestration.cli", "run", str(REPO / "configs/bootstrap-tiny.yaml"),
-                "bootstrap.init_from=boot.safetensors", "train.steps=4", "train.warmup_steps=1",
+                *same_data, "bootstrap.init_from=boot.safetensors", "train.steps=4", "train.warmup_steps=1",
                 "train.log_every=2", "train.eval_at_end=true", "checkpoint.every_steps=4",
                 "data.batch_size=4", "data.image_batch_size=4", "data.eval_batch_size=4",
                 f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db", "--json"], tmp_path, env, timeout=300)

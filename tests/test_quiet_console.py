@@ -11,7 +11,6 @@ log file's place, the predownload window, the all-gather. Slow: the session's si
 from __future__ import annotations
 
 import io
-import json
 import logging
 import os
 import re
