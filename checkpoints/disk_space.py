@@ -14,17 +14,20 @@ staging on the same disk of the same host add up (two ranks on one node share on
 `checkpoint.local_dir`).
 
 Why a full disk stops the run rather than skipping the save: the check waits first for
-this rank's checkpoints still uploading (their staged files are removed once uploaded), so
+the checkpoints still uploading (their staged files are removed once uploaded), so
 a disk that is still too small holds nothing of ours that will go away; every later save
 would be refused the same way, and a run that trains on without checkpoints loses all that
 work at the next crash (issue 14 item 3's reason for `max_failed_uploads`). Stopping before
 writing leaves every committed checkpoint as it was, and the run resumes from the newest
 once there is room.
 
-A full disk can still slip past the check (something else fills it during the save).
+A full disk can still slip past the check: something else fills it during the save, or an
+in-memory snapshot of the previous save (checkpoint.snapshot_in_memory) is still being
+written in the background, so its bytes were not on the disk yet when it was measured.
 `is_disk_full` recognises torch's error for it as well as ENOSPC, so the places that can
-catch it safely (the guarded DeepSpeed writer, checkpoints.snapshot; the background upload)
-report it with `full_disk_message` like the check does.
+catch it safely report it with `full_disk_message` like the check does: the guarded
+DeepSpeed writer (checkpoints.snapshot; the save stops on every rank) and the background
+upload (a failed upload, counted towards checkpoint.max_failed_uploads).
 """
 from __future__ import annotations
 
