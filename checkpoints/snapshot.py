@@ -1,20 +1,20 @@
 """DeepSpeed's checkpoint engine, wrapped for the duration of our saves.
 
 `GuardedCheckpointEngine` writes as DeepSpeed would, but an error while writing a file (a
-disk that filled up after checkpoints.disk_space's check) is kept instead of raised: DeepSpeed's
-save is collective, and a rank that raised out of its middle would skip the barriers the
-other ranks wait in. The manager raises the kept error once `save_checkpoint` returned on
-every rank, and all ranks stop together. Later files of the same save are not written.
+disk that filled up after checkpoints.disk_space's check) is kept instead of raised:
+DeepSpeed's save is collective, and a rank that raised out of its middle would skip the
+barriers the other ranks wait in. The manager raises the kept error once `save_checkpoint`
+returned on every rank, and all ranks stop together. Later files of that save are skipped.
 
 `SnapshotCheckpointEngine` (checkpoint.snapshot_in_memory, the default) takes the state
-out of the training loop's way. DeepSpeed's `save_checkpoint` hands each file's state dict to its checkpoint engine, which
-normally serialises it to disk there and then (the slow part of a save). While our save runs,
-the engine's checkpoint engine is swapped for `SnapshotCheckpointEngine`: it only copies the
-tensors (device -> host, or a host memcpy; the live tensors change with the next step) and
-remembers the target path; the background upload thread serialises the copies with
-`torch.save`, hashing the bytes on their way to disk (so they are not read back to hash),
-before uploading them. Cost: host RAM for one copy of the rank's
-state per checkpoint in flight (bounded by checkpoint.max_uploads_in_flight).
+out of the training loop's way. DeepSpeed's `save_checkpoint` hands each file's state dict
+to its checkpoint engine, which normally serialises it to disk there and then (the slow
+part of a save). This one only copies the tensors (device -> host, or a host memcpy; the
+live tensors change with the next step) and remembers the target path; the background
+upload thread serialises the copies with `torch.save`, hashing the bytes on their way to
+disk (so they are not read back to hash), before uploading them. Cost: host RAM for one
+copy of the rank's state per checkpoint in flight (bounded by
+checkpoint.max_uploads_in_flight).
 """
 from __future__ import annotations
 
