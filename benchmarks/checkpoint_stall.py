@@ -19,8 +19,7 @@ end. One CPU rank, ZeRO-2, fp32, DeepSpeed engine with AdamW. Figures:
   emulator without doing anything with them; restore_vs_raw = restore_MBps / raw_read_MBps
   (goal >= 0.8). Where restore time goes: download_s (download_vs_raw) and load_s;
   local_write_MBps: writing as many bytes to the staging disk, which a restore must do and
-  the raw read does not (on a machine whose memory copies are as slow as its network
-  reads, that alone bounds download_vs_raw near 0.5).
+  the raw read does not.
 - step_s_idle / step_s_during_upload: training-step time with nothing in flight (the
   --steps-between steps before each save) and while an upload runs (every step until it
   committed); upload_slowdown = their ratio (goal <= 1.25).
