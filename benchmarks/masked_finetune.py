@@ -111,8 +111,10 @@ def main() -> int:
 
     finetune = [f"train.steps={args.finetune_steps}", "train.eval_every=0",
                 "checkpoint.uri=null", *common]
-    # One after the other: two runs started together on the same shards race for the
-    # streaming library's shared-memory prefix (FileExistsError '/000000_locals' in one).
+    # One after the other: two runs starting together on the same shards race for the
+    # streaming library's shared-memory prefix (FileExistsError '/003114_locals' in one, the
+    # other hung at its eval). Another user's run starting at that moment can do the same:
+    # the race is in the data layer, not here; run the benchmark again if it names it.
     tuned = Training("smoke.yaml", [*finetune, f"model.init_from={model_file}",
                                     f"train.layer_decay={args.layer_decay}"],
                      root, "finetuned", args.workers).result()
