@@ -39,8 +39,9 @@ def add_arguments(parser) -> None:
     masked.add_argument("--image-mask-ratio", type=float, default=0.75, metavar="R",
                         help="with --mask-ratio: share of an image's tokens hidden (default 0.75)")
     masked.add_argument("--mask-scheme", default=None,
-                        help="with --mask-ratio: tube, random or aligned (default: tube for one "
-                             "token grid such as videomae-*, else random)")
+                        help="with --mask-ratio: tube, random or aligned (default: the config's "
+                             "auto, tube for one token grid such as videomae-*, aligned for "
+                             "sparse tubes)")
     mem = parser.add_argument_group("memory per worker (pretrain/train/memory.py)")
     mem.add_argument("--workers", type=int, default=1, help="data-parallel workers (default 1)")
     mem.add_argument("--zero-stage", type=int, default=0, choices=(0, 1, 2, 3),
