@@ -11,7 +11,7 @@ weigh as they would at a real model size instead of dominating a millisecond ste
 the log windows after the first (warm-up, JIT, worker start).
 
 Bare (run before and after the system, the faster of both: the machine may be shared): one
-process on one torch thread, the same model and global batch (2 x per-rank batch), plain
+process on one torch thread, the same model and per-rank batch (what one rank computes), plain
 torch.optim.AdamW + the same schedule, over pre-decoded batches held in memory, already
 normalised (the same joint modality sequence): no Ray, DeepSpeed, loader or logging. Its
 rate times the cores the system computes on (ranks x threads_per_worker, at most the
@@ -86,10 +86,9 @@ def bare(cfg, steps: int, warmup: int) -> dict:
     opt = build_optimizer(model, lr=t.lr, weight_decay=t.weight_decay, betas=tuple(t.betas), eps=t.eps)
     sched = build_scheduler(opt, lr=t.lr, min_lr=t.min_lr, warmup_steps=t.warmup_steps,
                             total_steps=steps)
-    # Pre-decode global batches (2 x the per-rank batch, same modality mix) into memory.
-    data = dataclasses.replace(cfg.data, batch_size=2 * cfg.data.batch_size,
-                               image_batch_size=2 * cfg.data.image_micro_batch)
-    loader = JointLoader(data, rank=0, world_size=1, seed=t.seed)
+    # Pre-decode per-rank batches (same modality mix) into memory: one core computes what one
+    # rank does, matrix products of the per-rank batch's size, as data parallelism gets them.
+    loader = JointLoader(cfg.data, rank=0, world_size=1, seed=t.seed)
     # Normalised float on the device up front: the bare loop pays for nothing but compute.
     pool = [(b.dataset, b.normalized(torch.device("cpu")).x, b.y)
             for b in (next(loader) for _ in range(min(steps, 64)))]
