@@ -43,13 +43,12 @@ class Digests:
         view = memoryview(data).cast("B")
         if self._sha is not None:
             self._sha.update(view)
-        if self._crc is None:
-            pass
-        elif isinstance(data, bytes):
-            self._crc.update(data)
-        else:   # google_crc32c takes bytes only: copy in slices, not the whole tensor at once
-            for i in range(0, view.nbytes, CHUNK):
-                self._crc.update(bytes(view[i:i + CHUNK]))
+        if self._crc is not None:
+            if isinstance(data, bytes):
+                self._crc.update(data)
+            else:   # google_crc32c takes bytes only: copy in slices, not the whole tensor at once
+                for i in range(0, view.nbytes, CHUNK):
+                    self._crc.update(bytes(view[i:i + CHUNK]))
         self.size += view.nbytes
 
     @property

@@ -152,8 +152,6 @@ def model_section(args) -> dict:
         out.update(image_tokens=None, gflops_per_image=None)
     masked = masked_flops(args, model, clip)
     if masked is not None:
-        from pretrain.model.mae import Decoder
-
         out["mask_ratio"] = args.mask_ratio
         out["visible_tokens"] = masked["visible_tokens"]
         out["gflops_per_clip_full"] = out["gflops_per_clip"]
