@@ -37,6 +37,7 @@ from pretrain.errors import UserError
 from pretrain.train.config import load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+BRIGHT_SHA256 = "c9805bfacb17852b4da116e8d5cdf4528c172f21594708ed3bec41431b23b55e"
 
 
 def _image(i: int, style: str, size: int = 32) -> tuple[np.ndarray, str]:
@@ -93,13 +94,14 @@ def _circular_centre(mask: np.ndarray, axis: int) -> float:
     return angle * n / (2 * np.pi)
 
 
-def test_bright_clips_show_their_direction_within_one_tube():
+@pytest.mark.parametrize("style", ["bright", "mono"])
+def test_bright_clips_show_their_direction_within_one_tube(style):
     # The smoke model's motion tube spans 4 sampled frames (kernel [4, 8, 8], frame_stride 2):
     # the bright shape must move most of a patch (8 px) inside it, along the class direction.
     cfg = load_config(CONFIGS / "smoke.yaml")
     step = cfg.data.frame_stride
     for i in range(32):
-        clip, cls = _clip(i, "bright")
+        clip, cls = _clip(i, style)
         masks = clip.astype(np.float64).mean(-1) > 128
         assert 0.07 < masks[0].mean() < 0.3, (i, masks[0].mean())    # a large shape, all of it
         dy, dx = synthetic._DIRECTIONS[cls]
@@ -126,12 +128,13 @@ def test_unknown_video_style_is_refused(tmp_path):
         synthetic.prepare_synthetic(str(tmp_path), 4, 0, size=32, workers=1, video_style="shiny")
 
 
-def test_bright_shapes_are_named_by_their_outline_on_eval_and_train_views():
+@pytest.mark.parametrize("style", ["bright", "mono"])
+def test_bright_shapes_are_named_by_their_outline_on_eval_and_train_views(style):
     spec = ImageSpec(size=32, crop_scale=load_config(CONFIGS / "smoke.yaml").data.image_crop_scale,
                      hflip=True, randaugment=None)
     n, eval_hits, train_hits = 64, 0, 0
     for i in range(n):
-        img, cls = _image(i, "bright")
+        img, cls = _image(i, style)
         raw = _png(img)
         eval_hits += _shape_class(eval_image(raw, 32).numpy()) == cls
         crop = train_image(raw, spec, random.Random(i)).numpy()
@@ -148,6 +151,29 @@ def test_bright_shapes_are_brighter_than_their_background_in_every_channel():
         grey = img.astype(int).sum(-1)
         shape = img[np.unravel_index(grey.argmax(), grey.shape)].astype(int)  # a shape pixel
         assert (shape > border.max(0) + 60).all(), (i, shape, border.max(0))
+
+
+def test_mono_samples_share_one_grey_palette():
+    """"mono" (the masked smoke configs' data) keeps "bright"'s geometry without its colours:
+    every clip and image has the same grey background and the same grey shape, so nothing
+    but shape, size, place and motion tells two samples apart."""
+    for i in range(16):
+        img, _ = _image(i, "mono")
+        clip, _ = _clip(i, "mono")
+        for frame in (img, clip[0], clip[-1]):
+            shape = frame.astype(int).mean(-1) > 128
+            assert (frame[shape] == 220).all(), i
+            background = frame[~shape].astype(float)
+            assert abs(background.mean() - 40) < 3 and np.ptp(background.mean(0)) < 3, i
+
+
+def test_bright_draws_what_it_drew_before_mono_existed():
+    h = hashlib.sha256()
+    for i in range(8):
+        h.update(_image(i, "bright")[0].tobytes())
+        h.update(_clip(i, "bright", frames=4)[0].tobytes())
+    # sha256 of the same images and clips from pretrain/data/synthetic.py at b01c91d
+    assert h.hexdigest() == BRIGHT_SHA256
 
 
 def test_random_style_draws_what_it_drew_before_styles_existed():

@@ -44,12 +44,14 @@ class SyntheticConfig:
     image_style: str = config_field(
         "random", "synthetic images: random (any colours, sizes, places) or bright (a bright "
         "shape on a dark background, large and centred: learnable by a tiny ViT in a short "
-        "demo; see pretrain/data/synthetic.py)", choices=("random", "bright"))
+        "demo; see pretrain/data/synthetic.py) or mono (bright in grey: no colour)",
+        choices=("random", "bright", "mono"))
     video_style: str = config_field(
         "random", "synthetic videos: random (a small shape of any colour on any background, "
         "slow) or bright (a larger bright shape on a dark background, moving faster: learnable "
-        "by a tiny ViT in a short demo; see pretrain/data/synthetic.py)",
-        choices=("random", "bright"))
+        "by a tiny ViT in a short demo; see pretrain/data/synthetic.py) or mono (bright in "
+        "grey: no colour for a kNN monitor to read)",
+        choices=("random", "bright", "mono"))
 
 
 @dataclass

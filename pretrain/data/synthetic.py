@@ -16,6 +16,12 @@ Horizontal flips would swap left and right, so the label map marks these dataset
   model's [4, 8, 8] motion tube. The same tiny ViT reaches 0.91-0.99 held-out top-1 after
   150 video steps and 1.0 by 300 (configs/smoke.yaml: 600 steps at video_ratio 0.5, three
   seeds).
+- "mono": "bright" without colour: a light grey shape (level 220) on a dark grey background
+  (level 40, the same pixel noise), sizes and speeds as "bright". For the masked smoke
+  configs, whose kNN monitor votes by the nearest pooled features: on "bright" clips those
+  neighbours share the background's hue (0.89 of 640 clips), a signal the label ignores,
+  so the monitor read colour and not motion; with one palette the nearest clips differ only
+  in shape, size, place, speed and direction.
 
 Images: one static shape on a noisy background; the class is the kind of shape (circle,
 square, triangle, cross) (chance 25%). Two styles (`image_style`):
@@ -29,6 +35,7 @@ square, triangle, cross) (chance 25%). Two styles (`image_style`):
   radius S/4..0.36 S, centred within S/8: the shape fills a few patches and its outline
   decides the class. The same tiny ViT reaches ~0.9 held-out top-1 in 600 image steps, and
   0.93-0.97 in 300 when it learns them beside "bright" clips (configs/smoke.yaml).
+- "mono": "bright" in the fixed grey palette of the "mono" clips (same reason).
 
 Layout under ROOT: video/train, video/val, image/train, image/val (each a prepared dataset).
 
@@ -72,7 +79,12 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     return np.clip(base + noise, 0, 255)  # (S, S, 3) float
 
 
-VIDEO_STYLES = ("random", "bright")
+VIDEO_STYLES = ("random", "bright", "mono")
+_MONO_BACKGROUND, _MONO_SHAPE = 40, 220   # grey levels of the "mono" styles
+
+
+def _mono_background(rng: np.random.Generator, size: int) -> np.ndarray:
+    return np.clip(_MONO_BACKGROUND + rng.normal(0, 12, (size, size, 3)), 0, 255)
 
 
 def _moving_shape_clip(rng: np.random.Generator, cls: str, frames: int, size: int,
@@ -83,6 +95,9 @@ def _moving_shape_clip(rng: np.random.Generator, cls: str, frames: int, size: in
     if style == "bright":
         bg = np.clip(rng.integers(0, 80, 3) + rng.normal(0, 12, (size, size, 3)), 0, 255)
         colour = rng.integers(170, 256, 3)  # >= 90 levels above the background per channel
+        r = int(rng.integers(size // 6, size // 4 + 1))
+    elif style == "mono":
+        bg, colour = _mono_background(rng, size), np.full(3, _MONO_SHAPE)
         r = int(rng.integers(size // 6, size // 4 + 1))
     else:
         bg = _background(rng, size)
@@ -96,7 +111,7 @@ def _moving_shape_clip(rng: np.random.Generator, cls: str, frames: int, size: in
     else:
         mask = (yy - size // 2) ** 2 + (xx - size // 2) ** 2 <= r * r
     # drawn after the shape, as "random" always did: its clips stay byte-identical
-    if style == "bright":
+    if style in ("bright", "mono"):
         speed = rng.uniform(1.0, 1.5) * size / 32
     else:
         speed = rng.uniform(1.5, 3.0) * size / 64
@@ -113,16 +128,19 @@ def _moving_shape_clip(rng: np.random.Generator, cls: str, frames: int, size: in
     return out
 
 
-IMAGE_STYLES = ("random", "bright")
+IMAGE_STYLES = ("random", "bright", "mono")
 
 
 def _static_shape_image(rng: np.random.Generator, cls: str, size: int,
                         style: str = "random") -> np.ndarray:
     """uint8 (S, S, 3): one shape of class `cls` in `style` (module docstring). "random" draws
     exactly what it always drew (old datasets and checkpoints regenerate byte-identical)."""
-    if style == "bright":
-        bg = np.clip(rng.integers(0, 80, 3) + rng.normal(0, 12, (size, size, 3)), 0, 255)
-        colour = rng.integers(170, 256, 3)  # >= 90 levels above the background per channel
+    if style in ("bright", "mono"):
+        if style == "bright":
+            bg = np.clip(rng.integers(0, 80, 3) + rng.normal(0, 12, (size, size, 3)), 0, 255)
+            colour = rng.integers(170, 256, 3)  # >= 90 levels above the background per channel
+        else:
+            bg, colour = _mono_background(rng, size), np.full(3, _MONO_SHAPE)
         r = rng.uniform(size / 4, size * 0.36)
         cy, cx = size / 2 + rng.uniform(-size / 8, size / 8, 2)
     else:
