@@ -116,7 +116,7 @@ def _run(cmd: list[str], cwd: Path, env: dict, timeout: float = 240) -> str:
 def test_small_tubevit_to_bootstrapped_vit_trains_through_pretrain_run(tmp_path, six_steps, smoke_data):
     from pretrain.model import load_model
     from pretrain.model.bootstrap import frozen_prefix
-    from tests.fixtures.pretrain_run import overrides
+    from tests.fixtures.pretrain_run import overrides, tracking_db
 
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(DS_ACCELERATOR="cpu", RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=str(REPO))
@@ -140,7 +140,7 @@ def test_small_tubevit_to_bootstrapped_vit_trains_through_pretrain_run(tmp_path,
                 *same_data, "bootstrap.init_from=boot.safetensors", "train.steps=4", "train.warmup_steps=1",
                 "train.log_every=2", "train.eval_at_end=true", "checkpoint.every_steps=4",
                 "data.batch_size=4", "data.image_batch_size=4", "data.eval_batch_size=4",
-                f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db", "--json"], tmp_path, env, timeout=300)
+                f"tracking.tracking_uri={tracking_db(tmp_path)}", "--json"], tmp_path, env, timeout=300)
     result = json.loads(out.strip().splitlines()[-1])
     assert result["steps"] == 4 and result["world_size"] == 2 and result["checkpoint"]
     assert math.isfinite(result["metrics"]["train/loss"])

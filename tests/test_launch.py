@@ -24,7 +24,7 @@ import pytest
 
 from pretrain.train import checkpoint_hook, launch, worker
 from tests.fixtures.net import free_port
-from tests.fixtures.pretrain_run import SMOKE, committed, overrides
+from tests.fixtures.pretrain_run import SMOKE, committed, overrides, tracking_db
 
 
 def job(*argv: str) -> launch.Job:
@@ -226,7 +226,7 @@ class Launched:
     def __init__(self, tmp_path: Path, data: Path, steps: int, every: int, *extra: str):
         self.port = free_port()
         self.out, self.err = tmp_path / "out.txt", tmp_path / "err.txt"
-        args = overrides(data, steps, every, f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+        args = overrides(data, steps, every, f"tracking.tracking_uri={tracking_db(tmp_path)}",
                          f"checkpoint.uri={tmp_path}/ckpt", *extra)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pretrain.train.launch", "--nproc-per-node", "2",

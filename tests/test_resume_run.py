@@ -25,7 +25,7 @@ import time
 
 import pytest
 
-from tests.fixtures.pretrain_run import Run, committed, history, overrides
+from tests.fixtures.pretrain_run import Run, committed, history, overrides, tracking_db
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def stopped_at_3(tmp_path_factory, smoke_data):
     where = tmp_path_factory.mktemp("stopped")
     ckpt = where / "ckpt"
     run = Run(where, *overrides(smoke_data, 6, 100, f"checkpoint.uri={ckpt}",
-                                f"tracking.tracking_uri=sqlite:///{where}/mlflow.db",
+                                f"tracking.tracking_uri={tracking_db(where)}",
                                 "checkpoint.stop_after_step=3"))
     return where, ckpt, run.finish()
 
@@ -71,7 +71,7 @@ def test_resume_on_one_worker_at_zero3_then_sigterm_to_the_driver(tmp_path, smok
     shutil.copytree(ckpt / "step_00000003", copy / "step_00000003")
     # no periodic checkpoint: the one after step 3 is the SIGTERM one
     run = Run(tmp_path, *overrides(smoke_data, 400, 1000, f"checkpoint.uri={copy}",
-                                   f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+                                   f"tracking.tracking_uri={tracking_db(tmp_path)}",
                                    "resources.workers=1", "train.zero_stage=3",
                                    "checkpoint.preempt_grace_s=60"))
     run.wait_for("step 5/400")
@@ -93,7 +93,7 @@ def test_resume_on_one_worker_at_zero3_then_sigterm_to_the_driver(tmp_path, smok
 def test_checkpoint_of_another_model_is_a_clear_error(tmp_path, smoke_data, stopped_at_3):
     _, ckpt, _ = stopped_at_3
     run = Run(tmp_path, *overrides(smoke_data, 6, 100, f"checkpoint.uri={ckpt}",
-                                   f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+                                   f"tracking.tracking_uri={tracking_db(tmp_path)}",
                                    "model.depth=2"))
     run.finish(code=2, timeout=120)
     err = run.stderr()
@@ -105,7 +105,7 @@ def test_checkpoint_of_another_model_is_a_clear_error(tmp_path, smoke_data, stop
 def test_killed_worker_restarts_from_the_newest_checkpoint_on_gcs_and_sigterm_stops_it(
         tmp_path, smoke_data, gcs_bucket):
     uri = f"{gcs_bucket}/run"
-    tracking = f"sqlite:///{tmp_path}/mlflow.db"
+    tracking = tracking_db(tmp_path)
     # Metrics are only sent when a checkpoint asks for it (flush interval longer than the
     # test): rank 0 dies with metrics queued, and the steps up to the checkpoint it resumes
     # from must be in MLflow all the same (they are never trained again).
