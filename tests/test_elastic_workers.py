@@ -15,7 +15,14 @@ per node. In order:
 4. a new node joins: the group grows back to two;
 5. `pretrain stop`: a final checkpoint. The run has then seen exactly the samples an
    uninterrupted run of as many steps sees (its loader position equals that of one rank
-   taking the global batch every step), and MLflow holds every step once.
+   taking the global batch every step), and MLflow holds every step once;
+6. the same name submitted again: attempt 2 resumes from that checkpoint (the config's
+   relative checkpoint path anchored where the operator typed the command, under the job's
+   name), runs to SUCCEEDED followed with `logs --follow`, continues the same MLflow run
+   (named after the job, with the submit's tags), and `list` finds both attempts by tag
+   and status.
+(One job's whole life, so the cluster and the job start once: each start costs about a
+minute on 2 cores.)
 """
 from __future__ import annotations
 
@@ -28,15 +35,16 @@ import pytest
 import torch
 
 from orchestration.ray_jobs import last_json_line
-from tests.fixtures.pretrain_run import committed, history
+from tests.fixtures.pretrain_run import committed, history, tracking_db
 from tests.fixtures.ray_nodes import (add_node, drain_node, kill_node, node_ids, ray_cluster,
                                       state_rows)
 from tests.test_jobs_submit import (SMOKE, TERMINAL, last_json, logs_tail, run_cli,
                                     smoke_overrides, wait_for)
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]   # ~6 minutes on an idle 2-core machine
 
 DEADLINE_S = 90   # the drain's deadline, from the moment it is sent
+TAGS = ("--tag", "team=vision", "--tag", "sweep=lr-3")
 # A lost node is declared dead after ~3 s of missed health checks (Ray's default: ~30 s).
 FAST_HEALTH_CHECKS = {"RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "1000",
                       "RAY_health_check_failure_threshold": "3"}
@@ -103,15 +111,23 @@ def test_a_node_drained_lost_and_replaced_under_an_elastic_job(two_nodes, smoke_
                                                               monkeypatch):
     monkeypatch.chdir(tmp_path)
     address = two_nodes["dashboard"]
-    ckpt, tracking = tmp_path / "ckpt", f"sqlite:///{tmp_path}/mlflow.db"
-    code, out, err = run_cli("submit", SMOKE, *smoke_overrides(smoke_data, 5000, 3),
-                             "resources.workers=[1, 2]", "resources.cpus_per_worker=2",
-                             "resources.max_failures=3", "resources.elastic_resize_every_s=5",
-                             "train.preemption_poll_steps=3", f"checkpoint.uri={ckpt}",
-                             f"tracking.tracking_uri={tracking}", "--name", "elastic",
-                             "--address", address, "--json")
-    assert code == 0, err
-    uri = last_json(out)["checkpoint_uri"]   # the job's own folder under checkpoint.uri
+    tracking = tracking_db(tmp_path)
+
+    def submit(steps: int) -> dict:
+        # checkpoint.uri stays the config's relative runs/smoke/checkpoints
+        code, out, err = run_cli("submit", SMOKE, *smoke_overrides(smoke_data, steps, 3),
+                                 "resources.workers=[1, 2]", "resources.cpus_per_worker=2",
+                                 "resources.max_failures=3", "resources.elastic_resize_every_s=5",
+                                 "train.preemption_poll_steps=3",
+                                 f"tracking.tracking_uri={tracking}", "--name", "elastic",
+                                 "--address", address, "--json", *TAGS)
+        assert code == 0, err
+        return last_json(out)
+
+    sub = submit(5000)
+    assert sub["job_id"] == "elastic-1" and sub["tags"] == {"team": "vision", "sweep": "lr-3"}
+    uri = sub["checkpoint_uri"]   # the job's own folder under checkpoint.uri, anchored here
+    assert uri == str(tmp_path / "runs" / "smoke" / "checkpoints" / "elastic")
 
     # 1. two workers, one per node
     _wait_log(address, lambda log: len(_steps(log)) >= 3, "3 steps", timeout=400)
@@ -162,3 +178,34 @@ def test_a_node_drained_lost_and_replaced_under_an_elastic_job(two_nodes, smoke_
     assert state["loader"]["streams"] == _uninterrupted_streams(info.manifest.config, steps)
     # every step logged once, restarts and replays included
     assert [s for s, _ in history(tracking, summary["mlflow_run_id"])] == list(range(1, steps + 1))
+
+    # 6. the same name again: attempt 2 resumes from the final checkpoint and finishes
+    sub = submit(steps + 2)
+    assert sub["job_id"] == "elastic-2" and sub["resumes_from_step"] == steps
+    code, followed, _ = run_cli("logs", "elastic", "--follow", "--address", address)
+    again = wait_for(address, "elastic")
+    assert again["status"] == "SUCCEEDED" and again["job_id"] == "elastic-2", \
+        logs_tail(address, "elastic-2")
+    final = steps + 2
+    assert again["step"] == final and f"step {final}/{final}" in followed
+    assert again["checkpoint_step"] == final and again["checkpoint"].startswith(uri)
+    assert again["mlflow_run_id"] == summary["mlflow_run_id"]   # the same run continued
+    assert [s for s, _ in history(tracking, again["mlflow_run_id"])] == list(range(1, final + 1))
+    # tags: in the job's metadata, as filters of `list`, and on the MLflow run named after it
+    assert again["tags"] == {"team": "vision", "sweep": "lr-3"}
+
+    def listed(*filters: str) -> set[str]:
+        code, out, err = run_cli("list", "--address", address, "--json", *filters)
+        assert code == 0, err
+        return {j["submission_id"] for j in last_json(out)["jobs"]}
+
+    assert "elastic-2" in listed("--tag", "team=vision", "--status", "succeeded")
+    assert "elastic-1" in listed("--tag", "team=vision", "--tag", "sweep=lr-3")
+    assert "elastic-2" not in listed("--tag", "team=audio")
+    assert "elastic-2" not in listed("--tag", "team=vision", "--status", "FAILED")
+    assert listed("--tag", "team=vision") <= listed()
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(tracking).get_run(again["mlflow_run_id"])
+    assert run.data.tags["team"] == "vision" and run.data.tags["sweep"] == "lr-3"
+    assert run.info.run_name == "elastic"

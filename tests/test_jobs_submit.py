@@ -1,8 +1,10 @@
 """The job verbs against real Ray clusters on 127.0.0.1 with token auth.
 
 - the `ray_head` fixture (one node): trivial jobs for status/logs/list/stop mechanics and the
-  error paths; the smoke config submitted, followed to SUCCEEDED, stopped and resumed by name.
-  (A job on two nodes, drained, losing one and growing back: tests/test_elastic_workers.py.)
+  error paths.
+- The smoke config as a job (tags, drained, losing a node and growing back, stopped with a
+  final checkpoint, submitted again under its name and resumed, followed to SUCCEEDED, found
+  by `list`): tests/test_elastic_workers.py, one job's whole life on two nodes.
 """
 from __future__ import annotations
 
@@ -271,74 +273,6 @@ def test_invalid_config_never_reaches_the_cluster(head):
     code, out, err = run_cli("submit", SMOKE, "resources.wrkers=2", "--address", head)
     assert code == 2 and "resources.wrkers" in err
     assert len(JobsClient(head).list()) == before
-
-
-# ---------------------------------------------------------------------------------------
-# The smoke config as a job
-
-
-@pytest.mark.slow
-def test_stop_writes_a_final_checkpoint_and_the_name_resumes(head, smoke_data, tmp_path,
-                                                              monkeypatch):
-    """A job's whole life: submitted with tags, stopped (final checkpoint), submitted again
-    under its name (resumes, runs to SUCCEEDED, followed with `logs --follow`), found by
-    `list` filters, and one MLflow run named after it carries the tags."""
-    monkeypatch.chdir(tmp_path)
-    tags = ("--tag", "team=vision", "--tag", "sweep=lr-3")
-    # no periodic checkpoint before step 1000: the one we find is the SIGTERM one
-    code, out, err = run_cli("submit", SMOKE, *smoke_overrides(smoke_data, 400, 1000),
-                             "--name", "smoke-stop", "--address", head, "--json", *tags)
-    assert code == 0, err
-    sub = last_json(out)
-    assert sub["job_id"] == "smoke-stop-1" and sub["tags"] == {"team": "vision", "sweep": "lr-3"}
-    assert sub["checkpoint_uri"] == str(tmp_path / "runs" / "smoke" / "checkpoints" / "smoke-stop")
-    deadline = time.monotonic() + 300
-    while True:
-        st = wait_for(head, "smoke-stop", statuses=TERMINAL + ("RUNNING",))
-        if st["status"] != "RUNNING" or (st["step"] or 0) >= 3 or time.monotonic() > deadline:
-            break
-        time.sleep(1)
-    assert st["status"] == "RUNNING" and st["step"] >= 3, (st, logs_tail(head, "smoke-stop"))
-    code, out, err = run_cli("stop", "smoke-stop", "--address", head, "--json")
-    assert code == 0, err
-    stopped = wait_for(head, "smoke-stop-1")
-    assert stopped["status"] == "STOPPED"
-    assert stopped["checkpoint_step"] and stopped["checkpoint_step"] >= 3, \
-        (stopped, logs_tail(head, "smoke-stop-1"))
-    resumed_from = stopped["checkpoint_step"]
-    # same name, same checkpoint URI: attempt 2 resumes and finishes a few steps later
-    code, out, err = run_cli("submit", SMOKE, *smoke_overrides(smoke_data, resumed_from + 2, 1000),
-                             "--name", "smoke-stop", "--address", head, "--json", *tags)
-    assert code == 0, err
-    sub = last_json(out)
-    assert sub["job_id"] == "smoke-stop-2" and sub["resumes_from_step"] == resumed_from
-    code, followed, _ = run_cli("logs", "smoke-stop", "--follow", "--address", head)
-    done = wait_for(head, "smoke-stop")
-    assert done["status"] == "SUCCEEDED" and done["job_id"] == "smoke-stop-2", \
-        logs_tail(head, "smoke-stop-2")
-    final = resumed_from + 2
-    assert done["step"] == final and f"step {final}/{final}" in followed
-    assert done["checkpoint_step"] == final
-    assert done["checkpoint"].startswith(sub["checkpoint_uri"])
-    assert done["mlflow_run_id"] == stopped["mlflow_run_id"]  # the same run continued
-    # tags: in the job's metadata, as filters of `list`, and on the MLflow run named after it
-    assert done["tags"] == {"team": "vision", "sweep": "lr-3"}
-
-    def listed(*filters: str) -> set[str]:
-        code, out, err = run_cli("list", "--address", head, "--json", *filters)
-        assert code == 0, err
-        return {j["submission_id"] for j in last_json(out)["jobs"]}
-
-    assert "smoke-stop-2" in listed("--tag", "team=vision", "--status", "succeeded")
-    assert "smoke-stop-1" in listed("--tag", "team=vision", "--tag", "sweep=lr-3")
-    assert "smoke-stop-2" not in listed("--tag", "team=audio")
-    assert "smoke-stop-2" not in listed("--tag", "team=vision", "--status", "FAILED")
-    assert listed("--tag", "team=vision") <= listed()
-    from mlflow.tracking import MlflowClient
-
-    run = MlflowClient(done["tracking_uri"]).get_run(done["mlflow_run_id"])
-    assert run.data.tags["team"] == "vision" and run.data.tags["sweep"] == "lr-3"
-    assert run.info.run_name == "smoke-stop"
 
 
 @pytest.mark.slow
