@@ -120,6 +120,32 @@ def test_masked_loss_and_the_mask_rng_resumes_from_its_state():
     assert other_rank.loss(model, batch).item() != losses[0]   # ranks draw their own masks
 
 
+def test_activation_checkpointing_recomputes_every_block_and_changes_no_gradient_bit():
+    """train.activation_checkpointing on a masked run (build_engine calls
+    set_grad_checkpointing): encoder and decoder blocks run again in backward, and the
+    gradients are the ones without it, bit for bit (the masked run test resumes with it on
+    and compares losses exactly)."""
+    from pretrain.model.masking import mask_tokens
+
+    model = _mae()
+    x = torch.randn(2, 3, 8, 16, 16)
+    mask = mask_tokens(model, x, 0.75, "aligned", torch.Generator().manual_seed(0))
+    calls = []
+    for i, block in enumerate((model.encoder.blocks[0], model.decoder.blocks[0])):
+        # the forward itself: torch's recompute skips module hooks
+        block.forward = lambda *args, i=i, forward=block.forward: (calls.append(i), forward(*args))[1]
+    grads = {}
+    for enabled in (False, True):
+        model.zero_grad(set_to_none=True)
+        model.set_grad_checkpointing(enabled)
+        calls.clear()
+        model(x, mask).backward()
+        grads[enabled] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        assert sorted(calls) == ([0, 1] if not enabled else [0, 0, 1, 1]), (enabled, calls)
+    assert grads[True].keys() == grads[False].keys()
+    assert all(torch.equal(grads[True][n], grads[False][n]) for n in grads[False])
+
+
 def test_masked_loss_is_the_models_reconstruction_error_of_the_drawn_mask():
     from pretrain.model.masking import mask_tokens
     from pretrain.train.masked import mask_seed
