@@ -27,6 +27,21 @@ own (CPU seconds per video clip and per image, `decode_rate.measure_decode` and 
 CPU per global step / cores. So the ratio is what the framework costs (Ray, the DeepSpeed
 engine, hooks, logging, checkpoint triggers, the loader hand-off), not decoding.
 
+Data parallelism also all-reduces the gradients every step, between the ranks: a cost any
+data-parallel trainer pays (torch DDP included), not the framework's. It is measured on its
+own, as a bare torch.distributed gloo all-reduce of the model's gradient bytes (fp32, one
+flat buffer, 20.4 MB here) between two fresh processes on the same cores (`allreduce_s`),
+and counted in the ideal too: ideal step time = bare step time + decode CPU per global step
+/ cores + that all-reduce. A split of the step measured once with a two-rank script (gloo,
+1 thread each, this model, synthetic batches, load average 13-20, so seconds inflated ~6x):
+forward + backward + AdamW alone 3.8-3.9 s a step; the same with the flat all-reduce
+5.5-5.7 s, of which the all-reduce call 0.4-1.0 s although alone it takes 0.056 s (the rest
+is waiting for the slower rank at the sync point: on a shared 2-core machine the two ranks
+are descheduled at different moments, and forward/backward/AdamW themselves ran 10-30%
+slower beside the other rank); the DeepSpeed ZeRO-2 engine's forward/backward/step 5.13 s,
+no more than that plain torch loop. So what the system loses beyond the ideal is two ranks
+keeping in step on shared cores, which a DDP loop loses as well, not engine overhead.
+
 The loader is sized as `pretrain plan` sizes it: decode cores per rank = the clips/s a rank
 trains (the bare rate / ranks) / clips decoded per second per core (data.num_workers = that,
 rounded up; the loader caps it to the machine's cores).
@@ -35,7 +50,7 @@ JSON fields: system_samples_per_sec, ideal_samples_per_sec, ratio = system / ide
 is better; goal >= 0.9), bare_samples_per_sec (compute alone: one core's bare rate x
 compute_cores; bare_before_after_one_core the two raw runs) and compute_ratio = system /
 bare (what `ratio` was before decode was accounted for), decode_cpu_s_per_step,
-data_wait_share and log_share (share of the system's step time spent waiting for the loader
+allreduce_s (the bare gradient all-reduce per step), data_wait_share and log_share (share of the system's step time spent waiting for the loader
 and in the log-point work on rank 0), num_workers, step_time_s (the system's), steps, config.
 """
 from __future__ import annotations
@@ -107,6 +122,49 @@ def bare(cfg, steps: int, warmup: int) -> dict:
         opt.zero_grad(set_to_none=True)
         samples += len(y)
     return {"samples_per_sec": samples / (time.perf_counter() - t0)}
+
+
+def _allreduce_rank(rank: int, world: int, port: int, numel: int, reps: int, out) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
+    flat = torch.zeros(numel)
+    for _ in range(3):   # connections and buffers warm
+        dist.all_reduce(flat)
+    dist.barrier()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        dist.all_reduce(flat)
+    if rank == 0:
+        out.put((time.perf_counter() - t0) / reps)
+    dist.destroy_process_group()
+
+
+def bare_allreduce(cfg, world: int, reps: int = 20) -> float:
+    """Seconds per gloo all-reduce of the model's gradient bytes (fp32, one flat buffer)
+    between `world` fresh processes: what data parallelism adds to every step by itself."""
+    import torch.multiprocessing as mp
+
+    from pretrain.data.metadata import DataInfo
+    from pretrain.train.engine import free_port
+    from pretrain.train.worker import build_model
+
+    model = build_model(cfg, DataInfo.from_config(cfg.data).num_classes)
+    numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    port = free_port("127.0.0.1")
+    procs = [ctx.Process(target=_allreduce_rank, args=(r, world, port, numel, reps, out))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    seconds = out.get(timeout=300)
+    for p in procs:
+        p.join(60)
+    return seconds
 
 
 # Wide and deep for a step of ~0.5 s or more on 2 cores (smoke.yaml's own model takes
@@ -182,7 +240,8 @@ def main() -> int:
     # the fair (hardest) baseline; both raw figures are reported.
     bare_rate = max(bare_before["samples_per_sec"],
                     bare_after["samples_per_sec"]) * compute_cores
-    ideal_step = samples_per_step / bare_rate + decode_per_step / cores
+    allreduce_s = bare_allreduce(cfg, ranks) if ranks > 1 else 0.0
+    ideal_step = samples_per_step / bare_rate + decode_per_step / cores + allreduce_s
     ideal_rate = samples_per_step / ideal_step
     out = {
         "system_samples_per_sec": sys_fig["samples_per_sec"],
@@ -194,6 +253,7 @@ def main() -> int:
                                        bare_after["samples_per_sec"]],
         "compute_cores": compute_cores,
         "decode_cpu_s_per_step": decode_per_step,
+        "allreduce_s": allreduce_s,
         "step_time_s": samples_per_step / sys_fig["samples_per_sec"],
         "load_average_1m": os.getloadavg()[0],
         "data_wait_share": sys_fig["data_wait_share"],
