@@ -432,11 +432,14 @@ class CheckpointManager:
         in_place = not storage.is_remote(info.uri)
         folder = storage.local_path(info.uri) if in_place else os.path.join(root, step_dir(info.step))
         convert = _restore.needs_conversion(manifest, self.world_size, stage)
+        # the rank that downloads reads its own files while the rest arrives (not for a
+        # conversion, which reads the whole download in another process)
+        prefetch = _restore.Prefetch(self.rank) if self.local_rank == 0 and not convert else None
         error = None
         if self.local_rank == 0:
             try:
-                _restore.fetch(info, root, self.cfg.verify_checksums, self.cfg.upload_threads * 2,
-                               self.cfg.upload_retries)
+                _restore.fetch(info, root, self.cfg.verify_checksums, self.cfg.upload_threads,
+                               self.cfg.upload_retries, prefetch)
                 if convert:
                     log.warning("checkpoint %s was saved with %d ranks at ZeRO stage %d; converting "
                                 "it through DeepSpeed's universal format for %d ranks at stage %d",
@@ -458,7 +461,7 @@ class CheckpointManager:
                                       step_dir(info.step), universal=True)
         else:
             _restore.load_into_engine(engine, os.path.dirname(folder), step_dir(info.step),
-                                      universal=False)
+                                      universal=False, prefetch=prefetch)
         own = run_state_name(self.rank)
         name = own if own in manifest.files else run_state_name(0)
         state = safe_load.load(os.path.join(folder, name))

@@ -24,7 +24,7 @@ import contextlib
 import os
 import pickle
 import threading
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -88,12 +88,17 @@ def refused_as_user_error(what: str) -> Iterator[None]:
 
 class MmapCheckpointEngine:
     """Wraps a DeepSpeed checkpoint engine for one load: files are read with `load` above,
-    memory-mapped; everything else goes to the wrapped engine."""
+    memory-mapped, unless `prefetched(path)` already holds what that file loads to (read the
+    same way, checkpoints.restore.Prefetch); everything else goes to the wrapped engine."""
 
-    def __init__(self, inner):
+    def __init__(self, inner, prefetched: Callable[[str], Any | None] | None = None):
         self.inner = inner
+        self.prefetched = prefetched
 
     def load(self, path: str, map_location=None):
+        state = self.prefetched(path) if self.prefetched is not None else None
+        if state is not None:
+            return state
         return load(path, map_location=map_location or "cpu", mmap=True)
 
     def __getattr__(self, name):
