@@ -6,29 +6,34 @@ tiny synthetic data, MLflow in a sqlite file), in two runs:
   (eval/knn_*_top1) and the held-out reconstruction loss are logged from step 0, the
   input/masked/reconstruction PNGs are MLflow artifacts, and the node's system metrics
   (system/node_0/...) are in the run;
-- a run resumed from a copy of its step-3 checkpoint trains steps 4-6 to bit-identical
-  train/loss values: the masks of a resumed run are the masks of the straight one (the mask
-  RNG's position is in the checkpoint; without it the losses differ).
+- a run resumed from a copy of its step-3 checkpoint, with activation checkpointing on,
+  trains steps 4-6 to bit-identical train/loss values: the masks of a resumed run are the
+  masks of the straight one (the mask RNG's position is in the checkpoint; without it the
+  losses differ), and recomputing the blocks' activations in backward changes no bit. Its
+  train.steps is larger (the learning rate is constant, train.min_lr = train.lr, so the
+  schedule does not depend on it) and SIGTERM to `pretrain run` stops it after step 6, as a
+  preemption would: final committed checkpoint, exit 0.
 
-Then the masked checkpoint is exported (`pretrain export`): the file rebuilds the masked
+Then that masked checkpoint is exported (`pretrain export`): the file rebuilds the masked
 autoencoder, and `load_encoder` gives the TubeViT that smoke.yaml fine-tunes (decoder dropped).
 The machinery (Run, overrides, history) is tests/fixtures/pretrain_run.py's.
 """
 from __future__ import annotations
 
 import shutil
+import signal
 
 import pytest
 import torch
 
-from tests.fixtures.pretrain_run import Run, history, overrides
+from tests.fixtures.pretrain_run import Run, committed, history, overrides
 
 pytestmark = pytest.mark.slow
 
 MASKED = ["train.objective=masked", "train.zero_stage=3", "masked.scheme=aligned", "masked.video_ratio=0.75",
           "masked.decoder.dim=64", "masked.decoder.depth=1", "masked.decoder.heads=4",
           "masked.knn_bank=32", "masked.grid_samples=2", "train.eval_every=3",
-          "data.eval_temporal_views=1"]
+          "data.eval_temporal_views=1", "train.lr=1e-3", "train.min_lr=1e-3"]
 
 
 @pytest.mark.timeout(600)
@@ -57,12 +62,20 @@ def test_masked_run_monitors_from_step_0_resumes_exactly_and_exports(tmp_path_fa
     assert [s for s, _ in losses] == [1, 2, 3, 4, 5, 6]
 
     shutil.copytree(first / "ckpt" / "step_00000003", second / "ckpt" / "step_00000003")
-    resumed = Run(second, *overrides(data, 6, 3, f"checkpoint.uri={second}/ckpt",
-                                     f"tracking.tracking_uri=sqlite:///{second}/mlflow.db",
-                                     *MASKED)).finish()
-    assert resumed["resumed_from_step"] == 3 and resumed["steps"] == 6
+    # no periodic checkpoint after step 3: the next one is SIGTERM's
+    run = Run(second, *overrides(data, 400, 1000, f"checkpoint.uri={second}/ckpt",
+                                 f"tracking.tracking_uri=sqlite:///{second}/mlflow.db",
+                                 "train.activation_checkpointing=true",
+                                 "checkpoint.preempt_grace_s=60", *MASKED))
+    run.wait_for("step 6/400")
+    run.proc.send_signal(signal.SIGTERM)
+    resumed = run.finish(timeout=120)
+    assert resumed["resumed_from_step"] == 3 and resumed["stopped"] and 6 <= resumed["steps"] < 400
+    info = committed(str(second / "ckpt"))
+    assert info.step == resumed["steps"] and resumed["checkpoint"] == info.uri
     again = history(f"sqlite:///{second}/mlflow.db", resumed["mlflow_run_id"])
-    assert again == losses[3:]          # steps 4-6, bit for bit
+    assert again[:3] == losses[3:]      # steps 4-6, bit for bit
+    assert [s for s, _ in again] == list(range(4, resumed["steps"] + 1))
 
     from orchestration.cli import main as cli
     from pretrain.model import load_model
