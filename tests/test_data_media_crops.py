@@ -75,7 +75,8 @@ def test_past_the_end_repeats_the_last_frame_and_garbage_is_bad_media(smooth_vid
 def test_direct_swscale_path_equals_the_filter_graph_bit_for_bit(smooth_video, box, flip, size):
     """_BoxScale (libswscale on the box in place, straight into the batch) gives the pixels
     of the libavfilter graph it short-cuts, odd box corners and flips included, and writes
-    nothing past its frame (sizes that convert in place and through the RGB scratch)."""
+    nothing past its frame (sizes that convert in place and through the RGB scratch; a
+    destination 64-byte aligned, as batch buffers' frames are, and one that is not)."""
     from pretrain.data.media import _BoxScale, _frames_at, _GraphScale
 
     frames = [f for _, f in _frames_at(smooth_video, [0, 2, 5], FPS)]
@@ -86,12 +87,15 @@ def test_direct_swscale_path_equals_the_filter_graph_bit_for_bit(smooth_video, b
     n = size * size * 3
     try:
         for frame in frames:
-            guarded = np.full(n + 256, 7, np.uint8)
-            a, b = guarded[:n].reshape(size, size, 3), np.zeros((size, size, 3), np.uint8)
-            direct(frame, a)
-            graph(frame, b)
-            assert np.array_equal(a, b) and a.any()
-            assert (guarded[n:] == 7).all()
+            for misaligned in (0, 3):
+                block = np.full(n + 256 + 64, 7, np.uint8)
+                start = -block.ctypes.data % 64 + misaligned
+                guarded = block[start:]
+                a, b = guarded[:n].reshape(size, size, 3), np.zeros((size, size, 3), np.uint8)
+                direct(frame, a)
+                graph(frame, b)
+                assert np.array_equal(a, b) and a.any()
+                assert (guarded[n:] == 7).all()
     finally:
         direct.close()
         graph.close()

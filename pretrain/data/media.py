@@ -321,8 +321,15 @@ class _BoxScale:
                             _pointers([dst]), _ints(self.size * 3))
         if (guarded[start + n:] == 0xA5).all():
             return False
+        return self._padded_rgb()
+
+    def _padded_rgb(self) -> np.ndarray:
+        """An RGB scratch frame with aligned, padded rows and spare rows below."""
         stride = -(-self.size * 3 // 64) * 64 + 64
-        return np.empty((self.size + 2, stride), np.uint8)[:self.size, :self.size * 3]
+        block = np.empty((self.size + 2) * stride + 64, np.uint8)
+        start = -block.ctypes.data % 64
+        return (block[start:start + (self.size + 2) * stride].reshape(self.size + 2, stride)
+                [:self.size, :self.size * 3])
 
     def __call__(self, frame, dst: np.ndarray) -> None:
         x, y, w, h = self.box
@@ -338,13 +345,16 @@ class _BoxScale:
         if self.flip:
             for mirrored, plane in zip(self.mirror, self.planes):
                 np.copyto(mirrored, plane[:, ::-1])
-        if self.rgb is False:
+        # Straight into `dst` only as probed: 64-byte aligned, as a batch buffer's frames are
+        # at the training sizes; swscale may pick other vector paths for another alignment.
+        if self.rgb is False and dst.ctypes.data % 64 == 0:
             lib.sws_scale(self.contexts[1], self.rgb_from, self.strides, 0, self.size,
                           _pointers([dst]), _ints(self.size * 3))
         else:
+            rgb = self._padded_rgb() if self.rgb is False else self.rgb
             lib.sws_scale(self.contexts[1], self.rgb_from, self.strides, 0, self.size,
-                          _pointers([self.rgb]), _ints(self.rgb.strides[0]))
-            np.copyto(dst, self.rgb.reshape(dst.shape))
+                          _pointers([rgb]), _ints(rgb.strides[0]))
+            np.copyto(dst, rgb.reshape(dst.shape))
 
     def close(self) -> None:
         for ctx in self.contexts:
