@@ -26,7 +26,7 @@ import signal
 import pytest
 import torch
 
-from tests.fixtures.pretrain_run import Run, committed, history, overrides
+from tests.fixtures.pretrain_run import Run, committed, history, overrides, tracking_db
 
 pytestmark = pytest.mark.slow
 
@@ -37,12 +37,12 @@ MASKED = ["train.objective=masked", "train.zero_stage=3", "masked.scheme=aligned
 
 
 @pytest.mark.timeout(600)
-def test_masked_run_monitors_from_step_0_resumes_exactly_and_exports(tmp_path_factory):
+def test_masked_run_monitors_from_step_0_resumes_exactly_and_exports(tmp_path_factory, smoke_data):
     from mlflow.tracking import MlflowClient
 
-    data = tmp_path_factory.mktemp("masked-data") / "synthetic"
+    data = smoke_data   # the session's tiny synthetic data, written once
     first, second = tmp_path_factory.mktemp("first"), tmp_path_factory.mktemp("second")
-    tracking = f"sqlite:///{first}/mlflow.db"
+    tracking = tracking_db(first)
     straight = Run(first, *overrides(data, 6, 3, f"checkpoint.uri={first}/ckpt",
                                      f"tracking.tracking_uri={tracking}",
                                      "tracking.system_metrics_every_s=1", *MASKED)).finish()
@@ -64,7 +64,7 @@ def test_masked_run_monitors_from_step_0_resumes_exactly_and_exports(tmp_path_fa
     shutil.copytree(first / "ckpt" / "step_00000003", second / "ckpt" / "step_00000003")
     # no periodic checkpoint after step 3: the next one is SIGTERM's
     run = Run(second, *overrides(data, 400, 1000, f"checkpoint.uri={second}/ckpt",
-                                 f"tracking.tracking_uri=sqlite:///{second}/mlflow.db",
+                                 f"tracking.tracking_uri={tracking_db(second)}",
                                  "train.activation_checkpointing=true",
                                  "checkpoint.preempt_grace_s=60", *MASKED))
     run.wait_for("step 6/400")
