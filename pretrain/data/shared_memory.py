@@ -18,14 +18,24 @@ later probe longer.
 
 `release(dataset)` is the explicit end of one dataset: the loaders' `close()` calls it, so
 a run that ends normally leaves nothing in /dev/shm even when its process is then killed.
+
+`install()` also makes the choice of a dataset's block prefix one at a time on the node
+(`_one_registration_at_a_time`). Streaming has every rank scan /dev/shm for the lowest
+free prefix, then the node's leader creates it: two jobs starting together on one machine
+could pick the same one, and one then failed (`FileExistsError: '/00NNNN_locals'`) or its
+other ranks waited on the other job's block. Our leaders now hold a node-wide lock from
+before their ranks scan until the block exists.
 """
 from __future__ import annotations
 
 import atexit
+import fcntl
 import functools
 import os
+import tempfile
 from multiprocessing.shared_memory import SharedMemory as _Block
 
+import streaming.base.dataset as _streaming_dataset
 from streaming.base.shared.memory import SharedMemory
 
 # name -> pid of the process that created it (forked loader workers inherit this table; only
@@ -49,6 +59,37 @@ def install() -> None:
     SharedMemory.__init__ = __init__
     SharedMemory._tubevit_weak_cleanup = True
     atexit.register(_unlink_created)
+    _streaming_dataset.get_shm_prefix = _one_registration_at_a_time(
+        _streaming_dataset.get_shm_prefix)
+
+
+# Beside the blocks it orders: /dev/shm is what every process of the node shares.
+PREFIX_LOCK = os.path.join("/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir(),
+                           "tubevit-streaming-prefix.lock")
+
+
+def _one_registration_at_a_time(get_shm_prefix):
+    """streaming's get_shm_prefix, with the node's leader holding PREFIX_LOCK from before any
+    of its ranks scans for a free prefix until its block is created (the call returns after
+    streaming's own barrier that follows the creation). The other ranks of the node start
+    scanning once the leader holds the lock (one more barrier), so all agree on the prefix."""
+    import torch.distributed as dist
+
+    @functools.wraps(get_shm_prefix)
+    def registered(streams_local, streams_remote, world, *args, **kwargs):
+        lock = None
+        if world.is_local_leader:
+            # read-only: another user's processes can open (and lock) the file one user made
+            lock = os.open(PREFIX_LOCK, os.O_RDONLY | os.O_CREAT, 0o644)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if dist.is_available() and dist.is_initialized():
+                dist.barrier()
+            return get_shm_prefix(streams_local, streams_remote, world, *args, **kwargs)
+        finally:
+            if lock is not None:
+                os.close(lock)   # releases the lock
+    return registered
 
 
 def _unlink_created() -> None:
