@@ -67,35 +67,3 @@ def test_past_the_end_repeats_the_last_frame_and_garbage_is_bad_media(smooth_vid
     assert np.array_equal(out[0, 1], out[0, 0]) and np.array_equal(out[0, 2], out[0, 0])
     with pytest.raises(BadMedia):
         decode_crops(b"not a video at all", FPS, [Crop([0], (0, 0, W, H), False)], S, out)
-
-
-@pytest.mark.parametrize("box,flip,size", [((0, 0, W, H), False, S), ((11, 7, 50, 41), True, S),
-                                           ((37, 15, 33, 47), False, 224),
-                                           ((3, 1, 90, 60), True, 24)])
-def test_direct_swscale_path_equals_the_filter_graph_bit_for_bit(smooth_video, box, flip, size):
-    """_BoxScale (libswscale on the box in place, straight into the batch) gives the pixels
-    of the libavfilter graph it short-cuts, odd box corners and flips included, and writes
-    nothing past its frame (sizes that convert in place and through the RGB scratch; a
-    destination 64-byte aligned, as batch buffers' frames are, and one that is not)."""
-    from pretrain.data.media import _BoxScale, _frames_at, _GraphScale
-
-    frames = [f for _, f in _frames_at(smooth_video, [0, 2, 5], FPS)]
-    if not _BoxScale.handles(frames[0]):
-        pytest.skip("PyAV without its bundled libswscale: every clip takes the graph path")
-    crop = Crop([0, 2, 5], box, flip)
-    direct, graph = _BoxScale(frames[0], crop, size), _GraphScale(frames[0], crop, size)
-    n = size * size * 3
-    try:
-        for frame in frames:
-            for misaligned in (0, 3):
-                block = np.full(n + 256 + 64, 7, np.uint8)
-                start = -block.ctypes.data % 64 + misaligned
-                guarded = block[start:]
-                a, b = guarded[:n].reshape(size, size, 3), np.zeros((size, size, 3), np.uint8)
-                direct(frame, a)
-                graph(frame, b)
-                assert np.array_equal(a, b) and a.any()
-                assert (guarded[n:] == 7).all()
-    finally:
-        direct.close()
-        graph.close()

@@ -6,27 +6,25 @@ which is much cheaper than converting at full size and resizing after:
 
 - `decode_frames` (evaluation views, checks): whole frames at one output size
   (`VideoFrame.reformat`);
-- `decode_crops` (training clips): each clip's random crop box is read from the decoded
-  frame in place, scaled to S x S in YUV, mirrored when the clip is flipped and converted to
-  RGB straight into the caller's array (`_BoxScale`: libswscale called directly for 8-bit
-  4:2:0 frames; a libavfilter graph per clip for other formats). Only the S x S pixels a
-  clip keeps are ever converted: scaling whole frames so that the crop became S x S
-  converted 2-6x more pixels (and most training crops zoom in), and cropping, flipping and
-  reordering them afterwards cost numpy copies.
+- `decode_crops` (training clips): each clip's random crop box is cut from the decoded frame
+  (libavfilter's crop: pointer arithmetic, no copy), scaled to S x S in YUV, mirrored when
+  the clip is flipped and converted to RGB, one filter graph per clip, written into the
+  caller's array. Only the S x S pixels a clip keeps are ever converted: scaling whole frames so that
+  the crop became S x S converted 2-6x more pixels (and most training crops zoom in), and
+  cropping, flipping and reordering them afterwards cost numpy copies (a flipped copy of
+  packed RGB is the slowest of them).
 
 Determinism: `decode_frames` pixels depend only on (bytes, indices, fps, out_size), not on
 the process, on earlier calls, or on timing: decoding is single-threaded and the one swscale
 context per process runs with one thread and is reconfigured for each size (checked by
-tests/test_data_determinism.py). `decode_crops` builds its swscale contexts (or filter
-graphs) per clip, with one thread each, so its pixels depend only on its arguments too. They are bit-identical on the same CPU family and FFmpeg
+tests/test_data_determinism.py). `decode_crops` builds its filter graphs per call, with one
+thread each, so its pixels depend only on its arguments too. They are bit-identical on the same CPU family and FFmpeg
 build; FAST_BILINEAR's SIMD paths are not bit-exact across CPU families. Equal pixels from
 two copies of a dataset also need equal bytes: see pretrain/data/synthetic.py for how
 synthetic data is made reproducible.
 """
 from __future__ import annotations
 
-import ctypes
-import glob
 import io
 import os
 from dataclasses import dataclass
@@ -188,10 +186,9 @@ def decode_crops(data: bytes, fps: float, crops: Sequence[Crop], size: int,
     """Decode the union of the crops' frames once and write clip j's frame t, its box scaled
     to size x size in RGB, into out[j, t]: `out` is uint8 (len(crops), T, size, size, 3).
 
-    Frame indices follow `decode_frames`. Only the size x size output pixels of a box are
-    scaled and converted: 8-bit 4:2:0 frames (what prepare stores, and most uploads) by
-    `_BoxScale`, which reads the box in place and writes into `out`; other pixel formats by
-    a libavfilter graph per clip (crop -> scale -> hflip -> rgb24), then one copy.
+    Frame indices follow `decode_frames`. Each clip has its own filter graph
+    (crop -> scale -> hflip -> rgb24, one thread): the crop selects the box without copying,
+    so only the size x size output pixels are scaled and converted.
     """
     where: dict[int, list[tuple[int, int]]] = {}  # frame index -> [(clip, t)]
     for j, crop in enumerate(crops):
@@ -200,192 +197,19 @@ def decode_crops(data: bytes, fps: float, crops: Sequence[Crop], size: int,
     unique = sorted(where)
     if not unique:
         return
-    if not out.flags.writeable or not out.flags.c_contiguous:
-        raise ValueError("decode_crops needs a writable, C-contiguous output array")
-    scalers: list = [None] * len(crops)
+    graphs: list = [None] * len(crops)
     try:
         for pos, frame in _frames_at(data, unique, fps):
             for j, t in where[unique[pos]]:
-                if scalers[j] is None:
-                    scalers[j] = (_BoxScale(frame, crops[j], size) if _BoxScale.handles(frame)
-                                  else _GraphScale(frame, crops[j], size))
-                scalers[j](frame, out[j, t])
+                if graphs[j] is None:
+                    graphs[j] = _crop_graph(frame, crops[j], size)
+                dst = out[j, t]
+                if not dst.flags.writeable:
+                    raise ValueError("decode_crops needs a writable output array")
+                graphs[j].push(frame)
+                _copy_rgb(graphs[j].vpull(), dst)
     except (av.FFmpegError, ValueError, OSError) as exc:
         raise BadMedia(f"decoding failed ({exc.__class__.__name__}: {exc})") from None
-    finally:
-        for scaler in scalers:
-            if scaler is not None:
-                scaler.close()
-
-
-class _GraphScale:
-    """One clip's box of any pixel format -> RGB size x size, through a libavfilter graph
-    (`_crop_graph`) and one copy of its output frame."""
-
-    def __init__(self, frame, crop: Crop, size: int) -> None:
-        self.graph = _crop_graph(frame, crop, size)
-
-    def __call__(self, frame, dst: np.ndarray) -> None:
-        self.graph.push(frame)
-        _copy_rgb(self.graph.vpull(), dst)
-
-    def close(self) -> None:
-        self.graph = None
-
-
-class _BoxScale:
-    """One clip's box of 8-bit 4:2:0 frames -> RGB size x size, by libswscale called directly
-    (ctypes): the two swscale passes of `_crop_graph`, without the graph.
-
-    PyAV can neither scale a sub-rectangle of a frame nor write into a caller's array, so
-    the graph path pays per frame a push and pull through libavfilter, a new PyAV frame and a
-    copy of its RGB pixels: ~0.06 of its 0.18-0.26 ms per 224 px frame on the 2-core
-    machine (456x256 prepared frames). Here the box is read in place (plane pointers offset
-    to it), scaled in YUV into a scratch frame, mirrored there when the clip is flipped
-    (half the bytes of RGB) and converted by swscale's unscaled SIMD path straight into the
-    caller's array. The pixels are the graph path's bit for bit (same library, flags,
-    matrix and plane offsets; tests/test_data_media_crops.py checks it).
-
-    The library is the copy PyAV's wheel bundles, already loaded by PyAV (the same file, so
-    the same library in memory), checked against PyAV's version of it; without it (PyAV
-    built on a system FFmpeg) every clip takes the graph path.
-    """
-
-    FORMATS = {"yuv420p": 0, "yuvj420p": 12}  # AVPixelFormat values (stable ABI)
-    RGB24 = 2
-    # FAST_BILINEAR, as `_rgb`: half of BILINEAR's cost; random-crop training tolerates its
-    # slight aliasing on strong down-scaling. Scaling in YUV, then converting unscaled: the
-    # scaling RGB output is swscale's slow path (0.25-0.35 vs 0.10-0.13 ms per frame).
-    FAST_BILINEAR = 1
-    _lib = None                       # the library; False when not found
-    # (pid, size) -> scratch YUV planes, their mirror, RGB scratch (False: not needed)
-    _scratch: dict[tuple[int, int], tuple] = {}
-
-    @classmethod
-    def handles(cls, frame) -> bool:
-        return frame.format.name in cls.FORMATS and cls._load()
-
-    @classmethod
-    def _load(cls) -> bool:
-        if cls._lib is None:
-            cls._lib = False
-            here = os.path.dirname(av.__file__)
-            found = sorted(glob.glob(os.path.join(here, os.pardir, "av.libs", "libswscale*"))
-                           + glob.glob(os.path.join(here, ".dylibs", "libswscale*")))
-            if found:
-                lib = ctypes.CDLL(found[0])
-                major, minor, micro = av.library_versions["libswscale"]
-                if lib.swscale_version() == (major << 16) | (minor << 8) | micro:
-                    P, I = ctypes.c_void_p, ctypes.c_int
-                    lib.sws_getContext.restype = P
-                    lib.sws_getContext.argtypes = [I] * 7 + [P] * 3
-                    lib.sws_scale.argtypes = [P, P, P, I, I, P, P]
-                    lib.sws_freeContext.argtypes = [P]
-                    cls._lib = lib
-        return bool(cls._lib)
-
-    def __init__(self, frame, crop: Crop, size: int) -> None:
-        lib, fmt = self._lib, self.FORMATS[frame.format.name]
-        self.box, self.flip, self.size = crop.box, crop.flip, size
-        x, y, w, h = crop.box
-        self.contexts = [lib.sws_getContext(w, h, fmt, size, size, fmt, self.FAST_BILINEAR,
-                                            None, None, None),
-                         lib.sws_getContext(size, size, fmt, size, size, self.RGB24,
-                                            self.FAST_BILINEAR, None, None, None)]
-        if not all(self.contexts):
-            self.close()
-            raise ValueError(f"swscale cannot scale a {w}x{h} {frame.format.name} box")
-        # One scratch frame per process and size: clips are converted one frame at a time.
-        key = (os.getpid(), size)
-        if key not in self._scratch:
-            self._scratch[key] = (_padded_yuv(size), _padded_yuv(size), None)
-        self.planes, self.mirror, self.rgb = self._scratch[key]
-        self.scaled = _pointers(self.planes)
-        self.rgb_from = _pointers(self.mirror) if crop.flip else self.scaled
-        self.strides = _ints(*(p.strides[0] for p in self.planes))
-        if self.rgb is None:
-            self.rgb = self._rgb_scratch_unless_exact()
-            self._scratch[key] = (self.planes, self.mirror, self.rgb)
-
-    def _rgb_scratch_unless_exact(self) -> np.ndarray | False:
-        """False when swscale's YUV -> RGB conversion writes nothing past size x size x 3
-        bytes (then it writes straight into the batch); else a padded RGB scratch frame,
-        copied from. Its SIMD stores whole vectors, so a row that does not end on one spills
-        past the last pixel (24 bytes at size 24 here): probed once, into a guarded array
-        aligned as the batch buffer's frames are."""
-        n = self.size * self.size * 3
-        guarded = np.full(n + 256 + 64, 0xA5, np.uint8)
-        start = -guarded.ctypes.data % 64
-        dst = guarded[start:start + n].reshape(self.size, self.size, 3)
-        self._lib.sws_scale(self.contexts[1], self.scaled, self.strides, 0, self.size,
-                            _pointers([dst]), _ints(self.size * 3))
-        if (guarded[start + n:] == 0xA5).all():
-            return False
-        return self._padded_rgb()
-
-    def _padded_rgb(self) -> np.ndarray:
-        """An RGB scratch frame with aligned, padded rows and spare rows below."""
-        stride = -(-self.size * 3 // 64) * 64 + 64
-        block = np.empty((self.size + 2) * stride + 64, np.uint8)
-        start = -block.ctypes.data % 64
-        return (block[start:start + (self.size + 2) * stride].reshape(self.size + 2, stride)
-                [:self.size, :self.size * 3])
-
-    def __call__(self, frame, dst: np.ndarray) -> None:
-        x, y, w, h = self.box
-        p = frame.planes
-        # The box in place: luma at (x, y), chroma (half resolution) at (x/2, y/2), as
-        # libavfilter's crop offsets them.
-        src = (ctypes.c_void_p * 4)(p[0].buffer_ptr + y * p[0].line_size + x,
-                                    p[1].buffer_ptr + (y >> 1) * p[1].line_size + (x >> 1),
-                                    p[2].buffer_ptr + (y >> 1) * p[2].line_size + (x >> 1), 0)
-        lib = self._lib
-        lib.sws_scale(self.contexts[0], src, _ints(*(q.line_size for q in p[:3])), 0, h,
-                      self.scaled, self.strides)
-        if self.flip:
-            for mirrored, plane in zip(self.mirror, self.planes):
-                np.copyto(mirrored, plane[:, ::-1])
-        # Straight into `dst` only as probed: 64-byte aligned, as a batch buffer's frames are
-        # at the training sizes; swscale may pick other vector paths for another alignment.
-        if self.rgb is False and dst.ctypes.data % 64 == 0:
-            lib.sws_scale(self.contexts[1], self.rgb_from, self.strides, 0, self.size,
-                          _pointers([dst]), _ints(self.size * 3))
-        else:
-            rgb = self._padded_rgb() if self.rgb is False else self.rgb
-            lib.sws_scale(self.contexts[1], self.rgb_from, self.strides, 0, self.size,
-                          _pointers([rgb]), _ints(rgb.strides[0]))
-            np.copyto(dst, rgb.reshape(dst.shape))
-
-    def close(self) -> None:
-        for ctx in self.contexts:
-            if ctx:
-                self._lib.sws_freeContext(ctx)
-        self.contexts = []
-
-
-def _padded_yuv(size: int) -> list[np.ndarray]:
-    """Y, U, V planes of a size x size 4:2:0 frame laid out as FFmpeg allocates frames: rows
-    64-byte aligned and padded, spare rows below. swscale's SIMD reads and writes whole
-    vectors past a row's last pixel; tight planes of a small size corrupted the heap."""
-    half = (size + 1) // 2
-    planes = []
-    for width, rows in ((size, size), (half, half), (half, half)):
-        stride = -(-width // 64) * 64 + 64
-        block = np.empty((rows + 2) * stride + 64, np.uint8)
-        start = -block.ctypes.data % 64
-        planes.append(block[start:start + (rows + 2) * stride].reshape(rows + 2, stride)
-                      [:rows, :width])
-    return planes
-
-
-def _pointers(arrays) -> ctypes.Array:
-    """The 4 plane pointers swscale takes: each array's first pixel (unused ones null)."""
-    return (ctypes.c_void_p * 4)(*(a.ctypes.data for a in arrays), *([None] * (4 - len(arrays))))
-
-
-def _ints(*values: int) -> ctypes.Array:
-    """The 4 line sizes swscale takes (unused ones 0)."""
-    return (ctypes.c_int * 4)(*values, *([0] * (4 - len(values))))
 
 
 def _crop_graph(frame, crop: Crop, size: int):
