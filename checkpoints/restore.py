@@ -361,7 +361,8 @@ def convert_to_universal(folder: str, dest_root: str, workers: int = 2) -> tuple
         # layouts share, so provide both names.
         z3 = os.path.join(out, "zero_pp_rank_0_mp_rank_00_model_states.pt")
         z12 = os.path.join(out, "mp_rank_00_model_states.pt")
-        if os.path.isfile(z3) and not os.path.isfile(z12):
+        if os.path.isfile(z3) and not os.path.isfile(z12):   # a ZeRO-3 source
+            _bridge_param_states(os.path.join(out, "zero"))
             os.link(z3, z12)
         elif os.path.isfile(z12) and not os.path.isfile(z3):
             os.link(z12, z3)
@@ -372,6 +373,33 @@ def convert_to_universal(folder: str, dest_root: str, workers: int = 2) -> tuple
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final, tag
+
+
+def _bridge_param_states(zero: str) -> None:
+    """Wrap each parameter's fp32 / exp_avg / exp_avg_sq file of a ZeRO-3 source in the dict
+    that the ZeRO-1/2 universal loader reads.
+
+    From ZeRO-3 shards ds_to_universal (merge_zero3_slices) saves every state as a bare flat
+    tensor, while the ZeRO-1/2 loader (universal_checkpoint.load_hp_checkpoint_state) reads
+    `ckpt["param"]`: on a 1-dim tensor an IndexError (too many indices), so a ZeRO-3
+    checkpoint could not resume at ZeRO-1/2. The ZeRO-3 loader reads either form, so the dict
+    serves both. The tensor stays flat (exactly the parameter's elements, padding removed):
+    without tensor parallelism the ZeRO-1/2 loader flattens it anyway.
+    """
+    import torch
+    from deepspeed.checkpoint.constants import PARAM
+
+    for name in os.listdir(zero):
+        folder = os.path.join(zero, name)
+        if not os.path.isdir(folder):
+            continue
+        for file in os.listdir(folder):
+            path = os.path.join(folder, file)
+            if file == "step.pt" or not file.endswith(".pt"):
+                continue
+            state = safe_load.load(path)
+            if torch.is_tensor(state):
+                torch.save({PARAM: state}, path)
 
 
 def _bridge_optimizer_state(zero: str) -> None:
