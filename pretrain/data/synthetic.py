@@ -83,8 +83,14 @@ VIDEO_STYLES = ("random", "bright", "mono")
 _MONO_BACKGROUND, _MONO_SHAPE = 40, 220   # grey levels of the "mono" styles
 
 
-def _mono_background(rng: np.random.Generator, size: int) -> np.ndarray:
-    return np.clip(_MONO_BACKGROUND + rng.normal(0, 12, (size, size, 3)), 0, 255)
+def _bright_palette(rng: np.random.Generator, size: int, style: str):
+    """(background (S, S, 3) float, shape colour (3,)) of the "bright" and "mono" styles, clips
+    and images alike: a bright colour on a dark noisy background, or the fixed greys."""
+    if style == "mono":
+        bg = np.clip(_MONO_BACKGROUND + rng.normal(0, 12, (size, size, 3)), 0, 255)
+        return bg, np.full(3, _MONO_SHAPE)
+    bg = np.clip(rng.integers(0, 80, 3) + rng.normal(0, 12, (size, size, 3)), 0, 255)
+    return bg, rng.integers(170, 256, 3)   # >= 90 levels above the background per channel
 
 
 def _moving_shape_clip(rng: np.random.Generator, cls: str, frames: int, size: int,
@@ -92,12 +98,8 @@ def _moving_shape_clip(rng: np.random.Generator, cls: str, frames: int, size: in
     """uint8 (T, S, S, 3): a shape drifting in direction `cls`, wrapping at the edges, in
     `style` (module docstring). "random" draws exactly what it always drew (old datasets and
     checkpoints regenerate byte-identical)."""
-    if style == "bright":
-        bg = np.clip(rng.integers(0, 80, 3) + rng.normal(0, 12, (size, size, 3)), 0, 255)
-        colour = rng.integers(170, 256, 3)  # >= 90 levels above the background per channel
-        r = int(rng.integers(size // 6, size // 4 + 1))
-    elif style == "mono":
-        bg, colour = _mono_background(rng, size), np.full(3, _MONO_SHAPE)
+    if style in ("bright", "mono"):
+        bg, colour = _bright_palette(rng, size, style)
         r = int(rng.integers(size // 6, size // 4 + 1))
     else:
         bg = _background(rng, size)
@@ -136,11 +138,7 @@ def _static_shape_image(rng: np.random.Generator, cls: str, size: int,
     """uint8 (S, S, 3): one shape of class `cls` in `style` (module docstring). "random" draws
     exactly what it always drew (old datasets and checkpoints regenerate byte-identical)."""
     if style in ("bright", "mono"):
-        if style == "bright":
-            bg = np.clip(rng.integers(0, 80, 3) + rng.normal(0, 12, (size, size, 3)), 0, 255)
-            colour = rng.integers(170, 256, 3)  # >= 90 levels above the background per channel
-        else:
-            bg, colour = _mono_background(rng, size), np.full(3, _MONO_SHAPE)
+        bg, colour = _bright_palette(rng, size, style)
         r = rng.uniform(size / 4, size * 0.36)
         cy, cx = size / 2 + rng.uniform(-size / 8, size / 8, 2)
     else:
