@@ -50,8 +50,9 @@ JSON fields: system_samples_per_sec, ideal_samples_per_sec, ratio = system / ide
 is better; goal >= 0.9), bare_samples_per_sec (compute alone: one core's bare rate x
 compute_cores; bare_before_after_one_core the two raw runs) and compute_ratio = system /
 bare (what `ratio` was before decode was accounted for), decode_cpu_s_per_step,
-allreduce_s (the bare gradient all-reduce per step), data_wait_share and log_share (share of the system's step time spent waiting for the loader
-and in the log-point work on rank 0), num_workers, step_time_s (the system's), steps, config.
+allreduce_s (the bare gradient all-reduce per step), data_wait_share and log_share (share
+of the system's step time spent waiting for the loader and in the log-point work on rank 0),
+num_workers, step_time_s (the system's), steps, config.
 """
 from __future__ import annotations
 

@@ -122,10 +122,16 @@ RANGE_BYTES = 16 << 20   # one request's share of a large file (parallel streams
 PAGE = 4096
 
 
+def _engine_file(rel: str) -> bool:
+    """A file DeepSpeed's load reads: the .pt files at the top of the step folder (the run
+    state lives in run_state/)."""
+    return rel.endswith(".pt") and "/" not in rel
+
+
 def _read_order(rel: str) -> tuple[int, str]:
     """Download order: DeepSpeed's load reads the model states before the optimizer shards,
     so those come first and are read while the shards still download."""
-    engine_file = rel.endswith(".pt") and "/" not in rel
+    engine_file = _engine_file(rel)
     return (0 if engine_file and "model_states" in rel else 1 if engine_file else 2, rel)
 
 
@@ -146,7 +152,7 @@ class Prefetch:
 
     def wants(self, rel: str) -> bool:
         """DeepSpeed's files in the step folder, except other ranks' ZeRO shards."""
-        if not rel.endswith(".pt") or "/" in rel:
+        if not _engine_file(rel):
             return False
         owner = re.search(r"zero_pp_rank_(\d+)_", rel)
         return owner is None or int(owner.group(1)) == self.rank
@@ -292,6 +298,7 @@ def download(info: CheckpointInfo, dest_root: str, verify_checksums: bool = True
             f.truncate(rec.size)
         tasks += [(rel, start, min(rec.size, start + RANGE_BYTES))
                   for start in range(0, rec.size, RANGE_BYTES)]
+
     def submit_all(pool: ThreadPoolExecutor) -> list:
         futures = []
         for task in tasks:
