@@ -12,7 +12,10 @@ tiny synthetic data, MLflow in a sqlite file), in two runs:
   losses differ), and recomputing the blocks' activations in backward changes no bit. Its
   train.steps is larger (the learning rate is constant, train.min_lr = train.lr, so the
   schedule does not depend on it) and SIGTERM to `pretrain run` stops it after step 6, as a
-  preemption would: final committed checkpoint, exit 0.
+  preemption would: final committed checkpoint, exit 0;
+- that preemption checkpoint (2 ranks, ZeRO-3) resumed on one worker at ZeRO-2 for one more
+  step: the universal conversion carries a masked run to another world size and stage
+  (restore._bridge_param_states; before it, this resume raised IndexError inside DeepSpeed).
 
 Then that masked checkpoint is exported (`pretrain export`): the file rebuilds the masked
 autoencoder, and `load_encoder` gives the TubeViT that smoke.yaml fine-tunes (decoder dropped).
@@ -26,6 +29,8 @@ import signal
 import pytest
 import torch
 
+from checkpoints.layout import step_dir
+
 from tests.fixtures.pretrain_run import Run, committed, history, overrides, tracking_db
 
 pytestmark = pytest.mark.slow
@@ -36,8 +41,8 @@ MASKED = ["train.objective=masked", "train.zero_stage=3", "masked.scheme=aligned
           "data.eval_temporal_views=1", "train.lr=1e-3", "train.min_lr=1e-3"]
 
 
-@pytest.mark.timeout(600)
-def test_masked_run_monitors_from_step_0_resumes_exactly_and_exports(tmp_path_factory, smoke_data):
+@pytest.mark.timeout(900)
+def test_masked_run_monitors_from_step_0_resumes_exactly_resizes_and_exports(tmp_path_factory, smoke_data):
     from mlflow.tracking import MlflowClient
 
     data = smoke_data   # the session's tiny synthetic data, written once
@@ -76,6 +81,18 @@ def test_masked_run_monitors_from_step_0_resumes_exactly_and_exports(tmp_path_fa
     again = history(f"sqlite:///{second}/mlflow.db", resumed["mlflow_run_id"])
     assert again[:3] == losses[3:]      # steps 4-6, bit for bit
     assert [s for s, _ in again] == list(range(4, resumed["steps"] + 1))
+
+    # the preemption checkpoint on another world size and ZeRO stage: 2 ranks at 3 -> 1 at 2
+    third = tmp_path_factory.mktemp("third")
+    shutil.copytree(second / "ckpt" / step_dir(info.step), third / "ckpt" / step_dir(info.step))
+    zero2 = [o for o in MASKED if not o.startswith("train.zero_stage=")] + ["train.zero_stage=2"]
+    resized = Run(third, *overrides(data, info.step + 1, 1000, f"checkpoint.uri={third}/ckpt",
+                                    f"tracking.tracking_uri={tracking_db(third)}",
+                                    "resources.workers=1", *zero2)).finish()
+    assert resized["resumed_from_step"] == info.step and resized["world_size"] == 1
+    assert resized["steps"] == info.step + 1 and 0.0 < resized["metrics"]["train/loss"] < 5.0
+    last = committed(str(third / "ckpt"))
+    assert (last.step, last.world_size, last.zero_stage) == (info.step + 1, 1, 2)
 
     from orchestration.cli import main as cli
     from pretrain.model import load_model
