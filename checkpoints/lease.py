@@ -19,7 +19,10 @@ resumes or saves anything, and renews it from a background thread every timeout/
 Object stores have no compare-and-swap that works everywhere (the GCS emulator ignores
 generation preconditions), so acquiring is write, wait `settle_s`, read back: of two jobs
 starting within the same moment the last writer wins and the other sees it is not the
-holder. A renewal re-reads the lease first, so a holder that lost it finds out within
+holder. The two halves can be apart (`claim`, then `confirm`): the wait is then spent on
+read-only work (a resume downloads its checkpoint meanwhile), and `confirm` sleeps only
+what is left of `settle_s`. Nothing may be written, and nothing read handed on, before
+`confirm` returned. A renewal re-reads the lease first, so a holder that lost it finds out within
 timeout/4. Staleness compares the holder's clock with the reader's: clocks must agree to
 well within `timeout_s`.
 """
@@ -86,6 +89,8 @@ class Lease:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._acquired = 0.0
+        self._claimed_at: float | None = None   # monotonic time of claim()'s write
+        self.settle_wait_s = 0.0                 # what confirm() still had to sleep
 
     # -- reading and writing the record --------------------------------------------------
 
@@ -114,6 +119,12 @@ class Lease:
 
     def acquire(self) -> None:
         """Take the lease or raise LeaseHeld; then keep it renewed in the background."""
+        self.claim()
+        self.confirm()
+
+    def claim(self) -> None:
+        """First half of acquire: raise LeaseHeld if another live job holds the lease, else
+        write this job's record. The lease is not ours until `confirm` returned."""
         current = self.read()
         now = time.time()
         if current is not None and current.holder != self.holder:
@@ -132,7 +143,15 @@ class Lease:
                 raise self._refusal(current, now)
         self._acquired = time.time()
         self._write()
-        time.sleep(self.settle_s)   # a job that wrote at the same moment: last writer wins
+        self._claimed_at = time.monotonic()
+
+    def confirm(self) -> None:
+        """Second half of acquire, after `claim`: once `settle_s` has passed since the write
+        (a job that wrote at the same moment: last writer wins), read the lease back; raise
+        LeaseHeld if another job's record replaced ours, else start renewing it."""
+        assert self._claimed_at is not None, "confirm() needs claim() first"
+        self.settle_wait_s = max(0.0, self._claimed_at + self.settle_s - time.monotonic())
+        time.sleep(self.settle_wait_s)
         winner = self.read()
         if winner is None or winner.holder != self.holder:
             if winner is None:

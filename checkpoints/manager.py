@@ -11,9 +11,9 @@ It implements the loop's checkpoint seam (pretrain.train.checkpoint_hook.Checkpo
 and the lower-level calls behind it: `save`, `wait`, `restore`. Every method that touches
 the engine is collective (all ranks, same step): DeepSpeed's save and load are.
 
-Ownership: before it resumes or saves anything, rank 0 takes the lease on the URI
-(checkpoints.lease); another job's live lease refuses this one with a UserError on every
-rank. Failures stop the run at the next save, on every rank together: when
+Ownership: before it saves anything or loads a checkpoint into the engine, rank 0 takes
+the lease on the URI (checkpoints.lease; a resume downloads its checkpoint while the lease
+settles); another job's live lease refuses this one with a UserError on every rank. Failures stop the run at the next save, on every rank together: when
 `max_failed_uploads` checkpoints in a row could not be uploaded, another job took the
 lease over, or the staging disk has no room for the save (checked before anything is
 written: checkpoints.disk_space). Resume tries the checkpoints newest first and loads the
@@ -135,8 +135,8 @@ class CheckpointManager:
         self._uploader: AsyncUploader | None = None
         self._saved: set[int] = set()
         self._resumed_step: int | None = None
-        self._lease: Lease | None = None
-        self._lease_checked = False
+        self._lease: Lease | None = None     # rank 0: claimed, then held (Lease.claim/confirm)
+        self._lease_phase = "none"           # every rank: "none" -> "claimed" -> "done"
 
     # -- identity shared by the ranks of this attempt ------------------------------------
 
@@ -146,26 +146,43 @@ class CheckpointManager:
             self._attempt = _broadcast(f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}")
         return self._attempt
 
-    def _ensure_lease(self) -> None:
-        """Rank 0 takes the lease on the URI (once); every rank raises if it is refused."""
-        if self._lease_checked:
+    def _ensure_lease(self, *, confirm: bool = True) -> None:
+        """Rank 0 takes the lease on the URI (once); every rank raises if it is refused
+        (collective).
+
+        `confirm=False` does only the first half (Lease.claim: a live lease of another job
+        refuses this one at once) and a later call finishes it (Lease.confirm: what is left
+        of the settle time, then the read-back that may still refuse it). `restore` claims,
+        finds and downloads its checkpoint (read-only) while the lease settles, and confirms
+        before anything reaches the engine or is written."""
+        if self._lease_phase == "done":
             return
         attempt = self._attempt_id()
         error = None
-        if self.rank == 0:
-            lease = Lease(self.uri, attempt=attempt, job=self.job,
-                          timeout_s=self.cfg.lease_timeout_s, take_over=self.cfg.take_over_lease)
-            try:
-                lease.acquire()
-                self._lease = lease
-            except LeaseHeld as exc:
-                error = str(exc)
-            if error is None and not storage.is_remote(self.uri):
-                _remove_stale_staging(os.path.join(storage.local_path(self.uri), ".staging"),
-                                      attempt, self.cfg.lease_timeout_s)
-        error = _broadcast(error)
-        self._lease_checked = True
+        if self._lease_phase == "none":
+            if self.rank == 0:
+                self._lease = Lease(self.uri, attempt=attempt, job=self.job,
+                                    timeout_s=self.cfg.lease_timeout_s,
+                                    take_over=self.cfg.take_over_lease)
+                try:
+                    self._lease.claim()
+                except LeaseHeld as exc:
+                    error = str(exc)
+            error = _broadcast(error)
+            self._lease_phase = "claimed"
+        if error is None and confirm:
+            if self.rank == 0:
+                try:
+                    self._lease.confirm()
+                except LeaseHeld as exc:
+                    error = str(exc)
+                if error is None and not storage.is_remote(self.uri):
+                    _remove_stale_staging(os.path.join(storage.local_path(self.uri), ".staging"),
+                                          attempt, self.cfg.lease_timeout_s)
+            error = _broadcast(error)
+            self._lease_phase = "done"
         if error:
+            self._lease_phase, self._lease = "done", None
             raise LeaseHeld(error)
 
     def _check_health(self) -> None:
@@ -378,8 +395,23 @@ class CheckpointManager:
 
     def restore(self, engine, loader=None, info: CheckpointInfo | None = None) -> ResumeState | None:
         """Load a checkpoint into engine (collective): `info`, else checkpoint.resume_from,
-        else the newest one that verifies. Returns None when there is nothing to resume from."""
-        self._ensure_lease()
+        else the newest one that verifies. Returns None when there is nothing to resume from.
+
+        The lease is claimed first and confirmed only once the checkpoint is downloaded
+        (`_load`), so its settle time overlaps the download; a refusal discards what was
+        downloaded and is the error raised, whatever else went wrong meanwhile."""
+        self._ensure_lease(confirm=False)
+        try:
+            state = self._find_and_load(engine, loader, info)
+        except LeaseHeld:
+            raise
+        except Exception:
+            self._ensure_lease()   # no-op once confirmed; a refusal replaces this error
+            raise
+        self._ensure_lease()       # nothing to resume from: the URI is still ours to save to
+        return state
+
+    def _find_and_load(self, engine, loader, info: CheckpointInfo | None) -> ResumeState | None:
         explicit = info is not None or self.cfg.resume_from not in (None, "")
         candidates = None
         if self.rank == 0:
@@ -456,6 +488,16 @@ class CheckpointManager:
             if isinstance(error, Exception):
                 raise error
             raise RuntimeError(f"restoring {info.uri} failed on another rank: {errors[0]}")
+        # Up to here only reads of the URI and local scratch files: the lease has settled
+        # meanwhile. Confirm it before the engine gets anything; refused, the download goes.
+        try:
+            self._ensure_lease()
+        except LeaseHeld:
+            if prefetch is not None:
+                prefetch.clear()
+            if self.local_rank == 0:
+                shutil.rmtree(root, ignore_errors=True)
+            raise
         if convert:
             _restore.load_into_engine(engine, os.path.join(root, f"universal-{step_dir(info.step)}"),
                                       step_dir(info.step), universal=True)
@@ -484,8 +526,8 @@ class CheckpointManager:
     # -- the training loop's seam (pretrain.train.checkpoint_hook.CheckpointHook) -------
 
     def maybe_resume(self, engine, loader) -> tuple[int, dict[str, Any]]:
-        self._ensure_lease()
         if not self.cfg.resume:
+            self._ensure_lease()
             return 0, {}
         state = self.restore(engine, loader)
         if state is None:
