@@ -32,15 +32,33 @@ data-parallel trainer pays (torch DDP included), not the framework's. It is meas
 own, as a bare torch.distributed gloo all-reduce of the model's gradient bytes (fp32, one
 flat buffer, 20.4 MB here) between two fresh processes on the same cores (`allreduce_s`),
 and counted in the ideal too: ideal step time = bare step time + decode CPU per global step
-/ cores + that all-reduce. A split of the step measured once with a two-rank script (gloo,
-1 thread each, this model, synthetic batches, load average 13-20, so seconds inflated ~6x):
-forward + backward + AdamW alone 3.8-3.9 s a step; the same with the flat all-reduce
-5.5-5.7 s, of which the all-reduce call 0.4-1.0 s although alone it takes 0.056 s (the rest
-is waiting for the slower rank at the sync point: on a shared 2-core machine the two ranks
-are descheduled at different moments, and forward/backward/AdamW themselves ran 10-30%
-slower beside the other rank); the DeepSpeed ZeRO-2 engine's forward/backward/step 5.13 s,
-no more than that plain torch loop. So what the system loses beyond the ideal is two ranks
-keeping in step on shared cores, which a DDP loop loses as well, not engine overhead.
+/ cores + that all-reduce.
+
+Where the system's step goes beyond the ideal (2026-11-30, 2 cores, load average 2-4 from
+other work, so each figure +-10%; a temporary two-rank script with gloo, 1 thread, this
+model and pre-decoded batches, and a timed copy of the trainer's loop under the real system):
+- Compute alone: the bare step above is ~0.38 s of CPU per rank. Two such ranks side by side
+  in a plain torch DDP-style loop (forward, backward, one flat gloo all-reduce, clip, AdamW)
+  take 0.44-0.52 s a step with 0.41-0.47 s of CPU each: the second busy core slows the first
+  (shared caches and memory bandwidth), which the one-core bare rate does not see.
+- DeepSpeed ZeRO-2 instead of that loop: 0.52-0.54 s a step, 0.44-0.47 s of CPU per rank
+  (forward equal; backward +0.05-0.07 s of CPU: its per-parameter gradient hooks, copies into
+  the reduce bucket and the partitioned reduces; its optimizer steps half the parameters, so
+  the step itself costs no more). Its reduce bucket was allocated afresh, 200 MB, at every
+  backward: 6,000 page faults and ~45 ms of kernel time per rank and step; sized to the model
+  now (pretrain/train/engine.py), 200-1,700 faults and ~30 ms.
+- The system (Ray Train, loader, MLflow, hooks): 0.68-0.70 s a step; each rank's training
+  thread computes 0.51 s of it (forward 0.14, backward 0.31, step 0.04, next batch 0.006-0.009
+  CPU / 0.012-0.015 wall, log point, checkpoint trigger, preemption poll and stop check
+  together 0.002 CPU / 0.006 wall) and is off the CPU or waiting for the other rank the rest. Per-process CPU over the steady
+  windows (/proc, 13 windows of 5 s): the two ranks 1.57 cores (their gloo threads 0.07),
+  decode workers 0.05, Ray's own processes 0.26 (PreemptionWatcher 0.04, DatasetManager
+  0.03, raylet, GCS, dashboard and agents ~0.12, the controller, the driver's sink actor,
+  the placement-group cleaner, synchronisation and autoscaling actors ~0.01-0.02 each),
+  the kernel's kdamond 0.03. Ray's standing processes alone are 13% of this 2-core machine
+  (under 2% of a 16-core node): with them the ratio cannot pass ~0.87 here whatever the loop
+  does. The stop request from the driver was one actor call per step and rank; it is asked
+  once a second now (pretrain/train/worker.py).
 
 The loader is sized as `pretrain plan` sizes it: decode cores per rank = the clips/s a rank
 trains (the bare rate / ranks) / clips decoded per second per core (data.num_workers = that,

@@ -91,7 +91,10 @@ def micro_batch_size(cfg: ExperimentConfig) -> int:
     return cfg.data.batch_size
 
 
-def deepspeed_config(cfg: ExperimentConfig, world_size: int) -> dict[str, Any]:
+def deepspeed_config(cfg: ExperimentConfig, world_size: int,
+                     trainable_elements: int | None = None) -> dict[str, Any]:
+    """The DeepSpeed config of `cfg` on `world_size` ranks. `trainable_elements` (the
+    model's trainable parameter count, when known) caps the ZeRO-1/2 buckets; see below."""
     t = cfg.train
     mbs = micro_batch_size(cfg)
     # elastic workers: fewer ranks split their larger share into more micro-batches
@@ -113,9 +116,19 @@ def deepspeed_config(cfg: ExperimentConfig, world_size: int) -> dict[str, Any]:
         },
     }
     if t.zero_stage in (1, 2):
+        # ZeRO-1/2 allocate the reduce bucket afresh (torch.empty of the whole bucket size)
+        # at every backward. A bucket larger than the model buys nothing (the gradients
+        # still go out in one reduce) but costs a fresh allocation above glibc's 32 MB mmap
+        # ceiling at every step, paid in page faults when the gradients are copied in: with
+        # the 5e7-element default and a 5.1e6-parameter model, 6,000 minor faults and ~45 ms
+        # of kernel time per step and rank on a CPU worker; capped, ~200-1,700 and ~30 ms
+        # (benchmarks/step_overhead.py's model). Same reduces, same results.
+        bucket = t.zero_bucket_elements
+        if trainable_elements:
+            bucket = min(bucket, trainable_elements)
         ds["zero_optimization"].update({"overlap_comm": False, "contiguous_gradients": True,
-                                        "reduce_scatter": True,
-                                        "allgather_bucket_size": t.zero_bucket_elements})
+                                        "reduce_scatter": True, "reduce_bucket_size": bucket,
+                                        "allgather_bucket_size": bucket})
     if t.zero_stage == 3:
         ds["zero_optimization"].update({
             "overlap_comm": False,
@@ -191,9 +204,10 @@ def build_engine(model: torch.nn.Module, cfg: ExperimentConfig, world_size: int)
                                 fused_cpu_adam=offload_on_gpu, layer_decay=t.layer_decay)
     scheduler = build_scheduler(optimizer, lr=t.lr, min_lr=t.min_lr,
                                 warmup_steps=t.warmup_steps, total_steps=t.steps)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
-        config=deepspeed_config(cfg, world_size), dist_init_required=False)
+        config=deepspeed_config(cfg, world_size, trainable), dist_init_required=False)
     gather_with_all_gather_single()
     return engine, optimizer, scheduler
 

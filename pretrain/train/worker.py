@@ -53,6 +53,27 @@ from pretrain.train.tracking import NullLogger, Tracking, open_tracking
 
 Report = Callable[[dict[str, Any]], None]
 SUPERVISED = Supervised()
+# Seconds between asks of an external stop request (`should_stop`; under Ray the driver's
+# flag, one actor call per ask). Every step asked it, ~1.5 actor calls a second per rank on
+# the step_overhead model, each paid in the rank, the driver's sink actor and Ray's
+# processes on the cores the ranks compute on; a stop asked for is seen within this long
+# (the ranks still agree on the stop step every step, pretrain/train/preempt.py).
+STOP_POLL_S = 1.0
+
+
+def at_most_every(seconds: float, ask: Callable[[], bool] | None) -> Callable[[], bool] | None:
+    """`ask`, called at most once per `seconds`; in between, its last answer (a True stays
+    True)."""
+    if ask is None:
+        return None
+    last = {"t": float("-inf"), "answer": False}
+
+    def throttled() -> bool:
+        now = time.monotonic()
+        if not last["answer"] and now - last["t"] >= seconds:
+            last["t"], last["answer"] = now, bool(ask())
+        return last["answer"]
+    return throttled
 
 
 def init_distributed(cfg: ExperimentConfig) -> tuple[int, int]:
@@ -231,7 +252,8 @@ class Trainer:
         if self.start_step and self.rank == 0:
             print(f"resumed from {self.hook.last_committed} at step {self.start_step}",
                   file=sys.stderr, flush=True)
-        self.stopper = StopAgreement(self.world, self.should_stop, cfg.checkpoint.stop_after_step)
+        self.stopper = StopAgreement(self.world, at_most_every(STOP_POLL_S, self.should_stop),
+                                     cfg.checkpoint.stop_after_step)
 
         self.tracking = open_tracking(cfg, self.rank, extra.get("mlflow_run_id"))
         if self.tracking.commit_gate:   # a checkpoint commits after its steps' metrics
