@@ -30,11 +30,19 @@ end. One CPU rank, ZeRO-2, fp32, DeepSpeed engine with AdamW. Figures:
   the raw read does not).
 - step_s_idle / step_s_during_upload: training-step time with nothing in flight (the
   --steps-between steps before each save) and while an upload runs (every step until it
-  committed); upload_slowdown = their ratio (goal <= 1.25).
+  committed); upload_slowdown = their ratio (goal <= 1.25). The upload runs at background
+  priority (nice 19), so on a machine whose cores the training keeps busy it takes
+  longer and spans more steps, each slowed less: step_s_lost_per_upload (the steps' extra
+  time, summed over an upload) is the total a checkpoint costs the training, and
+  upload_window_s how long the uploads took.
+- Where the CPU goes while the uploads run (cpu_s_during_uploads, and per GB uploaded):
+  this process's threads sampled from /proc (training; our serialise_hash and http_client
+  threads, upload_cpu_s_per_GB their sum) and the emulator's process.
 
-The emulator is a Python process on the same machine: its CPU time counts against the
-training steps and bounds every transfer, so on a 2-core machine shared with other work
-repeat the run and read the spread.
+The emulator is a Python process on the same machine, standing in for remote storage: a
+user does not pay its CPU, so it runs at the lowest priority (nice 19) and its CPU is
+reported apart; it still competes for the 2 cores and bounds every transfer, so on a
+machine shared with other work repeat the run and read the spread.
 """
 from __future__ import annotations
 
@@ -60,10 +68,11 @@ from tests.fixtures.net import free_port  # noqa: E402
 def start_emulator() -> tuple[subprocess.Popen, str]:
     port = free_port()
     exe = shutil.which("gcp-storage-emulator", path=os.path.dirname(sys.executable)) or "gcp-storage-emulator"
-    # At the lowest CPU priority: it stands in for a remote server, whose CPU a user does not
-    # pay; what it uses is reported apart (cpu_s_during_uploads["emulator"]).
-    proc = subprocess.Popen(["nice", "-n", "19", exe, "start", "--host=127.0.0.1", f"--port={port}",
-                             "--in-memory"],
+    # At the lowest CPU priority (nice 19, as our upload threads): it stands in for a
+    # remote server, whose CPU a user does not pay; what it uses is reported apart
+    # (cpu_s_during_uploads["emulator"]).
+    proc = subprocess.Popen(["nice", "-n", "19", exe, "start", "--host=127.0.0.1",
+                             f"--port={port}", "--in-memory"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
@@ -103,14 +112,19 @@ class CpuSampler:
     A thread's CPU time is only readable while it lives (/proc/self/task/TID/stat), and an
     upload thread ends with its upload, so each thread's last sample is kept: what a
     thread spends after its last sample (< interval) is missed. Groups: "training" (the
-    main thread and the threads Python does not know: torch's intra-op pool), "checkpoint"
-    (our ckpt-* threads: serialising, hashing, the upload workers, the lease), "http_client"
-    (fsspec's event-loop thread, where gcsfs/aiohttp send the bytes), "other"."""
+    main thread and the threads Python does not know: torch's intra-op pool); ours, all at
+    background priority: "serialise_hash" (ckpt-upload-N: torch.save of the snapshot with
+    sha256 + crc32c on the way), "file_workers" (ckpt-file: reading the staged files for the
+    HTTP client), "http_client" (ckpt-http, and fsspec's shared loop: gcsfs/aiohttp sending
+    the bytes); "other" (the lease, ...); and "emulator", the storage server's process."""
+
+    GROUPS = {"ckpt-upload": "serialise_hash", "ckpt-file": "file_workers",
+              "ckpt-http": "http_client", "fsspecIO": "http_client"}
 
     def __init__(self, emulator_pid: int, interval: float = 0.05):
         self.emulator_pid, self.interval = emulator_pid, interval
-        self.cpu = {"training": 0.0, "checkpoint": 0.0, "http_client": 0.0, "other": 0.0,
-                    "emulator": 0.0}
+        self.cpu = {"training": 0.0, "serialise_hash": 0.0, "file_workers": 0.0,
+                    "http_client": 0.0, "other": 0.0, "emulator": 0.0}
         self.window_s = 0.0
         self._stop = threading.Event()
 
@@ -118,9 +132,7 @@ class CpuSampler:
         name = names.get(tid)
         if name is None or tid == threading.main_thread().native_id:
             return "training"
-        if name.startswith("ckpt-"):
-            return "checkpoint"
-        return "http_client" if name == "fsspecIO" else "other"
+        return next((g for prefix, g in self.GROUPS.items() if name.startswith(prefix)), "other")
 
     def _sample(self) -> dict[int, tuple[str, float]]:
         names = {t.native_id: t.name for t in threading.enumerate()}
@@ -329,10 +341,14 @@ def run(args, tmp: str, emulator_pid: int) -> dict:
         "step_s_idle": round(mean(idle), 4), "step_s_during_upload": round(mean(during), 4),
         "steps_during_upload": len(during),
         "upload_slowdown": round(mean(during) / mean(idle), 3),
+        "step_s_lost_per_upload": round((mean(during) - mean(idle)) * len(during) / args.checkpoints, 2),
         "upload_window_s": round(sampler.window_s, 2),
         "cpu_s_during_uploads": {k: round(v, 2) for k, v in sampler.cpu.items()},
         "cpu_s_per_GB_uploaded": {k: round(v / (nbytes * args.checkpoints / 1e9), 2)
                                   for k, v in sampler.cpu.items() if k != "training"},
+        "upload_cpu_s_per_GB": round(sum(v for k, v in sampler.cpu.items()
+                                         if k not in ("training", "emulator"))
+                                     / (nbytes * args.checkpoints / 1e9), 2),
         "restore_rounds": rounds,
         "restore_vs_raw": round(mean([r["restore_vs_raw"] for r in rounds]), 3),
         "raw_read_MBps": round(nbytes / raw_s / 1e6, 1),
