@@ -13,7 +13,8 @@ the engine is collective (all ranks, same step): DeepSpeed's save and load are.
 
 Ownership: before it saves anything or loads a checkpoint into the engine, rank 0 takes
 the lease on the URI (checkpoints.lease; a resume downloads its checkpoint while the lease
-settles); another job's live lease refuses this one with a UserError on every rank. Failures stop the run at the next save, on every rank together: when
+settles); another job's live lease refuses this one with a UserError on every rank.
+Failures stop the run at the next save, on every rank together: when
 `max_failed_uploads` checkpoints in a row could not be uploaded, another job took the
 lease over, or the staging disk has no room for the save (checked before anything is
 written: checkpoints.disk_space). Resume tries the checkpoints newest first and loads the
