@@ -16,8 +16,12 @@ def cfg(**train):
 def test_zero2_buckets_capped_at_the_model_size():
     # a bucket above the model only made DeepSpeed allocate (and page-fault) it every step
     z2 = deepspeed_config(cfg(zero_stage=2, zero_bucket_elements=50_000_000), 2, 5_100_000)
-    assert z2["zero_optimization"]["reduce_bucket_size"] == 5_100_000
-    assert z2["zero_optimization"]["allgather_bucket_size"] == 5_100_000
+    assert z2["zero_optimization"]["reduce_bucket_size"] == 5_100_032      # 256-aligned
+    assert z2["zero_optimization"]["allgather_bucket_size"] == 5_100_032
+    # an odd parameter count: DeepSpeed asserts the all-gather bucket is even
+    odd = deepspeed_config(cfg(zero_stage=2, zero_bucket_elements=50_000_000), 2, 12_345)
+    assert odd["zero_optimization"]["allgather_bucket_size"] % 2 == 0
+    assert 12_345 <= odd["zero_optimization"]["allgather_bucket_size"] < 12_345 + 256
     big = deepspeed_config(cfg(zero_stage=1, zero_bucket_elements=2_000_000), 2, 5_100_000)
     assert big["zero_optimization"]["reduce_bucket_size"] == 2_000_000
     # unknown model size (and ZeRO-3, whose buckets bound its gathers): the configured size

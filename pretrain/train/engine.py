@@ -91,6 +91,11 @@ def micro_batch_size(cfg: ExperimentConfig) -> int:
     return cfg.data.batch_size
 
 
+# Alignment of a bucket capped at the model's size (see deepspeed_config): DeepSpeed's ZeRO-1/2
+# asserts allgather_bucket_size % 2 == 0 (its nccl_start_alignment_factor); 256 keeps it so.
+BUCKET_ALIGN = 256
+
+
 def deepspeed_config(cfg: ExperimentConfig, world_size: int,
                      trainable_elements: int | None = None) -> dict[str, Any]:
     """The DeepSpeed config of `cfg` on `world_size` ranks. `trainable_elements` (the
@@ -123,9 +128,11 @@ def deepspeed_config(cfg: ExperimentConfig, world_size: int,
         # the 5e7-element default and a 5.1e6-parameter model, 6,000 minor faults and ~45 ms
         # of kernel time per step and rank on a CPU worker; capped, ~200-1,700 and ~30 ms
         # (benchmarks/step_overhead.py's model). Same reduces, same results.
+        # Rounded up to a multiple of BUCKET_ALIGN: ZeRO-1/2 asserts the all-gather bucket
+        # is a multiple of its alignment factor (2 elements), and a model's count may be odd.
         bucket = t.zero_bucket_elements
         if trainable_elements:
-            bucket = min(bucket, trainable_elements)
+            bucket = min(bucket, -(-trainable_elements // BUCKET_ALIGN) * BUCKET_ALIGN)
         ds["zero_optimization"].update({"overlap_comm": False, "contiguous_gradients": True,
                                         "reduce_scatter": True, "reduce_bucket_size": bucket,
                                         "allgather_bucket_size": bucket})
