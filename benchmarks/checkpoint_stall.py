@@ -40,9 +40,14 @@ end. One CPU rank, ZeRO-2, fp32, DeepSpeed engine with AdamW. Figures:
   threads, upload_cpu_s_per_GB their sum) and the emulator's process.
 
 The emulator is a Python process on the same machine, standing in for remote storage: a
-user does not pay its CPU, so it runs at the lowest priority (nice 19) and its CPU is
-reported apart; it still competes for the 2 cores and bounds every transfer, so on a
-machine shared with other work repeat the run and read the spread.
+user does not pay its CPU, so while the training runs it is at the lowest priority (nice 19,
+and its scheduling group too: with Linux's autogroup a nice value alone weighs a thread
+only against its own session's, so before 2026-11-30 the emulator competed with the
+training as an equal; emulator_group_nice_during_uploads says what was set) and its CPU is
+reported apart; for the synchronous saves and the restore it gets an equal share, as a
+server with a core of its own. It still bounds every transfer (at the lowest priority an
+upload spans more steps: upload_window_s), so on a machine shared with other work repeat
+the run and read the spread.
 """
 from __future__ import annotations
 
@@ -84,6 +89,23 @@ def start_emulator() -> tuple[subprocess.Popen, str]:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("GCS emulator did not start")
             time.sleep(0.25)
+
+
+def set_group_nice(pid: int, nice: int) -> bool:
+    """Set the CPU weight of the scheduling group (autogroup) process `pid` leads.
+
+    Linux with autogroup (/proc/sys/kernel/sched_autogroup_enabled) schedules each session
+    as one group: a nice value weighs a thread only against threads of its own session. The
+    emulator runs in a session of its own (start_new_session, so that it can be stopped as
+    a group), so its `nice -n 19` alone left it competing with the training process as an
+    equal. Writing the group's nice is what puts it at the lowest priority (raising it back
+    needs CAP_SYS_NICE). False where there is no autogroup or it may not be changed."""
+    try:
+        with open(f"/proc/{pid}/autogroup", "w") as f:
+            f.write(str(nice))
+        return True
+    except OSError:
+        return False
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -253,6 +275,11 @@ def run(args, tmp: str, emulator_pid: int) -> dict:
     blocked, during, idle, in_flight_at_save = [], [], [], []
     sampler = CpuSampler(emulator_pid)    # from each save until its upload committed
     n = 0
+    # While training runs, the store's CPU is not the user's (on real hardware it is another
+    # machine's): the emulator's whole scheduling group at the lowest priority, so it takes
+    # only what the training leaves, as our upload threads do. Back to an equal share for
+    # the synchronous saves and the restore, whose speed is the store's speed.
+    group_nice = 19 if set_group_nice(emulator_pid, 19) else None
     for _ in range(args.checkpoints):
         idle += [step() for _ in range(args.steps_between)]
         n += 1
@@ -265,6 +292,8 @@ def run(args, tmp: str, emulator_pid: int) -> dict:
             during.append(step())
         sampler.stop()
     mgr.wait()
+    if group_nice is not None and not set_group_nice(emulator_pid, 0):
+        group_nice = "19 for the whole run (could not be raised back)"
 
     # Synchronous: the same save, then wait for its upload and commit before going on.
     sync = []
@@ -343,6 +372,7 @@ def run(args, tmp: str, emulator_pid: int) -> dict:
         "upload_slowdown": round(mean(during) / mean(idle), 3),
         "step_s_lost_per_upload": round((mean(during) - mean(idle)) * len(during) / args.checkpoints, 2),
         "upload_window_s": round(sampler.window_s, 2),
+        "emulator_group_nice_during_uploads": group_nice,
         "cpu_s_during_uploads": {k: round(v, 2) for k, v in sampler.cpu.items()},
         "cpu_s_per_GB_uploaded": {k: round(v / (nbytes * args.checkpoints / 1e9), 2)
                                   for k, v in sampler.cpu.items() if k != "training"},
