@@ -1,14 +1,15 @@
 """Does masked pretraining help? smoke.yaml fine-tuned from smoke-masked.yaml's export vs
 smoke.yaml from scratch, with the same fine-tuning step budget (issue 12 §8).
 
-    python benchmarks/masked_finetune.py [--pretrain-steps 800] [--finetune-steps 300] [--json]
+    python benchmarks/masked_finetune.py [--pretrain-steps N] [--finetune-steps 300] [--json]
         [--pretrain-set masked.scheme=random ...]
 
 Three training runs, each `python -m pretrain.train.launch` with 2 CPU ranks (the standalone
 path of the same trainer `pretrain run` drives through Ray; its store listens on 127.0.0.1
 only, where torchrun's would listen on every interface):
 
-1. configs/smoke-masked.yaml for --pretrain-steps (masked autoencoding, kNN monitor);
+1. configs/smoke-masked.yaml for --pretrain-steps (default: the config's train.steps;
+   masked autoencoding, kNN monitor);
    its last checkpoint is exported (checkpoints.export) to a model file;
 2. configs/smoke.yaml for --finetune-steps with model.init_from=<that file> (the encoder;
    the decoder is dropped, new heads) and train.layer_decay (--layer-decay, default 1.0: no
@@ -66,7 +67,8 @@ class Training:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pretrain-steps", type=int, default=800)
+    parser.add_argument("--pretrain-steps", type=int, default=None,
+                        help="masked steps (default: configs/smoke-masked.yaml's train.steps)")
     # 300 fine-tuning steps: smoke.yaml from scratch saturates by its own 600 (video 1.0,
     # image 0.93), where no initialisation can show a difference.
     parser.add_argument("--finetune-steps", type=int, default=300)
@@ -95,6 +97,8 @@ def main() -> int:
     common = [f"resources.workers={args.workers}", "train.progress_every_s=60",
               f"tracking.tracking_uri=sqlite:///{root}/mlflow.db"]
 
+    if args.pretrain_steps is None:
+        args.pretrain_steps = load_config(ROOT / "configs" / "smoke-masked.yaml").train.steps
     masked = Training("smoke-masked.yaml", [f"train.steps={args.pretrain_steps}",
                                             f"checkpoint.uri={root}/masked/ckpt",
                                             f"checkpoint.every_steps={args.pretrain_steps}",
