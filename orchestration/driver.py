@@ -6,10 +6,10 @@
   (dashboard on loopback, short temp dir: Ray's socket paths must stay under ~100 bytes).
 - MLflow: the driver checks the server first (one short probe: an unusable server is a
   UserError within seconds, or the local fallback with tracking.required=false), creates
-  the job's one run and logs the resolved config (params + config.yaml) before any worker
-  starts; the run id goes to the workers in the config, so restarts of the worker group
-  (FailureConfig) keep logging into the same run. Any failure once the run exists, Ray's
-  own start included, ends it FAILED.
+  the job's one run and logs the resolved config (params + config.yaml) while Ray starts,
+  before any worker starts; the run id goes to the workers in the config, so restarts of
+  the worker group (FailureConfig) keep logging into the same run. Any failure once the run
+  exists, Ray's own start included, ends it FAILED.
 - Process group: Ray Train's, except that rank 0's rendezvous store listens on loopback on
   one node and on its cluster address on several (orchestration/process_group.py).
 - Progress: rank 0 sends its log-point figures to a zero-CPU sink actor (fire-and-forget,
@@ -170,12 +170,17 @@ def init_ray(cfg: ExperimentConfig) -> bool:
     need = cfg.resources.max_workers * cfg.resources.cpus_per_worker
     # The dashboard (loopback only) also serves the state API, which Ray Train V2's
     # placement-group cleaner polls; without it the console fills with its warnings.
+    # No prestarted workers: Ray would start one idle worker process per CPU for this
+    # driver, which none of ours uses (the training workers and Ray Train's actors ask for
+    # their own runtime_env or come later, and get new processes); each costs ~1 CPU-s
+    # while the job's own processes start on the same cores.
     ray.init(
         address="local", include_dashboard=True, dashboard_host="127.0.0.1",
         dashboard_port=None, _node_ip_address="127.0.0.1",
         _temp_dir=temp, num_cpus=max(int(need + 0.999), os.cpu_count() or 1),
         num_gpus=None if cfg.resources.use_gpu else 0,
         runtime_env=runtime_env, log_to_driver=True, configure_logging=False,
+        _system_config={"prestart_worker_first_driver": False},
     )
     return True
 
@@ -190,8 +195,6 @@ def run_job(cfg: ExperimentConfig, config_name: str = "run",
     run tags (`pretrain submit --tag`); `on_console`: gets the lines our code in the workers
     prints or logs (rank 0's as they are, others' as "[rank N] ...")."""
     import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     # Before anything starts: the resume point (a mismatch is a UserError) and the MLflow
     # server (unreachable: a UserError within ~30 s, or the local fallback). SIGTERM still has
@@ -201,13 +204,12 @@ def run_job(cfg: ExperimentConfig, config_name: str = "run",
     if cfg.tracking.enabled:
         tracking_uri = usable_tracking_uri(cfg.tracking)
         cfg.tracking.tracking_uri = tracking_uri
-        if resume is not None and not cfg.tracking.run_id:
-            cfg.tracking.run_id = _continued_run(resume, tracking_uri)
-        cfg.tracking.run_id = start_run(cfg, tracking_uri, run_name=config_name, tags=tags)
-    if resume is not None:
-        print(f"resuming from {resume.uri} (step {resume.step}"
-              + (f", MLflow run {cfg.tracking.run_id}" if cfg.tracking.run_id else "") + ")",
-              file=sys.stderr, flush=True)
+    # While Ray starts (ray.init mostly waits for the processes it starts: its dashboard,
+    # then its raylet), a thread creates the MLflow run and logs the config (MLflow's import
+    # and a new sqlite store's migrations: ~4 CPU-s), then imports Ray Train (~2 CPU-s).
+    # One thread, in that order: two threads importing the same packages at once can make
+    # Python's import locks report a false deadlock. Both are done before any worker starts.
+    before_workers = _InThread(_before_workers, cfg, resume, tracking_uri, config_name, tags)
     term = threading.Event()
     previous = _on_sigterm(term)
     ray_before = ray.is_initialized()
@@ -217,8 +219,19 @@ def run_job(cfg: ExperimentConfig, config_name: str = "run",
     poller: threading.Thread | None = None
     # Everything from here on, Ray's start included, ends the MLflow run in `finally`.
     try:
-        init_ray(cfg)
+        try:
+            init_ray(cfg)
+        finally:
+            before_workers.join()   # the run exists (or failed) before anything goes on
+        before_workers.result()   # its failure is this job's, as before Ray started
+        if resume is not None:
+            print(f"resuming from {resume.uri} (step {resume.step}"
+                  + (f", MLflow run {cfg.tracking.run_id}" if cfg.tracking.run_id else "") + ")",
+                  file=sys.stderr, flush=True)
         _on_sigterm(term)   # ray.init replaces the SIGTERM handler with its own
+        from ray.train import FailureConfig, RunConfig, ScalingConfig
+        from ray.train.torch import TorchTrainer
+
         # On the driver's node: the sink must outlive any worker node (a lost node, an
         # elastic shrink), and it dies with the driver's node only when the job does too.
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -302,6 +315,41 @@ def run_job(cfg: ExperimentConfig, config_name: str = "run",
     if counts["notices"]:   # all of the job's, not only those of the last group's rank 0
         summary["preemption_notices"] = counts["notices"]
     return summary
+
+
+def _before_workers(cfg: ExperimentConfig, resume, tracking_uri: str | None, config_name: str,
+                    tags: dict[str, str] | None) -> None:
+    """The job's MLflow run when tracking is on (continued from the resume point's, when this
+    server has it; its id goes into cfg.tracking.run_id), then Ray Train's modules imported."""
+    if cfg.tracking.enabled:
+        if resume is not None and not cfg.tracking.run_id:
+            cfg.tracking.run_id = _continued_run(resume, tracking_uri)
+        cfg.tracking.run_id = start_run(cfg, tracking_uri, run_name=config_name, tags=tags)
+    import ray.train.torch  # noqa: F401  (run_job's imports of it are then instant)
+
+
+class _InThread:
+    """fn(*args) in a thread of its own; result() re-raises what it raised."""
+
+    def __init__(self, fn: Callable[..., Any], *args: Any):
+        self.error: BaseException | None = None
+
+        def run() -> None:
+            try:
+                fn(*args)
+            except BaseException as exc:  # handed to result()
+                self.error = exc
+
+        self.thread = threading.Thread(target=run, name=fn.__name__, daemon=True)
+        self.thread.start()
+
+    def join(self) -> None:
+        self.thread.join()
+
+    def result(self) -> None:
+        self.join()
+        if self.error is not None:
+            raise self.error
 
 
 def _count(item: dict, counts: dict) -> None:
