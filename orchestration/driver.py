@@ -50,6 +50,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any, Callable
 
 from orchestration import ray_env
@@ -209,7 +210,9 @@ def run_job(cfg: ExperimentConfig, config_name: str = "run",
     # and a new sqlite store's migrations: ~4 CPU-s), then imports Ray Train (~2 CPU-s).
     # One thread, in that order: two threads importing the same packages at once can make
     # Python's import locks report a false deadlock. Both are done before any worker starts.
-    before_workers = _InThread(_before_workers, cfg, resume, tracking_uri, config_name, tags)
+    pool = ThreadPoolExecutor(1, thread_name_prefix="before-workers")
+    before_workers = pool.submit(_before_workers, cfg, resume, tracking_uri, config_name, tags)
+    pool.shutdown(wait=False)   # the thread ends with its one task
     term = threading.Event()
     previous = _on_sigterm(term)
     ray_before = ray.is_initialized()
@@ -222,8 +225,8 @@ def run_job(cfg: ExperimentConfig, config_name: str = "run",
         try:
             init_ray(cfg)
         finally:
-            before_workers.join()   # the run exists (or failed) before anything goes on
-        before_workers.result()   # its failure is this job's, as before Ray started
+            wait([before_workers])   # the run exists (or failed) before anything goes on
+        before_workers.result()   # re-raises its failure: this job's, as before Ray started
         if resume is not None:
             print(f"resuming from {resume.uri} (step {resume.step}"
                   + (f", MLflow run {cfg.tracking.run_id}" if cfg.tracking.run_id else "") + ")",
@@ -326,30 +329,6 @@ def _before_workers(cfg: ExperimentConfig, resume, tracking_uri: str | None, con
             cfg.tracking.run_id = _continued_run(resume, tracking_uri)
         cfg.tracking.run_id = start_run(cfg, tracking_uri, run_name=config_name, tags=tags)
     import ray.train.torch  # noqa: F401  (run_job's imports of it are then instant)
-
-
-class _InThread:
-    """fn(*args) in a thread of its own; result() re-raises what it raised."""
-
-    def __init__(self, fn: Callable[..., Any], *args: Any):
-        self.error: BaseException | None = None
-
-        def run() -> None:
-            try:
-                fn(*args)
-            except BaseException as exc:  # handed to result()
-                self.error = exc
-
-        self.thread = threading.Thread(target=run, name=fn.__name__, daemon=True)
-        self.thread.start()
-
-    def join(self) -> None:
-        self.thread.join()
-
-    def result(self) -> None:
-        self.join()
-        if self.error is not None:
-            raise self.error
 
 
 def _count(item: dict, counts: dict) -> None:

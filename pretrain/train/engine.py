@@ -91,9 +91,7 @@ def micro_batch_size(cfg: ExperimentConfig) -> int:
     return cfg.data.batch_size
 
 
-# Alignment of a bucket capped at the model's size (see deepspeed_config): DeepSpeed's ZeRO-1/2
-# asserts allgather_bucket_size % 2 == 0 (its nccl_start_alignment_factor); 256 keeps it so.
-BUCKET_ALIGN = 256
+BUCKET_ALIGN = 256   # a bucket capped at the model's size is a multiple of this (deepspeed_config)
 
 
 def deepspeed_config(cfg: ExperimentConfig, world_size: int,
