@@ -216,7 +216,6 @@ def run(args, tmp: str, emulator_pid: int) -> dict:
     import logging
 
     import deepspeed
-    import gcsfs
     import torch
     import torch.distributed as dist
 
@@ -228,7 +227,7 @@ def run(args, tmp: str, emulator_pid: int) -> dict:
     from pretrain.model import create_model
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    fs = gcsfs.GCSFileSystem(token="anon", endpoint_url=os.environ["STORAGE_EMULATOR_HOST"], project="bench")
+    fs = storage.emulator_filesystem(os.environ["STORAGE_EMULATOR_HOST"], project="bench")
     fs.mkdir("bench")
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
                       LOCAL_RANK="0")

@@ -339,9 +339,9 @@ def remote_first_epoch(local: str, tmp: str, args, n: int) -> tuple[float, float
     if proc is None:
         return local_rate, None
     try:
-        import gcsfs
+        from pretrain import storage
 
-        fs = gcsfs.GCSFileSystem(token="anon", endpoint_url=url, project="bench")
+        fs = storage.emulator_filesystem(url, project="bench")
         fs.mkdir("bench")
         for name in os.listdir(local):
             fs.put(os.path.join(local, name), f"bench/shards/{name}")

@@ -71,10 +71,10 @@ class Bench:
         return path
 
     def bucket(self) -> str:
-        import gcsfs
+        from pretrain import storage
 
         name = f"faults-{uuid.uuid4().hex[:8]}"
-        fs = gcsfs.GCSFileSystem(token="anon", endpoint_url=self.gcs_url, project="test")
+        fs = storage.emulator_filesystem(self.gcs_url, project="test")
         fs.mkdir(name)
         return f"gs://{name}"
 

@@ -165,21 +165,33 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     if not is_remote(uri):
         return fsspec.filesystem("file"), local_path(uri)
     protocol = uri.split("://", 1)[0]
-    kwargs = {}
-    if protocol in ("gs", "gcs"):
-        emulator = os.environ.get("STORAGE_EMULATOR_HOST")
-        if emulator:
-            if not emulator.startswith("http"):
-                emulator = "http://" + emulator
-            kwargs = {"token": "anon", "endpoint_url": emulator, "project": "emulator"}
     try:
-        fs = fsspec.filesystem(protocol, **kwargs)
+        emulator = os.environ.get("STORAGE_EMULATOR_HOST")
+        if protocol in ("gs", "gcs") and emulator:
+            fs = emulator_filesystem(emulator)
+        else:
+            fs = fsspec.filesystem(protocol)
     except (ImportError, ValueError) as exc:
         raise UserError(f"storage URI '{uri}' uses protocol '{protocol}', which fsspec cannot open "
                         f"here ({exc}); use a local path, file://, gs:// or another installed "
                         "fsspec protocol") from None
     path = fs._strip_protocol(uri)
     return fs, path.rstrip("/") or path
+
+
+def emulator_filesystem(url: str, project: str = "emulator") -> fsspec.AbstractFileSystem:
+    """gcsfs on a GCS emulator at `url` (anonymous: the emulator needs no credentials).
+
+    gcsfs's JSON-API client itself, not the class fsspec registers for gs://: since gcsfs
+    2026.x that is ExtendedGcsFileSystem, which asks Google's gRPC storage-control API for
+    each bucket's layout (zonal, hierarchical) before using it. An emulator serves the JSON
+    API only, so every such lookup ran into its 30-60 s timeout, and a failed lookup is not
+    cached: every operation paid it again."""
+    from gcsfs.core import GCSFileSystem
+
+    if not url.startswith("http"):
+        url = "http://" + url
+    return GCSFileSystem(token="anon", endpoint_url=url, project=project)
 
 
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:

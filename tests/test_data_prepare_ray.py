@@ -13,6 +13,7 @@ import subprocess
 import pytest
 
 from orchestration.cli import main as cli
+from pretrain import storage
 from pretrain.data import shards
 from tests.fixtures.media import write_manifest
 from tests.fixtures.ray_nodes import ray_cluster
@@ -46,8 +47,6 @@ def _prepare(args: list[str], env: dict) -> tuple[dict, str]:
 @pytest.mark.slow
 def test_prepare_on_ray_equals_local_to_a_folder_and_to_gcs(media_dir, gcs_bucket, tmp_path,
                                                            capsys):
-    import gcsfs
-
     broken = media_dir["broken"]
     rows = (media_dir["videos"][:6] + [(broken["corrupt"], "left"), (broken["missing"], "up")]
             + [(media_dir["videos"][6][0], "")])               # one unlabelled input
@@ -78,7 +77,7 @@ def test_prepare_on_ray_equals_local_to_a_folder_and_to_gcs(media_dir, gcs_bucke
         resumed, _ = _prepare(ray_args + ["--out", on_ray, "--no-progress"], env)
         assert resumed["chunks"] == {"total": 5, "reused": 4}
 
-    fs = gcsfs.GCSFileSystem(token="anon", endpoint_url=os.environ["STORAGE_EMULATOR_HOST"])
+    fs = storage.emulator_filesystem(os.environ["STORAGE_EMULATOR_HOST"])
     from_gcs = str(tmp_path / "from-gcs")
     fs.get(remote.removeprefix("gs://") + "/", from_gcs, recursive=True)
     for report, folder in ((got, on_ray), (got_gcs, from_gcs), (resumed, on_ray)):

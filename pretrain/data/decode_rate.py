@@ -82,5 +82,5 @@ def measure_decode(uri: str, frames: int, size: int, frame_stride: int, fps: flo
     if not done:
         raise UserError(f"--measure-decode '{uri}': no clip of the {min(clips, n)} tried decodes "
                         f"({'; '.join(bad[:3])}); check the dataset with `pretrain prepare`")
-    return {"clips": done, "cpu_s": round(cpu_s, 4), "clips_per_video": clips_per_video,
+    return {"clips": done, "cpu_s": round(cpu_s, 6), "clips_per_video": clips_per_video,
             "clips_per_s_per_core": done / max(cpu_s, 1e-9)}

@@ -20,7 +20,8 @@ Prepare therefore re-encodes each video once, in the pass that checks it
   CRF trade is below), preset veryfast (transcoding costs 0.05-0.1 CPU s per second of
   video, less than the check's full decode of a 720p source).
 - deterministic: one encoder thread, fixed options, bitexact container flags, frames
-  scaled on one thread; the same input gives the same bytes (tests/test_data_transcode.py).
+  scaled on one thread, x264's AVX-512 routines off (`_x264_asm_cap`); the same input
+  gives the same bytes (tests/test_data_transcode.py).
   The synthetic demo data keeps its own encoder and its original bytes (synthetic.py).
 
 Images go to `IMAGE`: short side at most 320 (never upscaled) and JPEG at quality 90 with
@@ -111,6 +112,27 @@ def output_size(width: int, height: int, short_side: int) -> tuple[int, int]:
     return w, h
 
 
+def _x264_asm_cap() -> str:
+    """x264's option capping its routines at AVX2 on a CPU with AVX-512, else ''.
+
+    The libx264 of PyAV's wheels (core 165) gives different bytes for one input from run to
+    run when it uses its AVX-512 routines: on an AMD EPYC with AVX-512 (2026-11-30) the same
+    video transcoded three times in one process differed in about one run of three, and two
+    prepares of the test codec zoo differed in most runs; capped at AVX2, none did in 16
+    runs, at no measurable speed cost. Other CPUs (no AVX-512, or not x86) keep what x264
+    detects. Linux's /proc/cpuinfo says whether the CPU has AVX-512; elsewhere nothing is
+    capped."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return ""
+    return ":asm=AVX2" if "avx512f" in flags and "avx2" in flags else ""
+
+
+_X264_ASM = _x264_asm_cap()
+
+
 class _Encoder:
     """Fed every decoded source frame in display order; writes the stored mp4."""
 
@@ -141,7 +163,7 @@ class _Encoder:
             "preset": self.fmt.preset, "tune": "fastdecode", "crf": str(self.fmt.crf),
             "flags": "+bitexact",
             "x264-params": f"keyint={g}:min-keyint={g}:scenecut=0:bframes=0:open-gop=0:"
-                           "threads=1:sliced-threads=0:lookahead-threads=1",
+                           "threads=1:sliced-threads=0:lookahead-threads=1" + _X264_ASM,
         }
         self.stream = stream
         self.scaler = VideoReformatter()
