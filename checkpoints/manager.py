@@ -467,7 +467,8 @@ class CheckpointManager:
         convert = _restore.needs_conversion(manifest, self.world_size, stage)
         # the rank that downloads reads its own files while the rest arrives (not for a
         # conversion, which reads the whole download in another process)
-        prefetch = _restore.Prefetch(self.rank) if self.local_rank == 0 and not convert else None
+        prefetch = (_restore.Prefetch(self.rank, _local_world_size(self.world_size))
+                    if self.local_rank == 0 and not convert else None)
         error = None
         if self.local_rank == 0:
             try:
@@ -554,6 +555,15 @@ class CheckpointManager:
             self.last_committed = _broadcast(self.last_committed)
             self.close()
         return self.last_committed
+
+
+def _local_world_size(world_size: int) -> int | None:
+    """How many ranks run on this node, as the launcher says (Ray Train, torchrun and our
+    launcher set LOCAL_WORLD_SIZE); None when nothing says and the world has several."""
+    local = os.environ.get("LOCAL_WORLD_SIZE")
+    if local:
+        return int(local)
+    return 1 if world_size == 1 else None
 
 
 def _remove_staging(stage_root: str) -> None:

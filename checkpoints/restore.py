@@ -1,10 +1,11 @@
 """Bringing a committed checkpoint back: download, verify, reshard if needed, load.
 
 A checkpoint on the local disk is loaded where it is (checked against its manifest, not
-copied); a remote one is downloaded to the staging folder, hashed on the way. While the
-rest downloads, each file that is in and verified is already read for the engine
-(`Prefetch`: weights_only, memory-mapped, pages mapped in), so what is left once the last
-byte is in is mostly the copies into the model and optimizer.
+copied); a remote one is downloaded, hashed on the way: into memory for the files only this
+rank reads, to the staging folder for the others. While the rest downloads, each file that
+is in and verified is already read for the engine (`Prefetch`: weights_only; tensors are
+views into the downloaded bytes or into the memory-mapped file), so what is left once the
+last byte is in is mostly the copies into the model and optimizer.
 Same world size and ZeRO stage as saved -> DeepSpeed's native load. Anything else (2 ranks
 -> 1, stage 2 -> 3, ...) -> the checkpoint is converted to DeepSpeed's universal format
 (`deepspeed.checkpoint.ds_to_universal`) in the local staging folder and loaded with the
@@ -105,12 +106,14 @@ def fetch(info: CheckpointInfo, dest_root: str, verify_checksums: bool = True,
           threads: int = 8, retries: int = 5, prefetch: Prefetch | None = None) -> str:
     """A local folder holding the files of `info`, checked against its manifest: the
     checkpoint's own folder when it is on the local disk (no copy), else a download into
-    dest_root, whose verified files are handed to `prefetch` as they complete. Raises
-    CheckpointDamaged when a file does not match."""
+    dest_root, whose verified files are handed to `prefetch` as they complete (those it
+    keeps in memory are only placeholders in the folder). Raises CheckpointDamaged when a
+    file does not match."""
     fs, src = storage.filesystem(info.uri)
     if not storage.is_local(fs):
         return download(info, dest_root, verify_checksums, threads, retries,
-                        ready=prefetch.ready if prefetch is not None else None)
+                        ready=prefetch.ready if prefetch is not None else None,
+                        in_memory=prefetch.in_memory if prefetch is not None else None)
     fs.invalidate_cache()
     checked = inspect(fs, src, "checksum" if verify_checksums else "size")
     if not checked.loadable:
@@ -139,26 +142,47 @@ class Prefetch:
     """The files one rank's engine will load, read as soon as the download verified them.
 
     A download worker that completes a file calls `ready`; if this rank's engine reads it,
-    the worker loads it there and then (weights_only, memory-mapped, as the engine would)
-    and maps its pages in, then goes back to downloading. Later, `load_into_engine` serves
-    these objects instead of reading the files, so the unpickling and the page faults
-    overlap the rest of the download instead of following it. Every object here comes from
-    a file that matched its manifest digest before it was opened.
+    the worker loads it there and then (weights_only, as the engine would), then goes back
+    to downloading. Later, `load_into_engine` serves these objects instead of reading the
+    files, so the unpickling overlaps the rest of the download instead of following it.
+    Every object here comes from a file that matched its manifest digest before it was
+    opened.
+
+    Where no other process on this node reads a file (`in_memory`: this rank's own ZeRO
+    shards, or every file when this rank is alone on its node), the download keeps it in
+    memory instead of writing it to the staging disk, and its tensors are views into the
+    downloaded bytes (safe_load.load_buffer): on the 2-core machine writing tubevit-s's
+    378 MB into the page cache and mapping it back cost more CPU than the raw read itself.
+    The others are written and memory-mapped, their pages mapped in here.
     """
 
-    def __init__(self, rank: int):
+    def __init__(self, rank: int, local_world_size: int | None = None):
         self.rank = rank
+        self.local_world_size = local_world_size   # None: unknown, assume other ranks here
         self._loaded: dict[str, Any] = {}
+
+    def _own_shard(self, rel: str) -> int | None:
+        owner = re.search(r"zero_pp_rank_(\d+)_", rel)
+        return None if owner is None else int(owner.group(1))
 
     def wants(self, rel: str) -> bool:
         """DeepSpeed's files in the step folder, except other ranks' ZeRO shards."""
         if not _engine_file(rel):
             return False
-        owner = re.search(r"zero_pp_rank_(\d+)_", rel)
-        return owner is None or int(owner.group(1)) == self.rank
+        owner = self._own_shard(rel)
+        return owner is None or owner == self.rank
 
-    def ready(self, rel: str, path: str) -> None:
-        if self.wants(rel):
+    def in_memory(self, rel: str) -> bool:
+        """A file only this rank reads: downloaded into memory, never written to disk."""
+        return self.wants(rel) and (self.local_world_size == 1 or self._own_shard(rel) == self.rank)
+
+    def ready(self, rel: str, path: str, buffer=None) -> None:
+        """`buffer`: the file's bytes when the download kept it in memory (a uint8 tensor)."""
+        if not self.wants(rel):
+            return
+        if buffer is not None:
+            self._loaded[rel] = safe_load.load_buffer(buffer, f"{rel} of the checkpoint")
+        else:
             state = safe_load.load(path, mmap=True)   # a refused file: UserError naming it
             _map_in(state, set())
             self._loaded[rel] = state
@@ -218,7 +242,8 @@ class _InOrderDigest:
 
 def download(info: CheckpointInfo, dest_root: str, verify_checksums: bool = True,
              threads: int = 8, retries: int = 5,
-             ready: Callable[[str, str], None] | None = None) -> str:
+             ready: Callable[..., None] | None = None,
+             in_memory: Callable[[str], bool] | None = None) -> str:
     """Copy the manifest's files of `info` to dest_root/<step folder>; returns that folder.
 
     Every file is fetched as byte ranges of RANGE_BYTES, all files' ranges in parallel (one
@@ -230,9 +255,14 @@ def download(info: CheckpointInfo, dest_root: str, verify_checksums: bool = True
     place only when every file matches, so a reader never sees a partial download.
 
     Files go in the order the engine reads them (model states first: `_read_order`), and
-    `ready(name, path)` is called for each file once all of it is in and it matched its
-    manifest (path: inside the temporary folder; the file keeps its inode through the
-    rename), so its reading can start while the rest downloads.
+    `ready(name, path, buffer)` is called for each file once all of it is in and it matched
+    its manifest (path: inside the temporary folder; the file keeps its inode through the
+    rename), so its reading can start while the rest downloads. A file for which
+    `in_memory(name)` is true is downloaded into a uint8 tensor (`buffer`; None for the
+    others) and left on disk as an empty placeholder, which DeepSpeed's checks for the
+    files' existence find and nothing reads (an empty file fails to load, it never loads as
+    zeros); such a download writes no manifest into the folder, so it is never taken for a
+    complete copy of the checkpoint.
     """
     manifest = info.manifest
     assert manifest is not None, "download needs a committed checkpoint"
@@ -259,6 +289,9 @@ def download(info: CheckpointInfo, dest_root: str, verify_checksums: bool = True
         wanted = Digests(sha256=not rec.crc32c, crc32c=bool(rec.crc32c)) if verify_checksums else None
         hashers[rel] = _InOrderDigest(wanted, slots.release, rec.size)
 
+    buffers: dict[str, Any] = {}      # name -> uint8 tensor: the files kept in memory
+    views: dict[str, memoryview] = {}
+
     def fetch_range(rel: str, start: int, end: int) -> None:
         data = storage.with_retries(f"downloading {rel}",
                                     lambda: fs.cat_file(storage.join(src, rel), start=start, end=end),
@@ -267,18 +300,21 @@ def download(info: CheckpointInfo, dest_root: str, verify_checksums: bool = True
             raise damaged(rel, f"is shorter than the {manifest.files[rel].size} bytes its "
                                "manifest says")
         path = os.path.join(tmp, rel)
-        fd = os.open(path, os.O_WRONLY)
-        try:
-            os.pwrite(fd, data, start)
-        finally:
-            os.close(fd)
+        if rel in views:
+            views[rel][start:end] = data
+        else:
+            fd = os.open(path, os.O_WRONLY)
+            try:
+                os.pwrite(fd, data, start)
+            finally:
+                os.close(fd)
         if hashers[rel].add(start, data):
             check(rel, manifest.files[rel])
             if ready is not None:
-                ready(rel, path)
+                ready(rel, path, buffers.get(rel))
 
     def check(rel: str, rec) -> None:
-        size = os.path.getsize(os.path.join(tmp, rel))
+        size = buffers[rel].numel() if rel in buffers else os.path.getsize(os.path.join(tmp, rel))
         if size != rec.size:
             raise damaged(rel, f"has {size} bytes, its manifest says {rec.size}")
         d = hashers[rel].digests
@@ -295,7 +331,13 @@ def download(info: CheckpointInfo, dest_root: str, verify_checksums: bool = True
         path = os.path.join(tmp, rel)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "wb") as f:
-            f.truncate(rec.size)
+            if in_memory is not None and rec.size and in_memory(rel):
+                import torch
+
+                buffers[rel] = torch.empty(rec.size, dtype=torch.uint8)
+                views[rel] = memoryview(buffers[rel].numpy()).cast("B")
+            else:
+                f.truncate(rec.size)
         tasks += [(rel, start, min(rec.size, start + RANGE_BYTES))
                   for start in range(0, rec.size, RANGE_BYTES)]
 
@@ -318,9 +360,10 @@ def download(info: CheckpointInfo, dest_root: str, verify_checksums: bool = True
             if rec.size == 0:     # no range was fetched, so nothing checked it on arrival
                 check(rel, rec)
                 if ready is not None:
-                    ready(rel, os.path.join(tmp, rel))
-        with open(os.path.join(tmp, MANIFEST), "wb") as f:
-            f.write(manifest.to_json())
+                    ready(rel, os.path.join(tmp, rel), None)
+        if not buffers:
+            with open(os.path.join(tmp, MANIFEST), "wb") as f:
+                f.write(manifest.to_json())
         if os.path.isdir(final):
             shutil.rmtree(final)
         os.replace(tmp, final)

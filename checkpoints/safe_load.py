@@ -21,6 +21,7 @@ conversion runs in a child process under the same rule (`TOOL_BOOTSTRAP`).
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import pickle
 import threading
@@ -67,6 +68,50 @@ def load(path: str, **kwargs) -> Any:
     allow()
     with refused_as_user_error(path):
         return torch.load(path, weights_only=True, **kwargs)
+
+
+def load_buffer(buffer: torch.Tensor, what: str) -> Any:
+    """`load` of a checkpoint file held in memory as a uint8 tensor (a download that never
+    went to disk, checkpoints.restore), its tensors views into `buffer`: no copy.
+
+    torch.load(mmap=True) makes a file's tensors views into one storage mapped from the file
+    (torch.serialization._load's `overall_storage`); this hands that same private function
+    the buffer's storage instead, with the same weights_only unpickler and allow-list. A
+    file-like object given to torch.load instead would copy every tensor out of it."""
+    allow()
+    reader = torch._C.PyTorchFileReader(_MemoryFile(memoryview(buffer.numpy()).cast("B")))
+    with refused_as_user_error(what):
+        return torch.serialization._load(reader, "cpu", torch._weights_only_unpickler,
+                                         overall_storage=buffer.untyped_storage(),
+                                         weights_only=True)
+
+
+class _MemoryFile(io.RawIOBase):
+    """A read-only file over a memoryview: what torch's zip reader reads the headers and
+    the pickle through (the tensors' bytes are not read through it, see load_buffer)."""
+
+    def __init__(self, view: memoryview):
+        self.view, self.pos = view, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: len(self.view)}[whence]
+        self.pos = base + offset
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def readinto(self, b) -> int:
+        n = max(0, min(len(b), len(self.view) - self.pos))
+        b[:n] = self.view[self.pos:self.pos + n]
+        self.pos += n
+        return n
 
 
 @contextlib.contextmanager

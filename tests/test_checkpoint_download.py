@@ -13,6 +13,7 @@ from fsspec.implementations.local import LocalFileSystem
 from checkpoints import restore
 from checkpoints.discovery import latest_committed
 from checkpoints.integrity import Digests
+from checkpoints.layout import MANIFEST
 from checkpoints.restore import CheckpointDamaged, _InOrderDigest, download
 from tests.test_checkpoints_store import save_step, uploaders
 
@@ -106,12 +107,80 @@ def test_each_file_is_handed_on_once_complete_and_verified_model_states_first(
     out_of_order(monkeypatch)
     handed: list[tuple[str, bytes]] = []
     folder = download(checkpoint, str(tmp_path / "dl"), threads=3, retries=0,
-                      ready=lambda rel, path: handed.append((rel, Path(path).read_bytes())))
+                      ready=lambda rel, path, buffer: handed.append((rel, Path(path).read_bytes())))
     names = [rel for rel, _ in handed]
     assert sorted(names) == sorted(checkpoint.manifest.files) and len(set(names)) == len(names)
     assert names[0] == "mp_rank_00_model_states.pt"     # what DeepSpeed's load reads first
     for rel, data in handed:                           # whole, as the manifest has it
         assert data == (Path(folder) / rel).read_bytes() == (Path(checkpoint.uri) / rel).read_bytes()
+
+
+def test_files_only_this_rank_reads_are_downloaded_into_memory_not_to_disk(
+        checkpoint, tmp_path, monkeypatch):
+    """Rank 0 with other ranks on its node keeps only its own shard in memory: handed on as
+    a buffer holding the file, an empty placeholder on disk (never zeros that would load),
+    and no manifest in the folder (it is not a complete copy to reuse); a changed byte in
+    the memory-only file is still found."""
+    out_of_order(monkeypatch)
+    prefetch = restore.Prefetch(rank=0, local_world_size=2)
+    own = "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    assert [n for n in checkpoint.manifest.files if prefetch.in_memory(n)] == [own]
+    handed: dict[str, object] = {}
+    folder = download(checkpoint, str(tmp_path / "dl"), threads=3, retries=0,
+                      ready=lambda rel, path, buffer: handed.__setitem__(rel, buffer),
+                      in_memory=prefetch.in_memory)
+    source = Path(checkpoint.uri)
+    assert bytes(handed[own].numpy()) == (source / own).read_bytes()
+    assert (Path(folder) / own).stat().st_size == 0
+    assert not (Path(folder) / MANIFEST).exists()
+    for name in checkpoint.manifest.files:
+        if name != own:
+            assert handed[name] is None
+            assert (Path(folder) / name).read_bytes() == (source / name).read_bytes()
+
+    data = bytearray((source / own).read_bytes())
+    data[-1] ^= 0xFF
+    (source / own).write_bytes(bytes(data))
+    with pytest.raises(CheckpointDamaged, match=f"{own} fails its crc32c checksum"):
+        download(checkpoint, str(tmp_path / "dl2"), threads=2, retries=0,
+                 in_memory=prefetch.in_memory)
+
+
+def test_which_files_a_rank_keeps_in_memory():
+    """Alone on its node a rank keeps every file its engine reads; with others there (or
+    when nothing says how many) only its own ZeRO shards, since they read the rest."""
+    names = ["mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+             "zero_pp_rank_0_mp_rank_00_optim_states.pt", "run_state/rank_00001.pt"]
+    alone, shared, unknown = (restore.Prefetch(rank=1, local_world_size=n) for n in (1, 4, None))
+    assert [n for n in names if alone.in_memory(n)] == names[:2]
+    assert [n for n in names if shared.in_memory(n)] == [names[1]]
+    assert [n for n in names if unknown.in_memory(n)] == [names[1]]
+
+
+def test_a_file_loaded_from_memory_is_views_into_its_bytes_and_code_is_refused():
+    import io
+
+    import torch
+
+    from checkpoints.safe_load import load_buffer
+    from pretrain.errors import UserError
+
+    def in_memory(obj) -> torch.Tensor:
+        out = io.BytesIO()
+        torch.save(obj, out)
+        return torch.frombuffer(bytearray(out.getvalue()), dtype=torch.uint8)
+
+    state = {"module": {"w": torch.randn(300, 7), "b": torch.arange(5).to(torch.bfloat16)},
+             "step": 3, "groups": [{"lr": 0.1}]}
+    buffer = in_memory(state)
+    got = load_buffer(buffer, "a test file")
+    assert got["step"] == 3 and got["groups"] == [{"lr": 0.1}]
+    for key in ("w", "b"):
+        assert torch.equal(got["module"][key], state["module"][key])
+        ptr = got["module"][key].data_ptr()
+        assert buffer.data_ptr() <= ptr < buffer.data_ptr() + buffer.numel()   # no copy
+    with pytest.raises(UserError, match="a test file was refused: it asks to run or build"):
+        load_buffer(in_memory({"module": os.system}), "a test file")
 
 
 def test_a_damaged_file_is_never_handed_on(checkpoint, tmp_path, monkeypatch):
@@ -123,7 +192,7 @@ def test_a_damaged_file_is_never_handed_on(checkpoint, tmp_path, monkeypatch):
     handed: list[str] = []
     with pytest.raises(CheckpointDamaged, match=f"{name} fails its crc32c checksum"):
         download(checkpoint, str(tmp_path / "dl"), threads=2, retries=0,
-                 ready=lambda rel, _: handed.append(rel))
+                 ready=lambda rel, *_: handed.append(rel))
     assert name not in handed
 
 
