@@ -13,6 +13,7 @@ engine's universal-checkpoint switch on; no manual step for the user.
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import re
@@ -290,7 +291,6 @@ def download(info: CheckpointInfo, dest_root: str, verify_checksums: bool = True
         hashers[rel] = _InOrderDigest(wanted, slots.release, rec.size)
 
     buffers: dict[str, Any] = {}      # name -> uint8 tensor: the files kept in memory
-    views: dict[str, memoryview] = {}
 
     def fetch_range(rel: str, start: int, end: int) -> None:
         data = storage.with_retries(f"downloading {rel}",
@@ -300,8 +300,10 @@ def download(info: CheckpointInfo, dest_root: str, verify_checksums: bool = True
             raise damaged(rel, f"is shorter than the {manifest.files[rel].size} bytes its "
                                "manifest says")
         path = os.path.join(tmp, rel)
-        if rel in views:
-            views[rel][start:end] = data
+        if rel in buffers:
+            # a copy that lets go of the GIL (a memoryview's would hold it ~5 ms per range,
+            # stalling the HTTP client's event loop)
+            ctypes.memmove(buffers[rel].data_ptr() + start, data, len(data))
         else:
             fd = os.open(path, os.O_WRONLY)
             try:
@@ -335,7 +337,6 @@ def download(info: CheckpointInfo, dest_root: str, verify_checksums: bool = True
                 import torch
 
                 buffers[rel] = torch.empty(rec.size, dtype=torch.uint8)
-                views[rel] = memoryview(buffers[rel].numpy()).cast("B")
             else:
                 f.truncate(rec.size)
         tasks += [(rel, start, min(rec.size, start + RANGE_BYTES))
