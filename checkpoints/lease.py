@@ -122,20 +122,39 @@ class Lease:
         self.claim()
         self.confirm()
 
+    def _why_ours(self, current: LeaseRecord, now: float) -> str | None:
+        """Why this job may take a lease `current` holds ("stale", "same job", "take over"),
+        or None: another live job holds it."""
+        if self._stale(current, now):
+            return "stale"
+        if self.job and current.job == self.job:
+            return "same job"
+        return "take over" if self.take_over else None
+
+    def check(self) -> None:
+        """Raise LeaseHeld when `claim` would, writing nothing: a job's check before it
+        starts anything (orchestration.driver), so that a second job on the URI is refused
+        in seconds, not once its workers have built their models. `claim` stays the rule."""
+        current = self.read()
+        now = time.time()
+        if (current is not None and current.holder != self.holder
+                and self._why_ours(current, now) is None):
+            raise self._refusal(current, now)
+
     def claim(self) -> None:
         """First half of acquire: raise LeaseHeld if another live job holds the lease, else
         write this job's record. The lease is not ours until `confirm` returned."""
         current = self.read()
         now = time.time()
         if current is not None and current.holder != self.holder:
-            same_job = bool(self.job) and current.job == self.job
-            if self._stale(current, now):
+            why = self._why_ours(current, now)
+            if why == "stale":
                 log.warning("checkpoint URI %s: taking over the lease of %s, which stopped "
                             "renewing it", self.uri, current.describe(now))
-            elif same_job:
+            elif why == "same job":
                 log.info("checkpoint URI %s: taking over the lease of an earlier attempt of "
                          "this job (%s)", self.uri, current.holder)
-            elif self.take_over:
+            elif why == "take over":
                 log.warning("checkpoint URI %s: taking over the lease of %s although it is "
                             "still renewed (checkpoint.take_over_lease=true); that job stops "
                             "at its next checkpoint", self.uri, current.describe(now))

@@ -44,6 +44,7 @@
 """
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -60,6 +61,8 @@ from pretrain.errors import UserError
 from pretrain.process_env import config_env
 from pretrain.train.config import ExperimentConfig, to_dict
 from pretrain.train.tracking import end_run, start_run, usable_tracking_uri
+
+log = logging.getLogger(__name__)
 
 # Set to "0" before ray is imported, Ray keeps a 127.0.0.1 node address instead of swapping in
 # the machine's external one: every server of a local cluster then listens on loopback only.
@@ -363,6 +366,26 @@ def _on_sigterm(term: threading.Event):
         term.set()
 
     return signal.signal(signal.SIGTERM, handler)
+
+
+def check_lease(cfg: ExperimentConfig) -> None:
+    """LeaseHeld (a UserError) when another live job holds checkpoint.uri's lease: `pretrain
+    run` checks it before it prepares data or starts Ray, so a second job on the URI is
+    refused in seconds instead of once its workers built their models. Only a read:
+    rank 0 still claims the lease (checkpoints.lease) and is the rule; a lease taken between
+    this check and that claim is found there."""
+    if not cfg.checkpoint.uri:
+        return
+    from checkpoints.lease import Lease, LeaseHeld
+
+    try:
+        Lease(str(cfg.checkpoint.uri).rstrip("/"), attempt="driver-check",
+              timeout_s=cfg.checkpoint.lease_timeout_s,
+              take_over=cfg.checkpoint.take_over_lease).check()
+    except LeaseHeld:
+        raise
+    except Exception as exc:   # storage trouble is rank 0's to report, as it always was
+        log.debug("lease check of %s skipped: %s", cfg.checkpoint.uri, exc)
 
 
 def resume_point(cfg: ExperimentConfig, data_info: DataInfo | None = None):

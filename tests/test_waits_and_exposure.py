@@ -96,6 +96,39 @@ def test_pretrain_run_stops_before_preparing_anything(tmp_path, monkeypatch, cap
     assert "Traceback" not in err and not data.exists()
 
 
+def test_pretrain_run_refuses_a_held_checkpoint_uri_before_preparing_anything(tmp_path,
+                                                                              monkeypatch, capsys):
+    """Another live job's lease on checkpoint.uri: `pretrain run` says so in one paragraph
+    before it prepares data or starts Ray (rank 0's claim stays the rule, see
+    tests/test_checkpoint_restore_lease.py); a lease its holder stopped renewing does not
+    stop it here."""
+    from checkpoints.lease import LEASE, LeaseRecord
+
+    monkeypatch.chdir(tmp_path)
+    data, ckpt = tmp_path / "data", tmp_path / "ck"
+    ckpt.mkdir()
+    now = time.time()
+    (ckpt / LEASE).write_bytes(LeaseRecord("elsewhere:42:live", "ray:98", "elsewhere", 42, now,
+                                           now, 300.0).to_json())
+    args = ["run", SMOKE, "tracking.enabled=false", f"checkpoint.uri={ckpt}",
+            f"data.synthetic.root={data}", f"data.video_uri={data}/video/train"]
+    code = cli(args)
+    err = capsys.readouterr().err.replace("\n  ", " ")
+    assert code == 2 and "is in use by another job: elsewhere:42:live" in err
+    assert "checkpoint.take_over_lease=true" in err
+    assert "Traceback" not in err and not data.exists()
+
+    from orchestration.driver import check_lease
+    from pretrain.train.config import load_config
+
+    cfg = load_config(SMOKE, [f"checkpoint.uri={ckpt}"])
+    take_over = load_config(SMOKE, [f"checkpoint.uri={ckpt}", "checkpoint.take_over_lease=true"])
+    check_lease(take_over)                         # asked to take it over: not stopped here
+    (ckpt / LEASE).write_bytes(LeaseRecord("elsewhere:42:gone", "ray:97", "elsewhere", 42,
+                                           now - 900, now - 900, 300.0).to_json())
+    check_lease(cfg)                               # stopped renewing: taken over later
+
+
 @pytest.mark.slow
 def test_sigterm_ends_pretrain_run_while_it_waits_for_mlflow(tmp_path):
     """A real `pretrain run` process against a port that accepts and never answers: SIGTERM

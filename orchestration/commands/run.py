@@ -67,6 +67,9 @@ def _run(args, console) -> int:
         from pretrain.train.tracking import usable_tracking_uri
 
         cfg.tracking.tracking_uri = usable_tracking_uri(cfg.tracking)
+    from orchestration.driver import check_lease
+
+    check_lease(cfg)   # another live job on checkpoint.uri: refused before anything starts
     # The MLflow run's name unless tracking.run_name says otherwise: a job's config carries its
     # job name (orchestration/ray_jobs.job_config); a local run is its config's stem + time.
     name = f"{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
