@@ -120,6 +120,7 @@ def _worker(rank: int, world: int, port: int, stage: int, args: dict, path: str,
     os.environ.update(DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                       RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0")
     torch.set_num_threads(1)
+    sys.stdout = sys.stderr   # DeepSpeed's prints: the parent's JSON stays stdout's only line
     import deepspeed  # noqa: F401  (imported before the baseline, as in a training worker)
     import torch.distributed as dist
 

@@ -20,8 +20,8 @@ Object stores have no compare-and-swap that works everywhere (the GCS emulator i
 generation preconditions), so acquiring is write, wait `settle_s`, read back: of two jobs
 starting within the same moment the last writer wins and the other sees it is not the
 holder. The two halves can be apart (`claim`, then `confirm`): the wait is then spent on
-read-only work (a resume downloads its checkpoint meanwhile), and `confirm` sleeps only
-what is left of `settle_s`. Nothing may be written, and nothing read handed on, before
+work that writes nothing to the URI (the job builds its model, a resume downloads its
+checkpoint), and `confirm` sleeps only what is left of `settle_s`. Nothing may be written, and nothing read handed on, before
 `confirm` returned. A renewal re-reads the lease first, so a holder that lost it finds out within
 timeout/4. Staleness compares the holder's clock with the reader's: clocks must agree to
 well within `timeout_s`.
@@ -178,6 +178,8 @@ class Lease:
                                 "right after this job wrote it: another job is acquiring or "
                                 "releasing it at the same moment; start this job again.")
             raise self._refusal(winner, time.time())
+        if time.monotonic() - self._claimed_at > self.timeout_s / 4:
+            self._write()   # claimed long ago (a model slow to build): renew before it looks stale
         self._thread = threading.Thread(target=self._renew_loop, name="ckpt-lease", daemon=True)
         self._thread.start()
 

@@ -4,6 +4,7 @@ It implements the loop's checkpoint seam (pretrain.train.checkpoint_hook.Checkpo
 
     mgr = CheckpointManager(cfg.checkpoint, zero_stage=cfg.train.zero_stage,
                             run_config=to_dict(cfg))
+    mgr.claim()                                                   # collective, before the build
     start_step, extra = mgr.maybe_resume(engine, loader)          # collective
     mgr.maybe_save(step, engine, loader, extra_state)             # collective, every step
     last_uri = mgr.finish(step, engine, loader, extra_state)      # collective, at the end
@@ -12,8 +13,10 @@ and the lower-level calls behind it: `save`, `wait`, `restore`. Every method tha
 the engine is collective (all ranks, same step): DeepSpeed's save and load are.
 
 Ownership: before it saves anything or loads a checkpoint into the engine, rank 0 takes
-the lease on the URI (checkpoints.lease; a resume downloads its checkpoint while the lease
-settles); another job's live lease refuses this one with a UserError on every rank.
+the lease on the URI (checkpoints.lease). It claims it as early as it can (`claim`, before
+the model is built; else when the resume starts) and confirms it once the settle time has
+passed: meanwhile the model builds, or the checkpoint downloads. Another job's live lease
+refuses this one with a UserError on every rank.
 Failures stop the run at the next save, on every rank together: when
 `max_failed_uploads` checkpoints in a row could not be uploaded, another job took the
 lease over, or the staging disk has no room for the save (checked before anything is
@@ -526,6 +529,14 @@ class CheckpointManager:
                            manifest=manifest)
 
     # -- the training loop's seam (pretrain.train.checkpoint_hook.CheckpointHook) -------
+
+    def claim(self) -> None:
+        """Claim the URI's lease now, before the model and engine are built (collective):
+        another job's live lease refuses this one here, before anything is built, and the
+        settle time (Lease.confirm) passes while they build, so neither a resume nor a first
+        save waits for it. The lease is ours once confirmed, before anything is loaded into
+        the engine or written."""
+        self._ensure_lease(confirm=False)
 
     def maybe_resume(self, engine, loader) -> tuple[int, dict[str, Any]]:
         if not self.cfg.resume:

@@ -130,3 +130,46 @@ def test_a_live_lease_of_another_job_refuses_before_anything_is_downloaded(saved
     with pytest.raises(LeaseHeld, match="in use by another job"):
         mgr.restore(engine=None)
     assert "prefetch" not in seen and seen["engine"] is None
+
+
+def test_a_lease_claimed_before_the_build_has_settled_when_the_restore_starts(saved, tmp_path,
+                                                                              monkeypatch):
+    """The trainer claims before it builds the model (CheckpointManager.claim): by the time
+    the restore runs the settle time has passed, so it downloads without waiting for it and
+    confirms before the engine gets anything."""
+    import time
+
+    uri, states = saved
+    mgr = resumer(uri, tmp_path)
+    mgr.claim()
+    claimed = mgr._lease
+    time.sleep(claimed.settle_s)                              # the model builds meanwhile
+    seen = watch(monkeypatch, mgr)
+    try:
+        state = mgr.restore(engine=None)
+        assert state is not None and state.step == 7
+        assert mgr._lease is claimed                          # the one claim, not a second
+        assert seen["confirmed_before_download"] is False
+        assert claimed.settle_wait_s == 0.0 and claimed._thread is not None
+        assert torch.equal(seen["engine"][MODEL]["module"]["w"], states[MODEL]["module"]["w"])
+    finally:
+        mgr.close()
+
+
+def test_a_lease_confirmed_long_after_its_claim_is_renewed_at_once(tmp_path):
+    """A model slow to build leaves its claim's record old by the time it is confirmed: the
+    confirmation renews it, so that no other job takes it for a dead holder's."""
+    import time
+
+    from checkpoints.lease import Lease
+
+    lease = Lease(str(tmp_path / "ck"), attempt="slow", timeout_s=0.4, settle_s=0.05)
+    (tmp_path / "ck").mkdir()
+    lease.claim()
+    claimed = lease.read().renewed
+    time.sleep(0.15)                                          # > timeout_s / 4
+    lease.confirm()
+    try:
+        assert lease.read().renewed > claimed + 0.1
+    finally:
+        lease.release()

@@ -1,7 +1,8 @@
 """Fast checks of the training pieces that need no process group: schedule, weight-decay
 groups, DeepSpeed config, the MFU table, the loss window carried over a resume, the
 classification objective, the all-parameters forward, MLflow's skip of logged steps, and
-the trainer's teardown when a step fails."""
+the trainer's teardown when a step fails, and its claim on the checkpoint URI before it
+builds anything."""
 from __future__ import annotations
 
 import math
@@ -257,3 +258,34 @@ def test_a_failing_step_still_closes_loaders_and_logger_and_ends_its_run(tmp_pat
     assert loader.closed
     assert trainer.tracking.owns_run and trainer.tracking.logger.mark().is_set()  # thread done
     assert MlflowClient(uri).get_run(trainer.tracking.run_id).info.status == "FAILED"
+
+
+def test_a_second_job_on_the_checkpoint_uri_stops_before_the_model_is_built(tmp_path, monkeypatch):
+    """The trainer claims the checkpoint URI's lease before it builds anything
+    (CheckpointHook.claim): another job's live lease refuses it at once, with no model
+    built, no data read and no tracking run opened."""
+    import time
+
+    from checkpoints.lease import LEASE, LeaseHeld, LeaseRecord
+    from pretrain.data.metadata import DataInfo
+    from pretrain.train import worker
+
+    uri = tmp_path / "ck"
+    uri.mkdir()
+    now = time.time()
+    (uri / LEASE).write_bytes(LeaseRecord("elsewhere:7:other", "ray:other", "elsewhere", 7, now,
+                                          now, 300.0).to_json())
+    info = DataInfo({"video": {"name": "vid", "num_classes": 4}}, (8, 16, 16), (16, 16))
+    built = []
+    monkeypatch.setattr(worker, "init_distributed", lambda cfg: (0, 1))
+    monkeypatch.setattr(DataInfo, "from_config", classmethod(lambda cls, data: info))
+    monkeypatch.setattr(worker, "build_model", lambda *a: built.append("model"))
+    monkeypatch.setattr(worker, "open_tracking", lambda *a: built.append("tracking"))
+    config = from_dict(ExperimentConfig, {
+        "model": {"name": "tubevit-ti"}, "data": {"video_uri": "v", "batch_size": 2},
+        "train": {"steps": 3, "precision": "fp32"},
+        "checkpoint": {"uri": str(uri), "local_dir": str(tmp_path / "local")},
+        "resources": {"threads_per_worker": torch.get_num_threads()}})
+    with pytest.raises(LeaseHeld, match="elsewhere:7:other"):
+        worker.Trainer(config, progress=False).train()
+    assert built == []

@@ -2,6 +2,7 @@
 
 The loop only ever talks to a `CheckpointHook`:
 
+    hook.claim()                                             # before the model is built
     start_step, extra = hook.maybe_resume(engine, loader)     # before the first step
     hook.maybe_save(step, engine, loader, extra_state)       # after every optimizer step
     last_uri = hook.finish(step, engine, loader, extra_state) # after the last step (saves if
@@ -20,6 +21,11 @@ load are collective).
 checkpoint commits only after it is set. The loop uses it so that the metrics of every step
 up to a committed checkpoint are in MLflow: a run restarted from that checkpoint never
 trains those steps again, so metrics lost with a killed worker would be lost for good.
+
+`claim` comes first, before the model and engine are built: the hook may start taking
+ownership of its location then (CheckpointManager claims the URI's lease, whose settle
+time then passes while the model builds), so that a second job on the location is refused
+before it builds anything and a resume does not wait for the settle.
 
 `make_checkpoint_hook` picks the implementation: nothing when checkpoint.uri is null, else
 checkpoints.manager.CheckpointManager (sharded DeepSpeed state snapshotted to host memory,
@@ -41,6 +47,8 @@ class CheckpointHook(Protocol):
     last_committed: str | None
     commit_gate: Callable[[], threading.Event] | None
 
+    def claim(self) -> None: ...
+
     def maybe_resume(self, engine, loader) -> tuple[int, dict[str, Any]]: ...
 
     def maybe_save(self, step: int, engine, loader, extra_state: Callable[[], dict[str, Any]]) -> str | None: ...
@@ -52,6 +60,9 @@ class NoCheckpoints:
     """checkpoint.uri is null: train from scratch, save nothing."""
     last_committed = None
     commit_gate = None
+
+    def claim(self):
+        return None
 
     def maybe_resume(self, engine, loader):
         return 0, {}

@@ -233,6 +233,10 @@ class Trainer:
         self.info = DataInfo.from_config(cfg.data)   # the datasets' metadata, read once
         self.objective = make_objective(cfg.train.objective, cfg, self.rank)
         self.objective.check_data(self.info)
+        # ownership of the checkpoint location first: its settle time passes while the
+        # model builds, and a second job on it stops here, before building anything
+        self.hook = self.hook or make_checkpoint_hook(cfg, self.rank, self.world)
+        self.hook.claim()
         model = build_model(cfg, self.info.num_classes)
         self.engine, _, self.scheduler = build_engine(model, cfg, self.world)
         self.dtype = autocast_dtype(cfg)
@@ -245,7 +249,6 @@ class Trainer:
         self.micro_batches = share.micro_batches
         self.loader = train_batches(share.data, self.info, self.rank, self.world, cfg.train.seed,
                                     device=self.device, dtype=self.dtype)
-        self.hook = self.hook or make_checkpoint_hook(cfg, self.rank, self.world)
         self.start_step, extra = self.hook.maybe_resume(self.engine, self.loader)
         self.objective.load_state_dict(extra.get("objective") or {})   # e.g. the mask RNG
         self.totals = IntervalTotals.from_carry(extra.get("loss_window"))
