@@ -21,10 +21,10 @@ generation preconditions), so acquiring is write, wait `settle_s`, read back: of
 starting within the same moment the last writer wins and the other sees it is not the
 holder. The two halves can be apart (`claim`, then `confirm`): the wait is then spent on
 work that writes nothing to the URI (the job builds its model, a resume downloads its
-checkpoint), and `confirm` sleeps only what is left of `settle_s`. Nothing may be written, and nothing read handed on, before
-`confirm` returned. A renewal re-reads the lease first, so a holder that lost it finds out within
-timeout/4. Staleness compares the holder's clock with the reader's: clocks must agree to
-well within `timeout_s`.
+checkpoint), and `confirm` sleeps only what is left of `settle_s`. Nothing may be written,
+and nothing read handed on, before `confirm` returned. A renewal re-reads the lease first,
+so a holder that lost it finds out within timeout/4. Staleness compares the holder's clock
+with the reader's: clocks must agree to well within `timeout_s`.
 """
 from __future__ import annotations
 

@@ -260,8 +260,7 @@ def download(info: CheckpointInfo, dest_root: str, verify_checksums: bool = True
     its manifest (path: inside the temporary folder; the file keeps its inode through the
     rename), so its reading can start while the rest downloads. A file for which
     `in_memory(name)` is true is downloaded into a uint8 tensor (`buffer`; None for the
-    others; its pages are mapped in ahead of the ranges by a thread of its own: _Prefault)
-    and left on disk as an empty placeholder, which DeepSpeed's checks for the
+    others) and left on disk as an empty placeholder, which DeepSpeed's checks for the
     files' existence find and nothing reads (an empty file fails to load, it never loads as
     zeros); such a download writes no manifest into the folder, so it is never taken for a
     complete copy of the checkpoint.
@@ -343,8 +342,6 @@ def download(info: CheckpointInfo, dest_root: str, verify_checksums: bool = True
         tasks += [(rel, start, min(rec.size, start + RANGE_BYTES))
                   for start in range(0, rec.size, RANGE_BYTES)]
 
-    prefault = _Prefault(list(buffers.values()))
-
     def submit_all(pool: ThreadPoolExecutor) -> list:
         futures = []
         for task in tasks:
@@ -372,51 +369,8 @@ def download(info: CheckpointInfo, dest_root: str, verify_checksums: bool = True
             shutil.rmtree(final)
         os.replace(tmp, final)
     finally:
-        prefault.stop()
         shutil.rmtree(tmp, ignore_errors=True)
     return final
-
-
-MADV_POPULATE_WRITE = 23   # Linux 5.14+: fault pages in for writing, leaving present ones alone
-
-
-class _Prefault:
-    """Fault in the pages of fresh download buffers from a thread of its own, ahead of the
-    ranges arriving: a range's copy then lands in memory that is already mapped instead of
-    stopping at a fault every 4 KiB (on the 2-core machine those faults were ~0.13 CPU-s of
-    tubevit-s's 378 MB, on the download's critical path). MADV_POPULATE_WRITE never
-    touches a page that is already present, so it cannot race with a copy that got there
-    first; where the kernel lacks it the copies take the faults, as before."""
-
-    STEP = 16 << 20
-
-    def __init__(self, buffers: list):
-        self._buffers = buffers
-        self._stop = threading.Event()
-        self._thread = None
-        if buffers and sys.platform == "linux":
-            self._thread = threading.Thread(target=self._run, name="ckpt-prefault", daemon=True)
-            self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            madvise = libc.madvise
-            madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        except (OSError, AttributeError):
-            return
-        for buf in self._buffers:
-            first = -(-buf.data_ptr() // PAGE) * PAGE          # madvise wants page-aligned
-            end = (buf.data_ptr() + buf.numel()) // PAGE * PAGE
-            for start in range(first, end, self.STEP):
-                if self._stop.is_set() or madvise(start, min(self.STEP, end - start),
-                                                   MADV_POPULATE_WRITE) != 0:
-                    return
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
 
 
 def needs_conversion(manifest: Manifest, world_size: int, zero_stage: int) -> bool:

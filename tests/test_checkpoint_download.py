@@ -146,37 +146,6 @@ def test_files_only_this_rank_reads_are_downloaded_into_memory_not_to_disk(
                  in_memory=prefetch.in_memory)
 
 
-def test_prefaulting_a_buffer_keeps_the_bytes_already_copied_into_it():
-    """The download's prefault thread maps in pages of a buffer that ranges are being
-    copied into at the same time: a page a copy got to first keeps its bytes."""
-    import ctypes
-
-    import torch
-
-    size = 3 * restore._Prefault.STEP + 12345
-    data = os.urandom(1 << 20)
-    buf = torch.empty(size, dtype=torch.uint8)
-    offsets = range(0, size - len(data), 5 << 20)
-    for offset in offsets:          # copies that got there before the prefault
-        ctypes.memmove(buf.data_ptr() + offset, data, len(data))
-    prefault = restore._Prefault([buf])
-    prefault._thread.join()         # to the end (a download's stop() abandons what is left)
-    for offset in offsets:
-        assert bytes(buf[offset:offset + len(data)].numpy()) == data
-
-    fresh = torch.empty(size, dtype=torch.uint8)     # and it does map them in
-    before = _resident_bytes()
-    restore._Prefault([fresh])._thread.join()
-    kernel = tuple(int(x) for x in os.uname().release.split(".")[:2])
-    if kernel >= (5, 14):          # MADV_POPULATE_WRITE's first kernel
-        assert _resident_bytes() - before > 0.9 * size
-
-
-def _resident_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def test_which_files_a_rank_keeps_in_memory():
     """Alone on its node a rank keeps every file its engine reads; with others there (or
     when nothing says how many) only its own ZeRO shards, since they read the rest."""
