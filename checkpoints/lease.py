@@ -216,12 +216,13 @@ class Lease:
                 "its committed checkpoints are intact. Give each run its own checkpoint.uri.")
 
     def release(self) -> None:
-        """Stop renewing and remove the lease if this job still holds it."""
+        """Stop renewing and remove the lease if this job still holds it (or claimed it and
+        was not confirmed yet: a run that failed while building its model)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(5)
-        if self._thread is None or self.lost is not None:
-            return
+        if self._claimed_at is None or self.lost is not None:
+            return   # nothing of ours was written, or another job took it over
         try:
             current = self.read()
             if current is not None and current.holder == self.holder:

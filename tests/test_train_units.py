@@ -260,10 +260,11 @@ def test_a_failing_step_still_closes_loaders_and_logger_and_ends_its_run(tmp_pat
     assert MlflowClient(uri).get_run(trainer.tracking.run_id).info.status == "FAILED"
 
 
-def test_a_second_job_on_the_checkpoint_uri_stops_before_the_model_is_built(tmp_path, monkeypatch):
+def test_the_checkpoint_uri_is_claimed_before_the_build_and_let_go_on_failure(tmp_path,
+                                                                             monkeypatch):
     """The trainer claims the checkpoint URI's lease before it builds anything
     (CheckpointHook.claim): another job's live lease refuses it at once, with no model
-    built, no data read and no tracking run opened."""
+    built and no tracking run opened; a run that claimed it and failed releases it."""
     import time
 
     from checkpoints.lease import LEASE, LeaseHeld, LeaseRecord
@@ -289,3 +290,17 @@ def test_a_second_job_on_the_checkpoint_uri_stops_before_the_model_is_built(tmp_
     with pytest.raises(LeaseHeld, match="elsewhere:7:other"):
         worker.Trainer(config, progress=False).train()
     assert built == []
+    assert b"elsewhere:7:other" in (uri / LEASE).read_bytes()     # the other job's, untouched
+
+    # A run that claimed the URI and then failed lets go of it: its next attempt (on another
+    # host too, where it cannot see that this process is gone) is not held up.
+    (uri / LEASE).unlink()
+
+    def bad_model(*a):
+        assert (uri / LEASE).exists()                           # claimed before the build
+        raise UserError("model.depth: no such thing")
+
+    monkeypatch.setattr(worker, "build_model", bad_model)
+    with pytest.raises(UserError, match="no such thing"):
+        worker.Trainer(config, progress=False).train()
+    assert not (uri / LEASE).exists()

@@ -8,6 +8,8 @@ The loop only ever talks to a `CheckpointHook`:
     last_uri = hook.finish(step, engine, loader, extra_state) # after the last step (saves if
                                                               # the last step is not saved yet,
                                                               # waits for pending uploads)
+    hook.close()                                              # instead of finish, when the run
+                                                              # fails: lets go of the URI
     hook.last_committed                                       # URI of the newest committed one
     hook.commit_gate = logger.mark                            # rank 0, optional: see below
 
@@ -25,7 +27,9 @@ trains those steps again, so metrics lost with a killed worker would be lost for
 `claim` comes first, before the model and engine are built: the hook may start taking
 ownership of its location then (CheckpointManager claims the URI's lease, whose settle
 time then passes while the model builds), so that a second job on the location is refused
-before it builds anything and a resume does not wait for the settle.
+before it builds anything and a resume does not wait for the settle. A run that fails
+calls `close` instead of `finish`, so that what it claimed does not hold up the next
+attempt until the lease times out.
 
 `make_checkpoint_hook` picks the implementation: nothing when checkpoint.uri is null, else
 checkpoints.manager.CheckpointManager (sharded DeepSpeed state snapshotted to host memory,
@@ -55,6 +59,8 @@ class CheckpointHook(Protocol):
 
     def finish(self, step: int, engine, loader, extra_state: Callable[[], dict[str, Any]]) -> str | None: ...
 
+    def close(self) -> None: ...
+
 
 class NoCheckpoints:
     """checkpoint.uri is null: train from scratch, save nothing."""
@@ -71,6 +77,9 @@ class NoCheckpoints:
         return None
 
     def finish(self, step, engine, loader, extra_state):
+        return None
+
+    def close(self):
         return None
 
 

@@ -382,14 +382,20 @@ class Trainer:
 
     def close(self) -> None:
         """Release what setup made, whatever happened: the metric logger (after sending what
-        is queued), an MLflow run this process opened, the loaders' processes and memory."""
+        is queued), an MLflow run this process opened, the loaders' processes and memory, and
+        on a failure the checkpoint location's lease (a finished run's hook let go of it)."""
         try:
             self.tracking.close(failed=not self.finished)
         finally:
-            splits = [loader for by_split in self.eval_loaders.values() for loader in by_split.values()]
-            for loader in [self.loader, *splits]:
-                if loader is not None:
-                    loader.close()
+            try:
+                if not self.finished and self.hook is not None:
+                    self.hook.close()
+            finally:
+                splits = [loader for by_split in self.eval_loaders.values()
+                          for loader in by_split.values()]
+                for loader in [self.loader, *splits]:
+                    if loader is not None:
+                        loader.close()
 
     def summarize(self) -> dict[str, Any]:
         """The summary train() returns."""
