@@ -123,11 +123,17 @@ def test_killed_worker_restarts_from_the_newest_checkpoint_on_gcs_and_sigterm_st
     assert rank0 in workers, run.log().read_text()[-4000:]
     os.kill(rank0, signal.SIGKILL)
     run.wait_for(f"resumed from {uri}/step_")
-    # the new group trains a step, then one of its workers gets SIGTERM (a node's preemption
-    # notice as Kubernetes delivers it): the whole group stops with a final checkpoint
-    after = len(run.stderr())
-    run.wait_for_true(lambda: re.search(r"^step \d+/400", run.stderr()[after:], re.M), 240,
-                      "a step after the resume")
+    # the new group trains past the killed group's last step, then one of its workers gets
+    # SIGTERM (a node's preemption notice as Kubernetes delivers it): the whole group stops
+    # with a final checkpoint. Past it: the killed group's metrics up to its last step are in
+    # MLflow (a run cannot take them back), so a stop before that step would leave logged
+    # steps beyond the final one.
+    console = run.stderr()
+    resumed_at = console.index(f"resumed from {uri}/step_")
+    killed_last = max(int(n) for n in re.findall(r"^step (\d+)/400", console[:resumed_at], re.M))
+    run.wait_for_true(lambda: any(int(n) > killed_last for n in re.findall(
+        r"^step (\d+)/400", run.stderr()[resumed_at:], re.M)), 240,
+        f"a step after the resume past step {killed_last}")
     restarted = run.train_workers()
     assert len(restarted) == 2 and not set(restarted) & set(workers)
     os.kill(restarted[-1], signal.SIGTERM)
