@@ -21,7 +21,10 @@ end. One CPU rank, ZeRO-2, fp32, DeepSpeed engine with AdamW. Figures:
   restore that follows: it finds the newest checkpoint that verifies, downloads and
   verifies it and loads it (engine and run state) into that engine, confirming the lease
   before the engine gets anything (lease_wait_s: what was left of the settle,
-  lease_settle_s, to wait for then; 0 when the build took longer). Raw read: the same
+  lease_settle_s, to wait for then). The raw reads run between the build and the restore,
+  so the settle has always passed and lease_wait_s is 0 here; a trainer whose setup is
+  shorter than the settle waits out the rest during the download (with the restore right
+  after a tubevit-s build, 0.2 s, that was 0-0.02 s). Raw read: the same
   objects from the same store, doing nothing with them, with the faster of two plain
   fsspec reads (one stream per file: raw_stream_s; the restore's ranged reads with its
   number of parallel transfers: raw_ranges_s), each the best of --raw-repeats reads.
@@ -342,10 +345,11 @@ def run(args, tmp: str, emulator_pid: int) -> dict:
                 while f.read(8 << 20):
                     pass
 
+    ranges = [(name, start, min(rec.size, start + RANGE_BYTES))    # the restore's ranges
+              for name, rec in info.manifest.files.items()
+              for start in range(0, rec.size, RANGE_BYTES)]
+
     def read_ranges() -> None:
-        ranges = [(name, start, min(rec.size, start + RANGE_BYTES))
-                  for name, rec in info.manifest.files.items()
-                  for start in range(0, rec.size, RANGE_BYTES)]
         with ThreadPoolExecutor(threads) as pool:
             list(pool.map(lambda r: rfs.cat_file(f"{root}/{r[0]}", start=r[1], end=r[2]), ranges))
 
@@ -360,9 +364,7 @@ def run(args, tmp: str, emulator_pid: int) -> dict:
             ctypes.memmove(kept[r[0]].data_ptr() + r[1], data, len(data))
 
         with ThreadPoolExecutor(threads) as pool:
-            list(pool.map(get, [(name, start, min(rec.size, start + RANGE_BYTES))
-                                for name, rec in info.manifest.files.items()
-                                for start in range(0, rec.size, RANGE_BYTES)]))
+            list(pool.map(get, ranges))
 
     rounds = []
     for i in range(args.restore_rounds):

@@ -1,7 +1,8 @@
 """benchmarks/checkpoint_stall.py keeps working at a tiny size: its own GCS emulator, the
-async and synchronous saves, the restore in the trainer's order (claim, build, restore) and
-its raw-read baselines, and one JSON line on stdout. Slow: a real emulator and DeepSpeed
-engines; the figures themselves are the benchmark's business (benchmarks/RESULTS.md)."""
+async and synchronous saves, the restore in the trainer's order (claim, build, restore) with
+the raw-read baselines between build and restore, and one JSON line on stdout. Slow: a real
+emulator and DeepSpeed engines; the figures themselves are the benchmark's business
+(benchmarks/RESULTS.md)."""
 from __future__ import annotations
 
 import json
