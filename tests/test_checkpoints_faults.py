@@ -296,6 +296,7 @@ def fault_worker(rank, world, uri, local) -> dict:
     expect("refused", lambda: other.maybe_resume(engine, None), UserError)
     mgr.close()
     out["committed"] = [i.step for i in list_checkpoints(uri, verify="size") if i.loadable]
+    dist.barrier()   # every rank has listed before rank 0 rewrites a file of step 3 below
 
     # Same-size corruption of the newest (step 3): the next job resumes from step 1.
     if rank == 0:
